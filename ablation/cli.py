@@ -1,0 +1,165 @@
+"""The `ablation` command line. Heavy modules (torch) are imported only by the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ablation.errors import AblationError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+DEFAULT_RUNS = "results/runs"
+
+
+def _split_config_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """(config file or None, key=value overrides) from positional arguments."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _load(args: argparse.Namespace):
+    """The run config named by the command's positional arguments."""
+    from ablation import config
+
+    path, overrides = _split_config_args(args.items)
+    return config.load(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one run into <results>/<run_id>/ (resuming or skipping as its folder says)."""
+    cfg = _load(args)
+    from ablation.config import run_id
+    from ablation.distributed import setup, teardown
+    from ablation.models import check_model_norm
+
+    check_model_norm(cfg)
+    env = setup(cfg.device)
+    folder = Path(args.results) / run_id(cfg)
+    try:
+        from ablation.trainer import train
+
+        final = train(cfg, folder, env)
+    finally:
+        teardown()
+        if env.is_main:
+            print(folder, flush=True)
+    status = final.get("status")
+    if status == "diverged":
+        print(f"error: run diverged: {final.get('reason')}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config, its run id and derived values (for ImageNet unless --train-images)."""
+    import dataclasses
+
+    import yaml
+
+    from ablation import config
+
+    if args.list:
+        for key, help_, default in config.field_help():
+            print(f"{key:34s} {default!r:28s} {help_}")
+        return EXIT_OK
+    cfg = _load(args)
+    doc = {"run_id": config.run_id(cfg), **config.to_dict(cfg), "derived": dataclasses.asdict(config.derive(cfg, args.train_images))}
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    """Write a deterministic synthetic ImageFolder dataset of JPEG files."""
+    from ablation.synth import SynthSpec, write_synth
+
+    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    wrote = write_synth(args.root, spec, progress=sys.stderr.isatty())
+    print(f"{'wrote' if wrote else 'already there (cached):'} {args.root}")
+    return EXIT_OK
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Check an ImageFolder dataset's layout and print its summary."""
+    from ablation.data import check_layout
+
+    info = check_layout(args.root)
+    print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, fingerprint {info.fingerprint}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Placeholder until the demo sweep lands: one tiny CPU training run on synthetic data."""
+    from ablation.synth import SynthSpec, write_synth
+
+    out = Path(args.out)
+    data = out / "data"
+    write_synth(data, SynthSpec(classes=4, train_per_class=64, val_per_class=16, size=32), progress=sys.stderr.isatty())
+    ns = argparse.Namespace(
+        items=[
+            f"data.root={data}", "model.name=resnet18", "model.widths=[8,16,32,64]", "model.stem_width=8", "model.stem=small",
+            "data.image_size=28", "data.workers=0", "epochs=2", "gpus=8", "batch_per_gpu=4", "device=cpu",
+        ],
+        results=str(out / "runs"),
+    )
+    return cmd_train(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    p = argparse.ArgumentParser(prog="ablation", description="Normalization x batch-size ablations (Wu & He, Group Normalization).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one run (DDP under torchrun or SLURM)")
+    t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or dotted overrides, e.g. norm.name=gn batch_per_gpu=4")
+    t.add_argument("--results", default=DEFAULT_RUNS, help=f"root under which run folders go (default {DEFAULT_RUNS})")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the resolved config, run id and derived values")
+    c.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    c.add_argument("--train-images", type=int, default=1_281_167, help="training-set size for the derived values (ImageNet's by default)")
+    c.add_argument("--list", action="store_true", help="list every config key with its default and meaning")
+    c.set_defaults(func=cmd_config)
+
+    d = sub.add_parser("data", help="datasets: synthesize or check")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    s = dsub.add_parser("synth", help="write a deterministic synthetic ImageFolder dataset of JPEG files")
+    s.add_argument("root")
+    s.add_argument("--classes", type=int, default=10)
+    s.add_argument("--train-per-class", type=int, default=64)
+    s.add_argument("--val-per-class", type=int, default=16)
+    s.add_argument("--size", type=int, default=64, help="image side in pixels")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    k = dsub.add_parser("check", help="check a dataset's ImageFolder layout")
+    k.add_argument("root")
+    k.set_defaults(func=cmd_data_check)
+
+    m = sub.add_parser("demo", help="the embedded default: a tiny CPU run on synthetic data")
+    m.add_argument("--out", default="demo", help="folder for the demo's data and runs (default ./demo)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line (a DataLoader worker's error arrives wrapped in a traceback)."""
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a command, turning user errors into one line and a non-zero exit."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AblationError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the run folder already says 'failed' with the reason
+        print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED

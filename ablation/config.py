@@ -1,0 +1,543 @@
+"""The run config: one frozen dataclass whose defaults are Wu & He's ImageNet recipe.
+
+Torch-free on purpose: sweeps, the launcher and the aggregator read configs without importing torch.
+
+Every field carries metadata:
+- ``help``: one line shown in docs and errors;
+- ``hash``: False for fields that do not change results (paths, workers, logging); they are left out
+  of the run id, so e.g. moving ImageNet to another folder keeps the same run folder.
+A field added after run folders exist must not change the old run ids: give it
+``omit_if_default=True`` so it enters the hash only when set to a non-default value.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ablation.errors import ConfigError
+
+# Bump only with a deliberate break of every run id (documented in the README's changelog).
+HASH_VERSION = 1
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+BN_LIKE = ("bn", "syncbn")
+GROUP_NORMS = ("gn", "ln", "in")
+BUILTIN_NORMS = ("bn", "syncbn", "gn", "ln", "in", "none")
+RUNNING_STATS_RULES = ("rank0", "mean")
+SCHEDULES = ("step", "cosine")
+# Keys the trainer writes into config.yaml beside the config; reading one back ignores them.
+WRITTEN_KEYS = ("run_id", "config_hash", "derived")
+
+
+def _f(default: Any, help: str, *, hash: bool = True, omit_if_default: bool = False) -> Any:
+    """A dataclass field with its help line and hash behaviour."""
+    meta = {"help": help, "hash": hash, "omit_if_default": omit_if_default}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in a frozen config")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Which normalization layer goes in every norm position of the network."""
+
+    name: str = _f("bn", "bn | syncbn | gn | ln | in | none, or a user factory 'package.module:function'")
+    groups: int | None = _f(None, "gn: number of groups G in every layer (32 when neither groups nor channels_per_group is set)")
+    channels_per_group: int | None = _f(None, "gn: channels per group instead of a fixed G (so G varies by layer)")
+    eps: float = _f(1e-5, "epsilon added to the variance")
+    momentum: float = _f(0.1, "BN running-average momentum (PyTorch convention; Caffe2's 0.9 = 0.1 here)")
+    running_stats: str = _f(
+        "rank0",
+        "BN running statistics across GPUs: rank0 (GPU 0's, as PyTorch DDP and Caffe2 broadcast) | mean (averaged over GPUs)",
+    )
+    options: Mapping[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}),
+        metadata={"help": "extra keyword options for the norm factory (user norms)", "hash": True},
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a timm ResNet with the chosen norm in every position."""
+
+    name: str = _f("resnet50", "timm ResNet name: resnet50 (v1.5, the paper's), resnet101, resnet18, resnet10t, ...")
+    widths: tuple[int, ...] | None = _f(None, "stage widths overriding timm's (64, 128, 256, 512), for small test/demo models")
+    stem_width: int | None = _f(None, "stem output channels overriding timm's")
+    stem: str = _f("default", "default (timm's ImageNet stem) | small (one 3x3 stride-1 conv, no max-pool, for tiny images)")
+    zero_init_last: bool = _f(True, "zero-init gamma of each residual block's last norm (paper, after Goyal et al.)")
+    fc_init_std: float = _f(0.01, "std of the normal init of the final fully-connected layer")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset (ImageFolder layout) and the paper's augmentation, scalable to small images."""
+
+    root: str = _f("data/imagenet", "folder with train/<class>/*.JPEG and val/<class>/*.JPEG", hash=False)
+    image_size: int = _f(224, "train crop and eval centre-crop size")
+    eval_resize: int | None = _f(None, "eval: resize shorter side to this before the centre crop (None = image_size*256/224)")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "random-resized-crop area range")
+    crop_ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range")
+    color_jitter: float = _f(0.4, "brightness, contrast and saturation jitter")
+    lighting: float = _f(0.1, "AlexNet-style PCA lighting noise std")
+    hflip: bool = _f(True, "random horizontal flip")
+    mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "normalization mean")
+    std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "normalization std")
+    workers: int = _f(8, "data-loading worker processes per training process", hash=False)
+    eval_batch: int = _f(100, "images per evaluation batch per process (no effect on results)", hash=False)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with the linear scaling rule and a step schedule, as in the paper."""
+
+    lr: float = _f(0.1, "learning rate at the reference global batch; scaled linearly with the global batch")
+    reference_batch: int = _f(256, "global batch at which lr applies: 0.1 x global/256 = 0.1 x N/32 on 8 GPUs")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum (fb.resnet.torch, which the paper follows)")
+    weight_decay: float = _f(1e-4, "L2 weight decay")
+    no_decay_1d: bool = _f(False, "timm-style: no decay on 1-D parameters (norm gamma/beta, biases); the paper decays them")
+    schedule: str = _f("step", "step (divide by 10 at milestones) | cosine")
+    milestones: tuple[float, ...] = _f((0.3, 0.6, 0.9), "step schedule: LR drops at these fractions of training (30/60/90 of 100 epochs)")
+    gamma: float = _f(0.1, "step schedule: factor at each milestone")
+    warmup_epochs: float = _f(0.0, "linear warm-up epochs (the paper uses none)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run; the defaults are the paper's ResNet-50 BN run."""
+
+    gpus: int = _f(8, "GPUs the experiment models (8 in the paper); fewer processes may stand in for them")
+    batch_per_gpu: int = _f(32, "images per GPU (the paper's 'batch size'); BN statistics are per GPU")
+    epochs: int = _f(100, "training epochs, the same for every batch size")
+    seed: int = _f(0, "seed for init and data order")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "network", "hash": True})
+    norm: NormConfig = field(default_factory=NormConfig, metadata={"help": "normalization", "hash": True})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and augmentation", "hash": True})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule", "hash": True})
+    amp: bool = _f(False, "bfloat16 autocast on GPU (ignored on CPU)")
+    channels_last: bool = _f(False, "channels-last memory format on GPU (ignored on CPU)", hash=False)
+    device: str = _f("auto", "auto | cpu | cuda", hash=False)
+    metric_epochs: int = _f(5, "the paper's metric: median val error of the last this-many epochs", hash=False)
+    checkpoint_every_steps: int = _f(0, "also checkpoint every this-many steps (0 = only at epoch ends and on signals)", hash=False)
+    checkpoint_every_minutes: float = _f(10.0, "also checkpoint after this many minutes since the last one (0 = off)", hash=False)
+    log_every_steps: int = _f(50, "progress and divergence check every this-many steps", hash=False)
+    log_steps: bool = _f(False, "write steps.jsonl with every step's loss and LR", hash=False)
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "norm": NormConfig, "data": DataConfig, "optim": OptimConfig}
+
+
+# ---------------------------------------------------------------- loading and type checking
+
+
+def _type_name(tp: Any) -> str:
+    """A short human name for a type annotation."""
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check value against annotation tp (converting YAML/CLI forms), or raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads '1e-4' as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], key) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif origin in (collections.abc.Mapping, dict):
+        if isinstance(value, Mapping):
+            return types.MappingProxyType(dict(value))
+    else:  # pragma: no cover - a new annotation kind needs a branch above
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> ConfigError:
+    """The error for an unknown key, with a suggestion and the valid keys."""
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid: {', '.join(valid)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass cls from a mapping, strictly (unknown keys and wrong types are errors)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain (YAML/JSON-ready) nested dict of a config dataclass."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        elif isinstance(v, Mapping):
+            v = dict(v)
+        out[f.name] = v
+    return out
+
+
+def from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """A validated RunConfig from a nested mapping (a missing key takes the paper's default)."""
+    data = {k: v for k, v in data.items() if k not in WRITTEN_KEYS}
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Nested dict from dotted 'key=value' strings (values parsed as YAML scalars or lists)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. batch_per_gpu=4 or norm.name=gn)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge, over winning."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and k != "options":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    return data
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run config from an optional YAML file plus dotted key=value overrides."""
+    data = load_yaml(path) if path else {}
+    try:
+        return from_dict(merge(data, parse_overrides(overrides or [])))
+    except ConfigError as e:
+        if path:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
+    """A validated copy with dotted-key changes, e.g. replace(cfg, **{'norm.name': 'gn'})."""
+    return from_dict(merge(to_dict(cfg), parse_overrides([f"{k}={json.dumps(v)}" for k, v in changes.items()])))
+
+
+# ---------------------------------------------------------------- validation and resolution
+
+
+def resolved_groups(norm: NormConfig, channels: int) -> int:
+    """Number of groups a group-style norm uses in a layer with this many channels."""
+    if norm.name == "ln":
+        return 1
+    if norm.name == "in":
+        return channels
+    if norm.channels_per_group is not None:
+        return channels // norm.channels_per_group
+    return norm.groups if norm.groups is not None else 32
+
+
+def check_channels(norm: NormConfig, channels: int, where: str = "") -> None:
+    """Raise ConfigError if this norm cannot divide a layer of this many channels into groups."""
+    at = f" ({where})" if where else ""
+    if norm.name != "gn":
+        return
+    if norm.channels_per_group is not None:
+        if channels % norm.channels_per_group:
+            raise ConfigError(
+                f"norm.channels_per_group={norm.channels_per_group} does not divide a layer's {channels} channels{at}; "
+                "use a divisor of every layer width (e.g. 1, 2, 4, 8, 16)"
+            )
+        return
+    g = resolved_groups(norm, channels)
+    if channels % g:
+        raise ConfigError(
+            f"norm.groups={g} does not divide a layer's {channels} channels{at}; use a divisor of every layer width (e.g. 1, 2, 4, 8, 16, 32)"
+        )
+
+
+def _positive(value: float, key: str, *, allow_zero: bool = False) -> None:
+    """Raise ConfigError unless value > 0 (or >= 0)."""
+    if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise ConfigError for impossible values; checks that need the model's widths live in models.py."""
+    _positive(cfg.gpus, "gpus")
+    _positive(cfg.batch_per_gpu, "batch_per_gpu")
+    _positive(cfg.epochs, "epochs")
+    _positive(cfg.metric_epochs, "metric_epochs")
+    for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        _positive(getattr(cfg, key), key, allow_zero=True)
+    _positive(cfg.log_every_steps, "log_every_steps")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device must be one of auto, cpu, cuda; got {cfg.device!r}")
+    n = cfg.norm
+    if n.name not in BUILTIN_NORMS and ":" not in n.name:
+        close = difflib.get_close_matches(n.name, BUILTIN_NORMS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(
+            f"norm.name: unknown norm '{n.name}'{hint}; valid: {', '.join(BUILTIN_NORMS)} or 'package.module:factory'"
+        )
+    if n.running_stats not in RUNNING_STATS_RULES:
+        raise ConfigError(f"norm.running_stats must be one of {', '.join(RUNNING_STATS_RULES)}; got {n.running_stats!r}")
+    if n.name in ("gn",):
+        if n.groups is not None and n.channels_per_group is not None:
+            raise ConfigError("norm: set either norm.groups or norm.channels_per_group for gn, not both")
+    elif n.name in BUILTIN_NORMS and (n.groups is not None or n.channels_per_group is not None):
+        raise ConfigError(
+            f"norm.groups / norm.channels_per_group apply to gn only, not '{n.name}' (ln is G=1, in is one channel per group)"
+        )
+    if n.groups is not None:
+        _positive(n.groups, "norm.groups")
+    if n.channels_per_group is not None:
+        _positive(n.channels_per_group, "norm.channels_per_group")
+    _positive(n.eps, "norm.eps")
+    if not 0 <= n.momentum <= 1:
+        raise ConfigError(f"norm.momentum must be in [0, 1], got {n.momentum}")
+    m = cfg.model
+    if m.stem not in ("default", "small"):
+        raise ConfigError(f"model.stem must be one of default, small; got {m.stem!r}")
+    if m.widths is not None and (len(m.widths) != 4 or min(m.widths) < 1):
+        raise ConfigError(f"model.widths must be 4 positive stage widths, got {m.widths}")
+    if m.stem_width is not None:
+        _positive(m.stem_width, "model.stem_width")
+    _positive(m.fc_init_std, "model.fc_init_std")
+    d = cfg.data
+    _positive(d.image_size, "data.image_size")
+    if d.eval_resize is not None and d.eval_resize < d.image_size:
+        raise ConfigError(f"data.eval_resize ({d.eval_resize}) must be >= data.image_size ({d.image_size})")
+    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {d.crop_scale}")
+    if not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        raise ConfigError(f"data.crop_ratio must satisfy 0 < low <= high, got {d.crop_ratio}")
+    _positive(d.color_jitter, "data.color_jitter", allow_zero=True)
+    _positive(d.lighting, "data.lighting", allow_zero=True)
+    if min(d.std) <= 0:
+        raise ConfigError(f"data.std must be positive, got {d.std}")
+    _positive(d.workers, "data.workers", allow_zero=True)
+    _positive(d.eval_batch, "data.eval_batch")
+    o = cfg.optim
+    _positive(o.lr, "optim.lr")
+    _positive(o.reference_batch, "optim.reference_batch")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov needs optim.momentum > 0")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {o.schedule!r}")
+    if any(not 0 < x < 1 for x in o.milestones) or list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones must be increasing fractions of training in (0, 1), got {o.milestones}")
+    _positive(o.gamma, "optim.gamma")
+    _positive(o.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
+    if o.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"optim.warmup_epochs ({o.warmup_epochs}) must be shorter than epochs ({cfg.epochs})")
+
+
+# ---------------------------------------------------------------- derived values and the run id
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values computed from the config (and the dataset size): the one place they are computed."""
+
+    global_batch: int
+    lr: float
+    eval_resize: int
+    train_images: int
+    steps_per_epoch: int
+    total_steps: int
+    milestone_steps: tuple[int, ...]
+    warmup_steps: int
+
+
+def derive(cfg: RunConfig, train_images: int = IMAGENET_TRAIN_IMAGES) -> Derived:
+    """Global batch, scaled LR, steps per epoch and schedule steps for a dataset of train_images."""
+    global_batch = cfg.gpus * cfg.batch_per_gpu
+    steps_per_epoch = train_images // global_batch  # the last incomplete global batch is dropped
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"data: {train_images} training images cannot fill one global batch of {global_batch} "
+            f"(gpus={cfg.gpus} x batch_per_gpu={cfg.batch_per_gpu}); use more images or a smaller batch"
+        )
+    total = steps_per_epoch * cfg.epochs
+    return Derived(
+        global_batch=global_batch,
+        lr=cfg.optim.lr * global_batch / cfg.optim.reference_batch,
+        eval_resize=cfg.data.eval_resize or round(cfg.data.image_size * 256 / 224),
+        train_images=train_images,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        milestone_steps=tuple(round(f * total) for f in cfg.optim.milestones),
+        warmup_steps=round(cfg.optim.warmup_epochs * steps_per_epoch),
+    )
+
+
+def lr_at(cfg: RunConfig, d: Derived, step: int) -> float:
+    """Learning rate for optimizer step `step` (0-based)."""
+    if step < d.warmup_steps:
+        return d.lr * (step + 1) / d.warmup_steps
+    if cfg.optim.schedule == "cosine":
+        t = (step - d.warmup_steps) / max(1, d.total_steps - d.warmup_steps)
+        return d.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return d.lr * cfg.optim.gamma ** sum(step >= m for m in d.milestone_steps)
+
+
+def _hash_view(obj: Any) -> dict[str, Any]:
+    """The result-affecting fields of a config, as a nested dict."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if not f.metadata.get("hash", True):
+            continue
+        v = getattr(obj, f.name)
+        if f.metadata.get("omit_if_default") and v == f.default:
+            continue
+        out[f.name] = _hash_view(v) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def _canonical(v: Any) -> Any:
+    """Values in a JSON form that does not depend on Python types (tuple vs list, 1 vs 1.0)."""
+    if isinstance(v, Mapping):
+        return {str(k): _canonical(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A stable 10-hex-digit hash of the fields that change results."""
+    view = _canonical({"hash_version": HASH_VERSION, **_hash_view(normalized(cfg))})
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def normalized(cfg: RunConfig) -> RunConfig:
+    """The config with equivalent spellings made equal (gn without G means G=32), so they hash alike."""
+    n = cfg.norm
+    if n.name == "gn" and n.groups is None and n.channels_per_group is None:
+        return dataclasses.replace(cfg, norm=dataclasses.replace(n, groups=32))
+    return cfg
+
+
+def norm_label(norm: NormConfig) -> str:
+    """A short readable name of the norm and its parameters: bn, gn32, gn-cpg16, ln, mypkg.norms-mynorm."""
+    if norm.name == "gn":
+        if norm.channels_per_group is not None:
+            return f"gn-cpg{norm.channels_per_group}"
+        return f"gn{norm.groups or 32}"
+    if ":" in norm.name:
+        module, _, fn = norm.name.partition(":")
+        return f"{module.rsplit('.', 1)[-1]}-{fn}"
+    return norm.name
+
+
+def run_id(cfg: RunConfig) -> str:
+    """The run folder's name: readable axes plus the hash of every result-affecting field."""
+    return f"{cfg.model.name}_{norm_label(cfg.norm)}_b{cfg.batch_per_gpu}x{cfg.gpus}_s{cfg.seed}_{config_hash(cfg)}"
+
+
+def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted key, help, default) for every leaf field, for docs and `ablation config --help`."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += field_help(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, f.metadata.get("help", ""), dict(default) if isinstance(default, Mapping) else default))
+    return rows

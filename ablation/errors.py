@@ -1,0 +1,17 @@
+"""Error types: every user-facing failure is one of these, printed as one line by the CLI."""
+
+
+class AblationError(Exception):
+    """Base class: a problem the user can fix; the CLI prints it as one line and exits non-zero."""
+
+
+class ConfigError(AblationError):
+    """A run config or sweep spec is malformed: unknown key, wrong type or impossible value."""
+
+
+class DataError(AblationError):
+    """A dataset is missing, malformed or unreadable."""
+
+
+class NormError(AblationError):
+    """A norm name, import path or parameter cannot be resolved."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny configs and tiny synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/plugins is importable as `plugins`
+
+# A tiny ResNet-18-shaped model on 16-pixel images: seconds per run on a CPU.
+TINY = [
+    "model.name=resnet18",
+    "model.widths=[8,16,16,16]",
+    "model.stem_width=8",
+    "model.stem=small",
+    "data.image_size=16",
+    "data.eval_resize=16",
+    "data.workers=0",
+    "data.eval_batch=64",
+    "device=cpu",
+    "log_every_steps=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 4-class synthetic ImageFolder of 16x16 JPEGs (48 train / 8 val per class)."""
+    from ablation.synth import SynthSpec, write_synth
+
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    write_synth(root, SynthSpec(classes=4, train_per_class=48, val_per_class=8, size=16))
+    return root
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """Environment for subprocesses: the repo and tests on the path, one thread, no torchrun leftovers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env

@@ -1,0 +1,162 @@
+"""Trainer: the run folder contract, divergence and failure, exact resume, per-GPU semantics across processes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ablation import config, rundir
+from ablation.distributed import DistEnv
+from ablation.trainer import FAULT_KILL_ENV, train
+from conftest import TINY
+
+# 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
+RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
+TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
+
+
+def cli(args: list[str], env: dict[str, str], *, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python -m ablation ...` (or under a launcher such as torchrun) and capture its output."""
+    cmd = (launcher or [sys.executable, "-m"]) + ["ablation", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def run_folder(proc: subprocess.CompletedProcess) -> Path:
+    """The run folder path the train command prints as its last line."""
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def metrics_without_time(folder: Path) -> list[dict]:
+    """metrics.jsonl rows without the timing fields, which legitimately differ between runs."""
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rundir.read_jsonl(folder / rundir.METRICS)]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model state (weights and BN running statistics) in a run's checkpoint."""
+    return torch.load(folder / rundir.CHECKPOINT, weights_only=False)["model"]
+
+
+def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
+    folder = run_folder(proc)
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}"])
+    assert folder == tmp_path / config.run_id(cfg)
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "env.json", "metrics.jsonl", "checkpoint.pt", "final.json", "train.log"}
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+    written = yaml.safe_load((folder / "config.yaml").read_text())
+    assert written["run_id"] == folder.name and config.from_dict(written) == cfg
+    assert written["derived"] == {
+        "global_batch": 16, "lr": pytest.approx(0.1 * 16 / 256), "eval_resize": 16, "train_images": 192,
+        "steps_per_epoch": 12, "total_steps": 24, "milestone_steps": [7, 14, 22], "warmup_steps": 0,
+    }
+
+    env = json.loads((folder / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["processes"] == 1 and env["gpus_per_process"] == 4
+    assert env["data"]["train_images"] == 192 and len(env["starts"]) == 1
+
+    rows = rundir.read_jsonl(folder / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
+    assert all(0 <= r["val_err1"] <= 100 and r["val_err5"] <= r["val_err1"] and r["images_per_s"] > 0 for r in rows)
+    assert rows[1]["lr"] == pytest.approx(0.1 * 16 / 256 * 0.001)  # all three drops passed by the last step
+
+    final = json.loads((folder / "final.json").read_text())
+    assert final["status"] == "ok" and final["reason"] is None
+    assert final["val_err1"] == statistics.median([r["val_err1"] for r in rows])  # last min(5, 2) epochs
+    assert final["epochs_done"] == 2 and final["steps"] == 24 and final["gpu_hours"] == 0.0
+
+    # Started again: nothing is trained and nothing is rewritten.
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
+    assert "already finished (ok" in again.stdout and run_folder(again) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+
+
+def test_diverging_run_ends_as_diverged_with_the_step(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = cli(["train", *RUN, f"data.root={tiny_data}", "optim.lr=1e6", "--results", str(tmp_path)], cli_env, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert "error: run diverged: loss is" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    final = json.loads((run_folder(proc) / "final.json").read_text())
+    assert final["status"] == "diverged" and final["diverged_step"] < 24 and "at step" in final["reason"]
+
+
+def test_unreadable_image_fails_the_run_with_the_file_named(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    victim = sorted((data / "train").rglob("*.JPEG"))[5]
+    victim.write_bytes(b"not a jpeg")
+    proc = cli(["train", *RUN, f"data.root={data}", "--results", str(tmp_path / "runs")], cli_env, check=False)
+    assert proc.returncode != 0 and victim.name in proc.stderr
+    final = json.loads((run_folder(proc) / "final.json").read_text())
+    assert final["status"] == "failed" and victim.name in final["reason"]
+
+
+def test_gpus_must_be_a_multiple_of_the_processes(tiny_data: Path, tmp_path: Path) -> None:
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}"])
+    with pytest.raises(config.ConfigError, match=r"gpus \(4\) must be a multiple of the number of processes \(3\)"):
+        train(cfg, tmp_path / "run", env=DistEnv(rank=0, world_size=3))
+    assert not (tmp_path / "run" / "final.json").exists()
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = cli(["train", *RUN, f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path)], cli_env, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nowhere" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", "checkpoint_every_steps=5", "log_steps=true"]
+    whole = run_folder(cli([*args, "--results", str(tmp_path / "whole")], cli_env))
+
+    killed_env = {**cli_env, FAULT_KILL_ENV: "18"}  # last checkpoint before the kill: step 15, mid epoch 2
+    proc = cli([*args, "--results", str(tmp_path / "resumed")], killed_env, check=False)
+    assert proc.returncode == -9
+    folder = tmp_path / "resumed" / whole.name
+    assert not (folder / "final.json").exists() and len(rundir.read_jsonl(folder / "metrics.jsonl")) == 1
+    resumed = run_folder(cli([*args, "--results", str(tmp_path / "resumed")], cli_env))
+
+    starts = json.loads((resumed / "env.json").read_text())["starts"]
+    assert [s["resumed_from_step"] for s in starts] == [0, 15]
+    assert metrics_without_time(resumed) == metrics_without_time(whole)
+    assert rundir.read_jsonl(resumed / "steps.jsonl") == rundir.read_jsonl(whole / "steps.jsonl")
+    a, b = weights(whole), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fa, fb = (json.loads((f / "final.json").read_text()) for f in (whole, resumed))
+    assert (fa["val_err1"], fa["steps"]) == (fb["val_err1"], fb["steps"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm", ["norm.running_stats=rank0", "norm.running_stats=mean"])
+def test_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    args = ["train", *RUN, norm, f"data.root={tiny_data}", "log_steps=true"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
+    multi = run_folder(cli([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
+    single = run_folder(cli([*args, "--results", str(tmp_path / "single")], cli_env))
+    assert multi.name == single.name
+    assert json.loads((multi / "env.json").read_text())["processes"] == 4
+
+    steps_m, steps_s = rundir.read_jsonl(multi / "steps.jsonl"), rundir.read_jsonl(single / "steps.jsonl")
+    assert len(steps_m) == len(steps_s) == 24
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in steps_m]), torch.tensor([r["loss"] for r in steps_s]), rtol=1e-4, atol=1e-5)
+    wm, ws = weights(multi), weights(single)
+    assert wm.keys() == ws.keys()
+    running = [k for k in wm if k.endswith(("running_mean", "running_var"))]
+    assert running
+    for k in wm:
+        torch.testing.assert_close(wm[k].float(), ws[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+    vm, vs = metrics_without_time(multi), metrics_without_time(single)
+    for a, b in zip(vm, vs):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert abs(a["val_err1"] - b["val_err1"]) <= 100 / 32  # at most one of 32 val images flips
