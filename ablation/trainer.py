@@ -411,6 +411,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, should_stop: 
         f"{cfg.norm.name} x {cfg.gpus} GPUs x {cfg.batch_per_gpu} images = global batch {d.global_batch}, lr {d.lr:g}, "
         f"{env.world_size} process(es) on {env.device}, {gpp} GPU(s) per process"
     )
+    if env.device == "cpu" and (cfg.amp or cfg.channels_last):
+        log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
     loop = _Loop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop)
     t0 = time.monotonic()
     try:
@@ -429,7 +431,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, should_stop: 
             _final(rd, cfg, state, "failed", reason)
         raise
     final = _final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
-    log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final.get('val_err1')}% (median of last {cfg.metric_epochs} epochs)")
+    log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final.get('val_err1')}% (median of last {final.get('metric_epochs')} epochs)")
     return final
 
 

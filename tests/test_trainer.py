@@ -91,15 +91,63 @@ def test_diverging_run_ends_as_diverged_with_the_step(tiny_data: Path, tmp_path:
     assert final["status"] == "diverged" and final["diverged_step"] < 24 and "at step" in final["reason"]
 
 
-def test_unreadable_image_fails_the_run_with_the_file_named(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     victim = sorted((data / "train").rglob("*.JPEG"))[5]
+    good = victim.read_bytes()
     victim.write_bytes(b"not a jpeg")
-    proc = cli(["train", *RUN, f"data.root={data}", "--results", str(tmp_path / "runs")], cli_env, check=False)
-    assert proc.returncode != 0 and victim.name in proc.stderr
-    final = json.loads((run_folder(proc) / "final.json").read_text())
+    args = ["train", *RUN, f"data.root={data}", "--results", str(tmp_path / "runs")]
+    proc = cli(args, cli_env, check=False)
+    assert proc.returncode == 2 and victim.name in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    folder = run_folder(proc)
+    final = json.loads((folder / "final.json").read_text())
     assert final["status"] == "failed" and victim.name in final["reason"]
+
+    victim.write_bytes(good)  # the user fixes the file and starts the same run again
+    proc = cli(args, cli_env)
+    assert json.loads((folder / "final.json").read_text())["status"] == "ok"
+
+
+def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
+    from ablation.models import create_model
+    from ablation.trainer import build_optimizer
+
+    cfg = config.load(None, TINY)
+    model = create_model(cfg, 4)
+    opt = build_optimizer(cfg, model)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
+    assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["momentum"] == 0.9
+    assert sum(p.numel() for p in opt.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
+    timm_style = build_optimizer(config.replace(cfg, **{"optim.no_decay_1d": True}), model)
+    decay, no_decay = timm_style.param_groups
+    assert all(p.ndim > 1 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert norm_params <= {id(p) for p in no_decay["params"]}
+
+
+def test_a_locked_run_folder_is_refused(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    import fcntl
+
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}"])
+    folder = tmp_path / config.run_id(cfg)
+    folder.mkdir()
+    with open(folder / ".lock", "w") as f:
+        f.write("pid 12345 on somehost")
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env, check=False)
+    assert proc.returncode == 2 and "is in use by pid 12345 on somehost" in proc.stderr
+    assert not (folder / "final.json").exists()
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}"])
+    folder = tmp_path / config.run_id(cfg)
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"garbage")
+    proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env, check=False)
+    assert proc.returncode == 2 and "checkpoint.pt: cannot load checkpoint" in proc.stderr
 
 
 def test_gpus_must_be_a_multiple_of_the_processes(tiny_data: Path, tmp_path: Path) -> None:
