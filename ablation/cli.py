@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -91,6 +92,93 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DEFAULT_RESULTS = "results"
+
+
+def _profile(args: argparse.Namespace):
+    """The --profile file, or the built-in local profile: one process standing in for all GPUs."""
+    from ablation.cluster import Profile, load_profile
+
+    if args.profile:
+        return load_profile(args.profile, args.executor)
+    if args.executor == "slurm":
+        from ablation.errors import ConfigError
+
+        raise ConfigError("--executor slurm needs --profile slurm/profiles/<cluster>.yaml (partition, GPUs per node, time limit)")
+    return Profile(name="default", executor=args.executor or "local", stand_in=True, processes_per_job=1, array_parallelism=1)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
+    from ablation import launch, status
+    from ablation import sweep as sweepmod
+    from ablation.cluster import check_run_fits
+
+    sweep = sweepmod.load(args.spec, args.overrides)
+    profile = _profile(args)
+    results = Path(args.results)
+    launch.require_not_running(results / sweep.name)
+    for run in sweep.runs:
+        check_run_fits(profile, run.config, run.run_id)
+    _check_models([r.config for r in sweep.runs])
+    planned = launch.plan(sweep, results, args.retry_failed)
+    todo = [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
+    cfg_of = {r.run_id: r.config for r in sweep.runs}
+    hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, results / "runs")
+    unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
+    est = f"~{hours:.1f} {unit} ({source})" if hours is not None else f"{unit}: unknown ({source})"
+    first = cfg_of[todo[0]] if todo else sweep.runs[0].config
+    print(f"sweep {sweep.name}: {sweep.description}" if sweep.description else f"sweep {sweep.name}")
+    print(status.format_table([s for s, _ in planned], list(sweep.axes)))
+    print(
+        f"{len(sweep.runs)} runs: {len(todo)} to submit, {len(sweep.runs) - len(todo)} done or in flight; "
+        f"{len(todo)} jobs on {profile.executor} ({profile.name}), {launch.describe_profile(profile, first)}; {est}"
+    )
+    if args.print_sbatch:
+        print(launch.sbatch_script(results / sweep.name, profile, first, sweep.name))
+    if args.dry_run or not todo:
+        if not todo:
+            print("nothing to submit")
+        return EXIT_OK
+    sweep_dir = launch.prepare(sweep, results, args.overrides)
+    failed = launch.submit(sweep_dir, todo, profile, results)
+    if profile.executor == "slurm":
+        print(f"follow with: ablation status {sweep_dir}")
+    else:
+        print(status.summary(status.sweep_states(sweep_dir)))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_models(cfgs: list) -> None:
+    """Build each distinct model/norm on the meta device: G not dividing C fails before submission."""
+    from ablation.models import check_model_norm
+
+    seen = set()
+    for cfg in cfgs:
+        key = repr((cfg.model, cfg.norm))
+        if key not in seen:
+            seen.add(key)
+            check_model_norm(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA."""
+    from ablation import status
+
+    sweep_dir = Path(args.sweep_dir)
+    manifest = status.load_manifest(sweep_dir)
+    while True:
+        states = status.sweep_states(sweep_dir)
+        running = sum(s.state == "running" for s in states)
+        print(f"sweep {manifest['name']} ({sweep_dir})")
+        print(status.format_table(states, manifest["axes"]))
+        print(status.summary(states, parallel=max(1, running)))
+        if not args.watch or all(s.state in ("ok", "diverged", "failed") for s in states):
+            return EXIT_OK
+        time.sleep(args.watch)
+        print()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Placeholder until the demo sweep lands: one tiny CPU training run on synthetic data."""
     from ablation.synth import SynthSpec, write_synth
@@ -137,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     k = dsub.add_parser("check", help="check a dataset's ImageFolder layout")
     k.add_argument("root")
     k.set_defaults(func=cmd_data_check)
+
+    w = sub.add_parser("sweep", help="expand a sweep spec and submit what is not done (or --dry-run)")
+    w.add_argument("spec", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml")
+    w.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
+    w.add_argument("--dry-run", action="store_true", help="show the runs, their states, jobs and GPU-hours; submit nothing")
+    w.add_argument("--profile", help="cluster profile YAML (slurm/profiles/*.yaml); default: this machine, one process per run")
+    w.add_argument("--executor", choices=["slurm", "local", "debug"], help="override the profile's executor")
+    w.add_argument("--results", default=DEFAULT_RESULTS, help=f"results root: runs in DIR/runs, the sweep in DIR/<name> (default {DEFAULT_RESULTS})")
+    w.add_argument("--retry-failed", action="store_true", help="also resubmit runs that failed")
+    w.add_argument("--print-sbatch", action="store_true", help="print the sbatch script of one job (slurm profiles)")
+    w.set_defaults(func=cmd_sweep)
+
+    st = sub.add_parser("status", help="show a sweep's runs: pending / running / ok / diverged / failed / requeued")
+    st.add_argument("sweep_dir", help="the sweep folder, e.g. results/fig1_batch_size")
+    st.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until every run has ended")
+    st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("demo", help="the embedded default: a tiny CPU run on synthetic data")
     m.add_argument("--out", default="demo", help="folder for the demo's data and runs (default ./demo)")

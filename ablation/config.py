@@ -206,7 +206,7 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}; valid: {', '.join(valid)}")
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     """Build dataclass cls from a mapping, strictly (unknown keys and wrong types are errors)."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
@@ -218,7 +218,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
             raise _unknown_key(prefix + str(key), names)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+            kwargs[key] = build_dataclass(tp, value or {}, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)
@@ -242,7 +242,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def from_dict(data: Mapping[str, Any]) -> RunConfig:
     """A validated RunConfig from a nested mapping (a missing key takes the paper's default)."""
     data = {k: v for k, v in data.items() if k not in WRITTEN_KEYS}
-    cfg = _build(RunConfig, data, "")
+    cfg = build_dataclass(RunConfig, data, "")
     validate(cfg)
     return cfg
 
@@ -506,11 +506,21 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def normalized(cfg: RunConfig) -> RunConfig:
-    """The config with equivalent spellings made equal (gn without G means G=32), so they hash alike."""
+    """The config with equivalent spellings made equal, so they share a run id.
+
+    gn without G means G=32; gn with G=1 is the paper's LN and gn with one channel per group its IN
+    (the same layers exactly), so Table 3's G=1 and C/G=1 rows reuse Table 1's LN and IN runs.
+    """
     n = cfg.norm
-    if n.name == "gn" and n.groups is None and n.channels_per_group is None:
-        return dataclasses.replace(cfg, norm=dataclasses.replace(n, groups=32))
-    return cfg
+    if n.name != "gn":
+        return cfg
+    if n.groups == 1:
+        n = dataclasses.replace(n, name="ln", groups=None)
+    elif n.channels_per_group == 1:
+        n = dataclasses.replace(n, name="in", channels_per_group=None)
+    elif n.groups is None and n.channels_per_group is None:
+        n = dataclasses.replace(n, groups=32)
+    return dataclasses.replace(cfg, norm=n)
 
 
 def norm_label(norm: NormConfig) -> str:
@@ -527,6 +537,7 @@ def norm_label(norm: NormConfig) -> str:
 
 def run_id(cfg: RunConfig) -> str:
     """The run folder's name: readable axes plus the hash of every result-affecting field."""
+    cfg = normalized(cfg)
     return f"{cfg.model.name}_{norm_label(cfg.norm)}_b{cfg.batch_per_gpu}x{cfg.gpus}_s{cfg.seed}_{config_hash(cfg)}"
 
 

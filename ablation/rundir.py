@@ -14,6 +14,7 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import statistics
@@ -30,6 +31,9 @@ CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
 LOG = "train.log"
 LOCK = ".lock"
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 STATUSES = ("ok", "diverged", "failed")
 # A finished run is not trained again: ok is done, and a diverged run would diverge again (it is deterministic).
@@ -56,6 +60,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results on shared storage must stay readable
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
@@ -123,3 +128,16 @@ class RunDir:
         """True when the run ended in a terminal status (ok or diverged)."""
         final = self.final_status()
         return bool(final) and final.get("status") in TERMINAL
+
+
+def is_locked(rd: RunDir) -> bool:
+    """True while a trainer holds the run folder's lock (it is running on this or a lock-sharing host)."""
+    if not rd.lock.exists():
+        return False
+    with open(rd.lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False

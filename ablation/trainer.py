@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import ablation
 from ablation import rundir
-from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, run_id, to_dict
+from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, normalized, run_id, to_dict
 from ablation.data import DatasetInfo, SeededImageFolder, check_layout, eval_transform, train_transform
 from ablation.distributed import DistEnv, setup
 from ablation.errors import AblationError, DataError
@@ -191,12 +191,16 @@ def _folder_lock(rd: rundir.RunDir) -> Iterator[None]:
     """Hold an exclusive lock on the run folder: never two trainers writing one folder."""
     rd.root.mkdir(parents=True, exist_ok=True)
     with open(rd.lock, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise AblationError(f"run folder {rd.root} is in use by {holder}; wait for it or stop it") from None
+        for attempt in range(10):  # `ablation status` probes the lock for an instant: retry briefly
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 9:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    raise AblationError(f"run folder {rd.root} is in use by {holder}; wait for it or stop it") from None
+                time.sleep(0.1)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -359,6 +363,7 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
     Returns {"status": "interrupted"} without writing final.json when should_stop() asked for a
     stop: the state is checkpointed and the same call later resumes it.
     """
+    cfg = normalized(cfg)
     env = env or setup(cfg.device)
     rd = rundir.RunDir(run_dir)
     setup_logging(rd, env)

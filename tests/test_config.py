@@ -137,6 +137,11 @@ def test_equivalent_spellings_share_a_run_id() -> None:
     b = config.load(None, ["norm.name=gn", "norm.groups=32"])
     c = config.load(None, ["norm.name=gn", "optim.lr=1e-1"])
     assert config.run_id(a) == config.run_id(b) == config.run_id(c)
+    ln, gn1 = config.load(None, ["norm.name=ln"]), config.load(None, ["norm.name=gn", "norm.groups=1"])
+    inorm, cpg1 = config.load(None, ["norm.name=in"]), config.load(None, ["norm.name=gn", "norm.channels_per_group=1"])
+    assert config.run_id(ln) == config.run_id(gn1) and config.run_id(ln).startswith("resnet50_ln_")
+    assert config.run_id(inorm) == config.run_id(cpg1) and config.run_id(inorm).startswith("resnet50_in_")
+    assert config.run_id(config.load(None, ["norm.name=gn", "norm.groups=2"])) != config.run_id(ln)
 
 
 def test_omit_if_default_keeps_old_run_ids() -> None:

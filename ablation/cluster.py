@@ -1,0 +1,132 @@
+"""Cluster profiles (slurm/profiles/*.yaml) and the SLURM queries: the one module that knows SLURM.
+
+Torch-free. Cluster specifics (partition, account, GPUs per node, time limit, setup lines) live in
+profiles, never in sweeps, so one sweep runs unchanged on any cluster.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ablation import config
+from ablation.config import ConfigError, RunConfig
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where and how a sweep's jobs run."""
+
+    name: str = "local"
+    executor: str = "local"  # slurm | local | debug
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    gpus_per_node: int = 0  # 0: CPU-only nodes (processes use gloo)
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60  # wall-clock limit per job; a job that hits it checkpoints and requeues
+    max_array_size: int = 1000  # the cluster's MaxArraySize: larger sweeps are split into several arrays
+    array_parallelism: int = 16  # at most this many jobs of one array run at once (local: runs at once)
+    signal_delay_s: int = 90  # SLURM sends the pre-timeout signal this long before the limit
+    max_requeues: int = 5  # bound on time-limit requeues per job
+    setup: tuple[str, ...] = ()  # shell lines run before each job (module load, conda activate)
+    throughput_images_per_s: float | None = None  # per-GPU training throughput for GPU-hour estimates
+    stand_in: bool = False  # a job may run fewer processes than the run's modelled GPUs
+    processes_per_job: int = 1  # with stand_in: processes (tasks) per job, each standing in for gpus/processes GPUs
+    additional: Mapping[str, Any] = field(default_factory=dict)  # extra sbatch parameters, passed as they are
+
+    def processes(self, cfg: RunConfig) -> int:
+        """Processes (SLURM tasks) one run's job uses."""
+        return self.processes_per_job if self.stand_in else cfg.gpus
+
+    def gpus_per_job(self, cfg: RunConfig) -> int:
+        """GPUs one run's job holds (0 on CPU-only nodes)."""
+        return self.processes(cfg) if self.gpus_per_node else 0
+
+    def geometry(self, cfg: RunConfig) -> tuple[int, int]:
+        """(nodes, tasks per node) for one run: one task per GPU, several nodes when one is too small."""
+        procs = self.processes(cfg)
+        per_node = min(procs, self.gpus_per_node) if self.gpus_per_node else procs
+        return math.ceil(procs / per_node), per_node
+
+
+def load_profile(path: str | Path | None, executor: str | None = None) -> Profile:
+    """A profile from YAML (strict keys), or the built-in default; `executor` overrides the file's."""
+    data = config.load_yaml(path) if path else {}
+    try:
+        profile = config.build_dataclass(Profile, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if executor:
+        profile = Profile(**{**profile.__dict__, "executor": executor})
+    if profile.executor not in EXECUTORS:
+        raise ConfigError(f"{path or 'profile'}: executor must be one of {', '.join(EXECUTORS)}; got {profile.executor!r}")
+    for key in ("cpus_per_task", "time_min", "max_array_size", "array_parallelism", "processes_per_job"):
+        if getattr(profile, key) < 1:
+            raise ConfigError(f"{path or 'profile'}: {key} must be >= 1, got {getattr(profile, key)}")
+    if profile.gpus_per_node < 0 or profile.max_requeues < 0 or profile.signal_delay_s < 0:
+        raise ConfigError(f"{path or 'profile'}: gpus_per_node, max_requeues and signal_delay_s must be >= 0")
+    return profile
+
+
+def check_run_fits(profile: Profile, cfg: RunConfig, run_id: str) -> None:
+    """Raise ConfigError when a run cannot be laid out on the profile's processes."""
+    procs = profile.processes(cfg)
+    if cfg.gpus % procs:
+        raise ConfigError(
+            f"run {run_id}: gpus={cfg.gpus} is not a multiple of the profile's {procs} processes per job "
+            f"(profile {profile.name}: stand_in={profile.stand_in}, processes_per_job={profile.processes_per_job})"
+        )
+
+
+def executor_parameters(profile: Profile, cfg: RunConfig, job_name: str) -> dict[str, Any]:
+    """submitit AutoExecutor parameters for one run's job."""
+    nodes, tasks = profile.geometry(cfg)
+    params: dict[str, Any] = {
+        "name": job_name,
+        "timeout_min": profile.time_min,
+        "nodes": nodes,
+        "tasks_per_node": tasks,
+        "cpus_per_task": profile.cpus_per_task,
+        "mem_gb": profile.mem_gb,
+        "slurm_array_parallelism": profile.array_parallelism,
+        "slurm_signal_delay_s": profile.signal_delay_s,
+        "slurm_setup": list(profile.setup),
+    }
+    if profile.gpus_per_node:
+        params["gpus_per_node"] = tasks
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(profile, key):
+            params[f"slurm_{key}"] = getattr(profile, key)
+    if profile.additional:
+        params["slurm_additional_parameters"] = dict(profile.additional)
+    return params
+
+
+def squeue_states(job_ids: list[str]) -> dict[str, str] | None:
+    """SLURM state of each job id still known to the controller; None when SLURM is not reachable.
+
+    squeue works without the accounting daemon, unlike sacct (which submitit would use).
+    """
+    if not job_ids or shutil.which("squeue") is None:
+        return None
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    states = {}
+    for line in out.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        states[jid] = state
+    wanted = set(job_ids)
+    return {j: s for j, s in states.items() if j in wanted}

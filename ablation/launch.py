@@ -1,0 +1,314 @@
+"""Launch a sweep: write its folder, decide what runs, submit through an executor.
+
+The sweep folder (results/<sweep>/):
+  sweep.yaml        the spec and the overrides it was launched with
+  manifest.json     the expanded runs: run id, axis values, epochs
+  configs/<id>.yaml each run's config: what the job reads
+  runs/<id>         link to the shared run folder results/runs/<id> (shared between sweeps by hash)
+  jobs.jsonl        one line per submission: run id, executor, job id, time
+  slurm/            submitit's job files and logs
+  logs/<id>.out     local executor: each run's output
+
+Executors: `slurm` (submitit job arrays, one DDP job per run, checkpoint-and-requeue on the
+pre-timeout signal), `local` (this machine, runs `ablation train` processes, N at a time, in the
+foreground), `debug` (in this process, one after another).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ablation import config, rundir, status
+from ablation.cluster import Profile, check_run_fits, executor_parameters
+from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
+from ablation.errors import AblationError
+from ablation.sweep import Sweep
+
+# What re-running a sweep does with a run in each state.
+ACTIONS = {
+    "new": "submit",
+    "stopped": "resume",
+    "failed": "retry",  # only with --retry-failed
+    "ok": "skip",
+    "diverged": "skip",
+    "running": "skip",
+    "pending": "skip",
+    "requeued": "skip",
+}
+
+
+def _now() -> str:
+    """UTC time for records."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prepare(sweep: Sweep, results: Path, overrides: list[str]) -> Path:
+    """Write the sweep folder (spec, manifest, run configs, links to the shared run folders)."""
+    sweep_dir = results / sweep.name
+    (sweep_dir / status.CONFIGS).mkdir(parents=True, exist_ok=True)
+    (sweep_dir / status.RUNS_LINKS).mkdir(exist_ok=True)
+    (results / "runs").mkdir(parents=True, exist_ok=True)
+    rundir.write_text(sweep_dir / "sweep.yaml", yaml.safe_dump({"spec": dict(sweep.spec), "overrides": overrides}, sort_keys=False))
+    runs = []
+    for run in sweep.runs:
+        cfg_path = sweep_dir / status.CONFIGS / f"{run.run_id}.yaml"
+        rundir.write_text(cfg_path, yaml.safe_dump({"run_id": run.run_id, **config.to_dict(run.config)}, sort_keys=False))
+        link = sweep_dir / status.RUNS_LINKS / run.run_id
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / ".." / "runs" / run.run_id)  # relative: the results tree can move
+        runs.append({"run_id": run.run_id, "axes": dict(run.axes), "epochs": run.config.epochs, "config": f"{status.CONFIGS}/{run.run_id}.yaml"})
+    keep = {r["run_id"] for r in runs}
+    for link in (sweep_dir / status.RUNS_LINKS).iterdir():
+        if link.is_symlink() and link.name not in keep:
+            link.unlink()  # a run no longer in the spec; its shared folder stays
+    rundir.write_json(sweep_dir / status.MANIFEST, {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axes), "runs": runs})
+    return sweep_dir
+
+
+def plan(sweep: Sweep, results: Path, retry_failed: bool) -> list[tuple[status.RunState, str]]:
+    """Each run's state and what launching the sweep does with it (reads files only; writes nothing)."""
+    runs = [{"run_id": r.run_id, "axes": dict(r.axes), "epochs": r.config.epochs} for r in sweep.runs]
+    jobs = status.latest_jobs(results / sweep.name)
+    out = []
+    for s in status.states(runs, lambda rid: results / "runs" / rid, jobs):
+        action = ACTIONS[s.state]
+        if action == "retry" and not retry_failed:
+            action = "skip (failed: use --retry-failed)"
+        out.append((s, action))
+    return out
+
+
+def train_images(cfg: RunConfig) -> int:
+    """Training images for estimates: counted when the dataset is here, else ImageNet's."""
+    train = Path(cfg.data.root) / "train"
+    if not train.is_dir():
+        return IMAGENET_TRAIN_IMAGES
+    return sum(1 for d in os.scandir(train) if d.is_dir() for f in os.scandir(d.path) if f.is_file())
+
+
+def measured_throughput(runs_root: Path, cfg: RunConfig) -> float | None:
+    """Median images/s per process of finished epochs of runs with the same model and image size."""
+    per_process = []
+    for folder in runs_root.glob("*/"):
+        rd = rundir.RunDir(folder)
+        doc = yaml.safe_load(rd.config.read_text()) if rd.config.is_file() else None
+        if not doc or doc.get("model", {}).get("name") != cfg.model.name or doc.get("data", {}).get("image_size") != cfg.data.image_size:
+            continue
+        procs = (rundir.read_json(rd.env) or {}).get("processes", 1)
+        per_process += [r["images_per_s"] / procs for r in rundir.read_jsonl(rd.metrics)]
+    return sorted(per_process)[len(per_process) // 2] if per_process else None
+
+
+def estimate_hours(runs: list[RunConfig], profile: Profile, runs_root: Path) -> tuple[float | None, str]:
+    """Device-hours (GPU-hours on GPU profiles) for these runs, and where the throughput came from."""
+    if not runs:
+        return 0.0, "nothing to run"
+    thr = profile.throughput_images_per_s
+    source = f"profile {profile.name}"
+    if thr is None:
+        thr = measured_throughput(runs_root, runs[0])
+        source = "measured runs"
+    if not thr:
+        return None, "no throughput figure: set throughput_images_per_s in the profile or run one job first"
+    hours = sum(cfg.epochs * train_images(cfg) / thr / 3600 for cfg in runs)
+    return hours, f"{thr:.0f} images/s per device from {source}"
+
+
+# ---------------------------------------------------------------- the job
+
+
+class TrainJob:
+    """One run as a submitit job: DDP under srun, checkpoint-and-requeue on SLURM's pre-timeout signal.
+
+    submitit's own SIGUSR2 handler would checkpoint by interrupting the main thread anywhere, possibly
+    in the middle of an optimizer step. So the job installs a handler that only sets a flag; the
+    trainer checkpoints at its next step boundary (all ranks agree through the all-reduce in which
+    they exchange losses), and then the signal is handed back to submitit, which calls checkpoint()
+    and requeues the job. The requeued job resumes from that checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._stop = False
+
+    def __call__(self, config_path: str, runs_root: str) -> dict[str, Any]:
+        """Train the run described by config_path under runs_root."""
+        from ablation.distributed import setup, teardown
+        from ablation.trainer import train
+
+        cfg = config.load(config_path)
+        previous = signal.getsignal(signal.SIGUSR2)
+        signal.signal(signal.SIGUSR2, self._on_signal)
+        env = setup(cfg.device)
+        try:
+            final = train(cfg, Path(runs_root) / config.run_id(cfg), env, should_stop=lambda: self._stop)
+        finally:
+            teardown()
+        if final.get("status") == "interrupted" and callable(previous):
+            signal.signal(signal.SIGUSR2, previous)
+            os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler: checkpoint() + requeue + exit
+            time.sleep(30)  # the handler runs at the next bytecode and exits; never reached on rank 0
+        return final
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Ask the trainer to stop at the next step boundary."""
+        print(f"ablation: got signal {signum}; checkpointing at the next step boundary", file=sys.stderr, flush=True)
+        self._stop = True
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the trainer has already saved its state, so requeue the same call."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(), *args, **kwargs)
+
+
+# ---------------------------------------------------------------- executors
+
+
+def _record(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Append submission records to jobs.jsonl."""
+    with open(sweep_dir / status.JOBS, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def submit(sweep_dir: Path, run_ids: list[str], profile: Profile, results: Path, *, on_line: Callable[[str], None] = print) -> int:
+    """Submit these runs of the sweep through the profile's executor; returns how many failed locally."""
+    manifest = status.load_manifest(sweep_dir)
+    by_id = {r["run_id"]: r for r in manifest["runs"]}
+    paths = [str(sweep_dir / by_id[r]["config"]) for r in run_ids]
+    runs_root = str(results / "runs")
+    if profile.executor == "slurm":
+        _submit_slurm(sweep_dir, run_ids, paths, runs_root, profile, manifest["name"], on_line)
+        return 0
+    if profile.executor == "debug":
+        return _run_debug(sweep_dir, run_ids, paths, runs_root, on_line)
+    return _run_local(sweep_dir, run_ids, paths, runs_root, profile, on_line)
+
+
+def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, on_line: Callable[[str], None]) -> int:
+    """Train each run in this process, one after another."""
+    failed = 0
+    for i, (rid, path) in enumerate(zip(run_ids, paths), 1):
+        _record(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}", "submitted_at": _now()}])
+        on_line(f"[{i}/{len(run_ids)}] {rid}")
+        try:
+            TrainJob()(path, runs_root)
+        except Exception as e:  # recorded as 'failed' in the run folder; go on with the next run
+            failed += 1
+            on_line(f"[{i}/{len(run_ids)}] {rid} failed: {type(e).__name__}: {e}")
+    return failed
+
+
+def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
+    """Run `ablation train` processes on this machine, `array_parallelism` at a time, in the foreground."""
+    parallel = max(1, min(profile.array_parallelism, len(run_ids)))
+    threads = max(1, len(os.sched_getaffinity(0)) // (parallel * profile.processes_per_job))
+    logs = sweep_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    queue = list(enumerate(zip(run_ids, paths), 1))
+    running: list[tuple[subprocess.Popen, threading.Thread, str]] = []
+    failed, done, t0 = 0, 0, time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                i, (rid, path) = queue.pop(0)
+                cmd = [sys.executable, "-m", "ablation", "train", path, "--results", runs_root]
+                if profile.processes_per_job > 1:
+                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(profile.processes_per_job), "-m", "ablation", "train", path, "--results", runs_root]
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                _record(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": _now()}])
+                prefix = f"[{i}/{len(run_ids)}] "
+                t = threading.Thread(target=_pump, args=(proc, logs / f"{rid}.out", prefix, on_line), daemon=True)
+                t.start()
+                running.append((proc, t, rid))
+            time.sleep(0.2)
+            for item in list(running):
+                proc, t, rid = item
+                if proc.poll() is None:
+                    continue
+                t.join()
+                running.remove(item)
+                done += 1
+                failed += proc.returncode not in (0, 3)  # 3: diverged, a result
+                left = len(queue) + len(running)
+                eta = (time.monotonic() - t0) / done * left / parallel if left else 0
+                on_line(f"{done}/{len(run_ids)} runs done ({rid}: exit {proc.returncode})" + (f"; ETA ~{eta:.0f}s" if left else ""))
+    except KeyboardInterrupt:
+        for proc, _, _ in running:
+            proc.send_signal(signal.SIGINT)
+        for proc, _, _ in running:
+            proc.wait()
+        raise
+    return failed
+
+
+def _pump(proc: subprocess.Popen, log_path: Path, prefix: str, on_line: Callable[[str], None]) -> None:
+    """Copy a child's output to its log file and, prefixed, to the terminal."""
+    with open(log_path, "a") as log:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            log.write(line)
+            on_line(prefix + line.rstrip())
+
+
+def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str, array_size: int) -> Any:
+    """A submitit SLURM executor set up for one run's job geometry."""
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster="slurm", slurm_max_num_timeout=profile.max_requeues)
+    params = executor_parameters(profile, cfg, name)
+    params["slurm_array_parallelism"] = min(profile.array_parallelism, array_size)
+    ex.update_parameters(**params)
+    return ex
+
+
+def _submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, name: str, on_line: Callable[[str], None]) -> None:
+    """One job array per job geometry, split at the cluster's maximum array size."""
+    groups: dict[tuple[int, int], list[tuple[str, str, RunConfig]]] = {}
+    for rid, path in zip(run_ids, paths):
+        cfg = config.load(path)
+        check_run_fits(profile, cfg, rid)
+        groups.setdefault(profile.geometry(cfg), []).append((rid, path, cfg))
+    for (nodes, tasks), items in groups.items():
+        for start in range(0, len(items), profile.max_array_size):
+            chunk = items[start : start + profile.max_array_size]
+            ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk))
+            jobs = ex.map_array(TrainJob(), [p for _, p, _ in chunk], [runs_root] * len(chunk))
+            _record(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": _now()} for (rid, _, _), j in zip(chunk, jobs)])
+            array_id = jobs[0].job_id.split("_")[0]
+            on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) (throttle {min(profile.array_parallelism, len(chunk))})")
+
+
+def sbatch_script(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str) -> str:
+    """The sbatch script submitit would write for one job (for --print-sbatch)."""
+    ex = slurm_executor(sweep_dir, profile, cfg, f"ablation-{name}", 1)
+    inner = ex._executor  # submitit's SlurmExecutor: builds the script it would submit
+    return inner._make_submission_file_text(inner._submitit_command_str, "<uid>")
+
+
+def describe_profile(profile: Profile, cfg: RunConfig) -> str:
+    """'8 GPUs per job (1 node x 8 tasks)' or '1 process per job standing in for 8 GPUs (CPU)'."""
+    nodes, tasks = profile.geometry(cfg)
+    procs = nodes * tasks
+    where = f"{nodes} node(s) x {tasks} task(s)"
+    if profile.gpus_per_node:
+        return f"{procs} GPU(s) per job ({where})" + (f", standing in for {cfg.gpus}" if procs != cfg.gpus else "")
+    return f"{procs} CPU process(es) per job ({where}), standing in for {cfg.gpus} GPUs"
+
+
+def require_not_running(sweep_dir: Path) -> None:
+    """Refuse to write into a folder that is not a sweep folder of ours."""
+    if sweep_dir.exists() and any(sweep_dir.iterdir()) and not (sweep_dir / status.MANIFEST).exists():
+        raise AblationError(f"{sweep_dir} exists and is not a sweep folder; pick another --results root or sweep name")
+

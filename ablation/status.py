@@ -1,0 +1,148 @@
+"""Sweep and run states from the files on disk (and SLURM when reachable). Torch-free.
+
+A run's state, from what its folder and the scheduler say:
+  ok | diverged | failed        final.json
+  running (epoch k of n)        its folder lock is held, or SLURM says RUNNING
+  requeued                      SLURM has it pending again after it ran (preemption or time limit)
+  pending                       submitted, SLURM has it pending, nothing written yet
+  stopped                       started, no final status, nothing running it: resubmitting resumes it
+  new                           never started
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ablation import rundir
+from ablation.cluster import squeue_states
+
+MANIFEST = "manifest.json"
+JOBS = "jobs.jsonl"
+RUNS_LINKS = "runs"
+CONFIGS = "configs"
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+IN_FLIGHT = ("running", "pending", "requeued")
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What is known of one run of a sweep."""
+
+    run_id: str
+    axes: dict[str, Any]
+    state: str
+    epochs_done: int
+    epochs: int
+    val_err1: float | None
+    job_id: str | None
+    starts: int
+    epoch_seconds: float | None
+
+
+def latest_jobs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """The latest submission record of each run id in jobs.jsonl."""
+    return {r["run_id"]: r for r in rundir.read_jsonl(sweep_dir / JOBS)}
+
+
+def run_state(folder: Path, epochs: int, job: dict[str, Any] | None, slurm: dict[str, str] | None) -> tuple[str, int, float | None, int, float | None]:
+    """(state, epochs done, latest val error, starts, mean epoch seconds) of one run folder."""
+    rd = rundir.RunDir(folder)
+    rows = rundir.read_jsonl(rd.metrics)
+    env = rundir.read_json(rd.env) or {}
+    starts = len(env.get("starts", []))
+    err = rows[-1]["val_err1"] if rows else None
+    secs = statistics.mean(r["epoch_seconds"] for r in rows) if rows else None
+    final = rd.final_status()
+    if final:
+        return final["status"], len(rows), final.get("val_err1", err), starts, secs
+    sstate = None
+    if job and job.get("executor") == "slurm" and slurm is not None:
+        sstate = slurm.get(str(job.get("job_id")))
+    if rundir.is_locked(rd) or sstate in ("RUNNING", "COMPLETING", "CONFIGURING"):
+        return "running", len(rows), err, starts, secs
+    if sstate in SLURM_ACTIVE:
+        return ("requeued" if starts or sstate.startswith("REQUEUE") else "pending"), len(rows), err, starts, secs
+    if job and job.get("executor") == "slurm" and slurm is None and not starts:
+        return "pending", 0, None, 0, None  # SLURM unreachable from here: trust the submission record
+    if starts or rd.checkpoint.exists():
+        return "stopped", len(rows), err, starts, secs
+    return "new", 0, None, 0, None
+
+
+def states(runs: list[dict[str, Any]], folder_of: Callable[[str], Path], jobs: dict[str, dict[str, Any]]) -> list[RunState]:
+    """The state of each run ({run_id, axes, epochs}) whose folder folder_of(run_id) gives."""
+    slurm_ids = [str(j["job_id"]) for j in jobs.values() if j.get("executor") == "slurm"]
+    slurm = squeue_states(slurm_ids) if slurm_ids else None
+    out = []
+    for run in runs:
+        rid = run["run_id"]
+        job = jobs.get(rid)
+        state, done, err, starts, secs = run_state(folder_of(rid), run["epochs"], job, slurm)
+        out.append(RunState(rid, run["axes"], state, done, run["epochs"], err, str(job["job_id"]) if job else None, starts, secs))
+    return out
+
+
+def sweep_states(sweep_dir: Path) -> list[RunState]:
+    """The state of every run in a sweep folder."""
+    manifest = load_manifest(sweep_dir)
+    return states(manifest["runs"], lambda rid: sweep_dir / RUNS_LINKS / rid, latest_jobs(sweep_dir))
+
+
+def load_manifest(sweep_dir: Path) -> dict[str, Any]:
+    """manifest.json of a sweep folder, with a clear error when it is not one."""
+    path = Path(sweep_dir) / MANIFEST
+    if not path.is_file():
+        from ablation.errors import AblationError
+
+        raise AblationError(f"{sweep_dir} is not a sweep folder (no {MANIFEST}); pass results/<sweep name>")
+    return json.loads(path.read_text())
+
+
+def eta_seconds(states: list[RunState], parallel: int) -> float | None:
+    """Rough time left: remaining epochs x typical epoch time, spread over the runs that can run at once."""
+    per_epoch = [s.epoch_seconds for s in states if s.epoch_seconds]
+    if not per_epoch:
+        return None
+    typical = statistics.median(per_epoch)
+    left = sum((s.epochs - s.epochs_done) * (s.epoch_seconds or typical) for s in states if s.state not in ("ok", "diverged", "failed"))
+    return left / max(1, parallel)
+
+
+def _fmt_duration(seconds: float) -> str:
+    """1h05m, 3m20s, 42s."""
+    s = int(seconds)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def format_table(states: list[RunState], axes: list[str]) -> str:
+    """A plain-text table: one row per run."""
+    head = [*axes, "state", "epoch", "val err", "job", "run id"]
+    rows = []
+    for s in states:
+        state = f"{s.state}" + (f" (x{s.starts} starts)" if s.starts > 1 else "")
+        epoch = f"{s.epochs_done}/{s.epochs}"
+        err = f"{s.val_err1:.2f}" if s.val_err1 is not None else "-"
+        rows.append([*(str(s.axes.get(a, "")) for a in axes), state, epoch, err, s.job_id or "-", s.run_id])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def summary(states: list[RunState], parallel: int = 1) -> str:
+    """'10 runs: 4 ok, 1 running, 5 pending; ETA ~1h05m'."""
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    order = ["ok", "running", "requeued", "pending", "stopped", "new", "diverged", "failed"]
+    parts = [f"{counts[k]} {k}" for k in order if k in counts]
+    line = f"{len(states)} runs: " + ", ".join(parts)
+    eta = eta_seconds(states, parallel)
+    if eta and any(s.state not in ("ok", "diverged", "failed") for s in states):
+        line += f"; ETA ~{_fmt_duration(eta)}"
+    return line

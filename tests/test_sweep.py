@@ -1,0 +1,197 @@
+"""Sweeps: spec expansion, the paper presets, dry run, submission, idempotent resubmission, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ablation import config, rundir, status, sweep
+from ablation.config import ConfigError
+from conftest import ROOT
+
+PAPER = ROOT / "sweeps" / "paper"
+
+
+def ids(path: Path) -> set[str]:
+    """Run ids of a preset."""
+    return {r.run_id for r in sweep.load(path).runs}
+
+
+def test_figure1_is_bn_and_gn_at_five_batch_sizes() -> None:
+    s = sweep.load(PAPER / "fig1_batch_size.yaml")
+    assert len(s.runs) == 10
+    got = {(r.config.norm.name, r.config.batch_per_gpu) for r in s.runs}
+    assert got == {(n, b) for n in ("bn", "gn") for b in (32, 16, 8, 4, 2)}
+    assert all(r.config.gpus == 8 and r.config.epochs == 100 for r in s.runs)
+    gn2 = next(r for r in s.runs if r.config.norm.name == "gn" and r.config.batch_per_gpu == 2)
+    assert gn2.config.norm.groups == 32 and config.derive(gn2.config).lr == pytest.approx(0.1 * 2 / 32)
+
+
+def test_table1_is_bn_ln_in_gn_at_32() -> None:
+    s = sweep.load(PAPER / "table1_norms.yaml")
+    assert sorted(r.config.norm.name for r in s.runs) == ["bn", "gn", "in", "ln"]
+    assert all(r.config.batch_per_gpu == 32 for r in s.runs)
+
+
+def test_table3_is_14_rows_of_which_table1_already_has_3() -> None:
+    s = sweep.load(PAPER / "table3_groups.yaml")
+    assert len(s.runs) == 14
+    groups = sorted(r.config.norm.groups for r in s.runs if r.config.norm.name == "gn" and r.config.norm.groups)
+    cpg = sorted(r.config.norm.channels_per_group for r in s.runs if r.config.norm.channels_per_group)
+    assert groups == [2, 4, 8, 16, 32, 64] and cpg == [2, 4, 8, 16, 32, 64]
+    shared = ids(PAPER / "table3_groups.yaml") & ids(PAPER / "table1_norms.yaml")
+    assert len(shared) == 3 and {i.split("_")[1] for i in shared} == {"gn32", "ln", "in"}
+    assert len(ids(PAPER / "fig1_batch_size.yaml") & ids(PAPER / "table1_norms.yaml")) == 2  # BN@32, GN@32
+
+
+def test_zip_conditions_exclude_and_seeds() -> None:
+    spec = {
+        "name": "t",
+        "base": {"epochs": 1},
+        "grid": {"norm.name": ["bn", "gn"]},
+        "zip": {"batch_per_gpu": [32, 2], "optim.lr": [0.1, 0.2]},
+        "conditions": [{"when": {"norm.name": "gn"}, "grid": {"norm.groups": [32, 16]}}],
+        "exclude": [{"norm.name": "bn", "batch_per_gpu": 2}],
+        "seeds": 2,
+    }
+    s = sweep.expand(spec)
+    got = sorted((r.config.norm.name, r.config.batch_per_gpu, r.config.optim.lr, r.config.norm.groups, r.config.seed) for r in s.runs)
+    expected = sorted(
+        [("bn", 32, 0.1, None, seed) for seed in (0, 1)]
+        + [("gn", b, lr, g, seed) for b, lr in ((32, 0.1), (2, 0.2)) for g in (32, 16) for seed in (0, 1)]
+    )
+    assert got == expected
+    assert set(s.axes) == {"norm.name", "batch_per_gpu", "optim.lr", "norm.groups", "seed"}
+
+
+def test_overrides_change_the_base_but_not_the_axes() -> None:
+    s = sweep.load(PAPER / "fig1_batch_size.yaml", ["data.root=/datasets/imagenet", "epochs=90"])
+    assert all(r.config.data.root == "/datasets/imagenet" and r.config.epochs == 90 for r in s.runs)
+    with pytest.raises(ConfigError, match="override 'batch_per_gpu' conflicts with the sweep axis"):
+        sweep.load(PAPER / "fig1_batch_size.yaml", ["batch_per_gpu=4"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"grid": {"seed": [0]}}, "'name' must be a folder name"),
+        ({"name": "x", "gird": {}}, r"unknown key 'gird' \(did you mean 'grid'\?\)"),
+        ({"name": "x", "grid": {"batch_per_gpu": 4}}, "grid.batch_per_gpu: expected a non-empty list"),
+        ({"name": "x", "grid": {"batch_per_gpu": []}}, "grid.batch_per_gpu: expected a non-empty list"),
+        ({"name": "x", "zip": {"batch_per_gpu": [1, 2], "seed": [0]}}, "zipped axes need equal lengths"),
+        ({"name": "x", "grid": {"batch_per_gpu": [0]}}, r"run with batch_per_gpu=0: batch_per_gpu must be > 0"),
+        ({"name": "x", "grid": {"norm.nme": ["gn"]}}, r"unknown config key 'norm.nme'"),
+        ({"name": "x", "conditions": [{"grid": {"seed": [1]}}]}, "needs a 'when' mapping"),
+        ({"name": "x", "grid": {"seed": [0]}, "exclude": [{"seed": 0}]}, "expands to no runs"),
+        ({"name": "x", "grid": {"seed": [0]}, "zip": {"seed": [1]}}, "axis seed is set twice"),
+        ({"name": "x", "seeds": "three"}, "seeds: expected a list of ints or a count"),
+        ({"name": "x", "blocks": []}, "blocks: expected a non-empty list"),
+    ],
+)
+def test_malformed_specs_are_clear_errors(spec: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        sweep.expand(spec, source="spec.yaml")
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m ablation ARGS`."""
+    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
+    proc = run_cli(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("10 runs: 10 to submit") and "8 GPU(s) per job (1 node(s) x 8 task(s))" in last
+    # 100 epochs x 1,281,167 images at the profile's per-GPU throughput, for each of 10 runs
+    thr = float(next(line.split(":")[1] for line in profile.read_text().splitlines() if line.startswith("throughput_images_per_s")).split("#")[0])
+    hours = 10 * 100 * 1_281_167 / thr / 3600
+    assert f"~{hours:.1f} GPU-hours" in last
+    assert not any(tmp_path.iterdir())
+
+
+def test_print_sbatch_shows_the_job_script(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
+    proc = run_cli(["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--print-sbatch", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --ntasks-per-node=8" in proc.stdout
+    assert "#SBATCH --signal=USR2@" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
+
+
+def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: bad\nbase: {norm.name: gn}\ngrid: {norm.groups: [32, 48]}\n")
+    proc = run_cli(["sweep", str(spec), "--results", str(tmp_path / "results")], cli_env)
+    assert proc.returncode == 2 and "norm.groups=48 does not divide" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def tiny_args(tiny_data: Path, results: Path) -> list[str]:
+    """The tiny sweep on the session's data."""
+    return ["sweep", str(ROOT / "sweeps" / "tiny.yaml"), f"data.root={tiny_data}", "--results", str(results)]
+
+
+def test_sweep_runs_once_and_resubmits_only_what_is_not_done(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    results = tmp_path / "results"
+    first = run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
+    assert first.returncode == 0, first.stderr
+    sweep_dir = results / "tiny"
+    manifest = json.loads((sweep_dir / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 4
+    for run in manifest["runs"]:
+        final = json.loads((sweep_dir / "runs" / run["run_id"] / "final.json").read_text())
+        assert final["status"] == "ok"
+    jobs = rundir.read_jsonl(sweep_dir / "jobs.jsonl")
+    assert len(jobs) == 4
+
+    again = run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
+    assert "4 runs: 0 to submit" in again.stdout and "nothing to submit" in again.stdout
+    assert len(rundir.read_jsonl(sweep_dir / "jobs.jsonl")) == 4
+
+    # A failed run is retried only when asked; a stopped one (no final status) is resumed.
+    a, b = manifest["runs"][0]["run_id"], manifest["runs"][1]["run_id"]
+    final_a = sweep_dir / "runs" / a / "final.json"
+    doc = json.loads(final_a.read_text())
+    final_a.write_text(json.dumps({**doc, "status": "failed", "reason": "RuntimeError: boom"}))
+    (sweep_dir / "runs" / b / "final.json").unlink()
+    dry = run_cli([*tiny_args(tiny_data, results), "--dry-run"], cli_env)
+    assert "4 runs: 1 to submit" in dry.stdout
+    states = {line.split()[-1]: line for line in dry.stdout.splitlines() if "resnet18_" in line}
+    assert " failed " in states[a] and " stopped " in states[b]
+    retry = run_cli([*tiny_args(tiny_data, results), "--executor", "debug", "--retry-failed"], cli_env)
+    assert "4 runs: 2 to submit" in retry.stdout, retry.stdout
+    st = run_cli(["status", str(sweep_dir)], cli_env)
+    assert st.returncode == 0 and st.stdout.strip().splitlines()[-1] == "4 runs: 4 ok"
+
+
+def test_two_sweeps_share_a_run_folder(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    results = tmp_path / "results"
+    other = tmp_path / "other.yaml"
+    text = (ROOT / "sweeps" / "tiny.yaml").read_text().replace("name: tiny", "name: tiny_bn_only").replace("norm.name: [bn, gn]", "norm.name: [bn]")
+    other.write_text(text)
+    assert run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env).returncode == 0
+    proc = run_cli(["sweep", str(other), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
+    assert "2 runs: 0 to submit" in proc.stdout
+    links = sorted(os.readlink(p) for p in (results / "tiny_bn_only" / "runs").iterdir()) if (results / "tiny_bn_only").exists() else []
+    assert links == []  # nothing submitted: the sweep folder is only written when something runs
+    assert len(list((results / "runs").iterdir())) == 4
+
+
+def test_status_of_a_folder_that_is_not_a_sweep(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = run_cli(["status", str(tmp_path)], cli_env)
+    assert proc.returncode == 2 and "is not a sweep folder" in proc.stderr
+
+
+def test_status_summary_and_eta() -> None:
+    s = [
+        status.RunState("a", {}, "ok", 10, 10, 1.0, None, 1, 5.0),
+        status.RunState("b", {}, "running", 4, 10, 2.0, None, 1, 5.0),
+        status.RunState("c", {}, "new", 0, 10, None, None, 0, None),
+    ]
+    assert status.summary(s, parallel=1) == "3 runs: 1 ok, 1 running, 1 new; ETA ~1m20s"  # (6 + 10) epochs x 5 s
