@@ -401,7 +401,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, should_stop: 
         rundir.write_jsonl(rd.metrics, state.history)
         if cfg.log_steps:
             rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device != "cpu" else None, broadcast_buffers=False) if env.world_size > 1 else model
+    ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
 
     train_ds = SeededImageFolder(cfg.data.root, "train", train_transform(cfg.data), cfg.seed)
     val_ds = SeededImageFolder(cfg.data.root, "val", eval_transform(_eval_data_cfg(cfg, d)), cfg.seed)
@@ -438,6 +438,16 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, should_stop: 
     final = _final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final.get('val_err1')}% (median of last {final.get('metric_epochs')} epochs)")
     return final
+
+
+def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+    """DDP without its own buffer broadcast: the BN running-statistics rule is applied after each step."""
+    import inspect
+
+    ddp_cls = nn.parallel.DistributedDataParallel
+    # torch >= 2.15 renamed broadcast_buffers; syncing at init is harmless (every rank starts equal).
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters else {"broadcast_buffers": False}
+    return ddp_cls(model, device_ids=[env.device] if env.device != "cpu" else None, **sync)
 
 
 def _eval_data_cfg(cfg: RunConfig, d: Derived) -> Any:

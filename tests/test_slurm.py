@@ -1,0 +1,135 @@
+"""Sweeps through real SLURM (slurm/local-cluster.sh): arrays, DDP over tasks, time-limit requeue.
+
+Skipped where SLURM is absent, except in CI (CI set), where a missing cluster is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ablation import rundir
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+if shutil.which("sbatch") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI: SLURM is missing; .ci/run must start it with slurm/local-cluster.sh start")
+    pytest.skip("SLURM is not installed here (run slurm/local-cluster.sh start)", allow_module_level=True)
+
+TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
+TINY_BASE = {
+    "gpus": 4,
+    "batch_per_gpu": 8,
+    "device": "cpu",
+    "model": {"name": "resnet18", "widths": [8, 16, 16, 16], "stem_width": 8, "stem": "small"},
+    "data": {"image_size": 16, "eval_resize": 16, "workers": 0, "eval_batch": 64},
+    "log_every_steps": 2,
+}
+
+
+def profile(tmp_path: Path, **changes: object) -> Path:
+    """slurm/profiles/local.yaml with changes, written to tmp_path."""
+    doc = yaml.safe_load((ROOT / "slurm" / "profiles" / "local.yaml").read_text())
+    doc.update(changes)
+    path = tmp_path / f"profile-{abs(hash(json.dumps(changes, sort_keys=True)))}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def spec(tmp_path: Path, name: str, data: Path, **base: object) -> Path:
+    """A one-run sweep spec: BN on the tiny model."""
+    doc = {"name": name, "base": {**TINY_BASE, **base, "data": {**TINY_BASE["data"], "root": str(data)}}, "grid": {"norm.name": ["bn"]}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def ablation(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m ablation ARGS`, checked."""
+    proc = subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def wait_for(sweep_dir: Path, env: dict[str, str], timeout: float, *, hurry_requeues: bool = False) -> list[str]:
+    """Poll `ablation status` until every run has ended; return the status outputs seen."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = ablation(["status", str(sweep_dir)], env).stdout
+        if not seen or out != seen[-1]:
+            seen.append(out)
+        last = out.strip().splitlines()[-1]
+        if not any(k in last for k in ("running", "pending", "requeued", "stopped", "new")):
+            return seen
+        if hurry_requeues and "requeued" in out:
+            # SLURM holds a requeued job ~2 minutes (BeginTime); let it start now to keep the test short.
+            for job in {json.loads(line)["job_id"] for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()}:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        time.sleep(2)
+    raise AssertionError("sweep did not finish in time:\n" + "\n".join(seen[-3:]))
+
+
+def metrics(folder: Path) -> list[dict]:
+    """metrics.jsonl rows without timing fields."""
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rundir.read_jsonl(folder / "metrics.jsonl")]
+
+
+def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    sweep = ROOT / "sweeps" / "tiny.yaml"
+    slurm = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    assert "submitted array" in slurm.stdout
+    wait_for(tmp_path / "slurm" / "tiny", cli_env, 300)
+    ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "debug"), "--executor", "debug"], cli_env)
+    for link in sorted((tmp_path / "slurm" / "tiny" / "runs").iterdir()):
+        final = json.loads((link / "final.json").read_text())
+        assert final["status"] == "ok", final
+        assert json.loads((link / "env.json").read_text())["slurm"]["SLURM_ARRAY_JOB_ID"]
+        assert metrics(link) == metrics(tmp_path / "debug" / "runs" / link.name)
+    again = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    assert "nothing to submit" in again.stdout
+
+
+def test_ddp_over_two_slurm_tasks(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    s = spec(tmp_path, "ddp", tiny_data, epochs=2)
+    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, processes_per_job=2))], cli_env)
+    wait_for(tmp_path / "slurm" / "ddp", cli_env, 300)
+    ablation(["sweep", str(s), "--results", str(tmp_path / "one"), "--executor", "debug"], cli_env)
+    (link,) = (tmp_path / "slurm" / "ddp" / "runs").iterdir()
+    assert json.loads((link / "final.json").read_text())["status"] == "ok"
+    env = json.loads((link / "env.json").read_text())
+    assert env["processes"] == 2 and env["gpus_per_process"] == 2 and env["slurm"]["SLURM_NTASKS"] == "2"
+    two, one = metrics(link), metrics(tmp_path / "one" / "runs" / link.name)
+    for a, b in zip(two, one):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # 60 epochs take ~30 s; a 1-minute limit with the signal 45 s early stops each start after ~15 s.
+    s = spec(tmp_path, "requeue", tiny_data, epochs=60)
+    prof = profile(tmp_path, time_min=1, signal_delay_s=45, max_requeues=12)
+    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
+    seen = wait_for(tmp_path / "slurm" / "requeue", cli_env, 480, hurry_requeues=True)
+    (link,) = (tmp_path / "slurm" / "requeue" / "runs").iterdir()
+    starts = json.loads((link / "env.json").read_text())["starts"]
+    assert len(starts) >= 2, f"no requeue happened: {seen}"
+    assert all(s["resumed_from_step"] > 0 for s in starts[1:])
+    assert json.loads((link / "final.json").read_text())["status"] == "ok"
+
+    ablation(["sweep", str(s), "--results", str(tmp_path / "whole"), "--executor", "debug"], cli_env)
+    whole = tmp_path / "whole" / "runs" / link.name
+    assert metrics(link) == metrics(whole)
+    a = torch.load(link / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
