@@ -179,6 +179,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         print()
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Collect run folders and write the paper's tables and figures with its numbers beside ours."""
+    from ablation import report
+
+    rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference)
+    counts = rep.runs["status"].value_counts().to_dict()
+    order = ["ok", "diverged", "failed", "unfinished"]
+    print(f"{len(rep.runs)} runs: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
+    print()
+    print(rep.tables[0].markdown())
+    print(f"wrote {len(rep.files)} files to {args.out}: " + ", ".join(sorted({p.name for p in rep.files if p.suffix in ('.png', '.md')})))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Placeholder until the demo sweep lands: one tiny CPU training run on synthetic data."""
     from ablation.synth import SynthSpec, write_synth
@@ -241,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("sweep_dir", help="the sweep folder, e.g. results/fig1_batch_size")
     st.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until every run has ended")
     st.set_defaults(func=cmd_status)
+
+    r = sub.add_parser("report", help="tables and figures from run folders, beside the paper's numbers")
+    r.add_argument("roots", nargs="+", help="results folders to collect (sweep folders, results/, run folders)")
+    r.add_argument("--out", default="reports", help="where tables, figures and CSVs go (default ./reports)")
+    r.add_argument("--baseline", default="bn,gn", help="baselines for the Δ columns and figure (default bn,gn)")
+    r.add_argument("--reference", help="folder of reference CSVs, one per paper (default results/reference)")
+    r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("demo", help="the embedded default: a tiny CPU run on synthetic data")
     m.add_argument("--out", default="demo", help="folder for the demo's data and runs (default ./demo)")

@@ -1,0 +1,195 @@
+"""Report: collect fixture run folders, check every table number against values computed here."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ablation import config, report, rundir
+from ablation.collect import collect
+
+PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
+PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
+
+
+def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None) -> dict:
+    """A run folder as the trainer writes it: config.yaml, env.json, metrics.jsonl, final.json."""
+    cfg = config.load(None, ["epochs=10", *overrides])
+    rid = config.run_id(cfg)
+    folder = root / rid
+    folder.mkdir(parents=True)
+    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
+    rows = [
+        {"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0, "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
+        for i, v in enumerate(val)
+    ]
+    rundir.write_jsonl(folder / "metrics.jsonl", rows)
+    if status:
+        final = {"status": status, "reason": reason, "val_err1": statistics.median(val[-5:]) if status == "ok" else None, "val_err5": 1.0, "gpu_hours": 0.5, "wall_seconds": 3.0}
+        rundir.write_json(folder / "final.json", final)
+    return {"run_id": rid, "folder": folder, "val": val}
+
+
+def curve(end: float, n: int = 10) -> list[float]:
+    """A falling val-error curve whose last five epochs are end+0.4, end+0.2, end, end-0.2, end+0.1."""
+    return [end + 30 - i for i in range(n - 5)] + [end + 0.4, end + 0.2, end, end - 0.2, end + 0.1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """Fixture results: BN and GN over batch sizes (BN@32 with two seeds), LN, IN, Table 3 settings,
+    a plugin norm, and runs that diverged, failed or are unfinished."""
+    root = tmp_path_factory.mktemp("results") / "runs"
+    for b in (32, 16, 8, 4):
+        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 0.5))
+        write_run(root, ["norm.name=gn", f"batch_per_gpu={b}"], curve(PAPER_GN[b] - 0.3))
+    write_run(root, ["norm.name=bn", "batch_per_gpu=32", "seed=1"], curve(PAPER_BN[32] + 0.9))
+    write_run(root, ["norm.name=bn", "batch_per_gpu=2"], [80.0, float("nan")], status="diverged", reason="loss is nan at step 9 (epoch 2)")
+    write_run(root, ["norm.name=gn", "batch_per_gpu=2"], [60.0, 50.0, 40.0], status=None)  # still running
+    write_run(root, ["norm.name=ln"], curve(25.0))
+    write_run(root, ["norm.name=in"], [90.0], status="failed", reason="RuntimeError: out of memory")
+    write_run(root, ["norm.name=gn", "norm.groups=16"], curve(24.9))
+    write_run(root, ["norm.name=gn", "norm.channels_per_group=16"], curve(24.0))
+    write_run(root, ["norm.name=plugins.mynorms:rms_norm"], curve(26.0))
+    return root.parent
+
+
+@pytest.fixture(scope="module")
+def built(results: Path, tmp_path_factory) -> report.Report:
+    return report.build([results], tmp_path_factory.mktemp("report"), ["bn", "gn"])
+
+
+def med(end: float) -> float:
+    """The paper metric of curve(end), computed independently."""
+    return statistics.median([end + 0.4, end + 0.2, end, end - 0.2, end + 0.1])
+
+
+def test_every_run_is_a_row_with_its_status(built: report.Report) -> None:
+    runs = built.runs
+    assert len(runs) == 16
+    assert runs["status"].value_counts().to_dict() == {"ok": 13, "diverged": 1, "failed": 1, "unfinished": 1}
+    for status in ("diverged", "failed", "unfinished"):
+        assert runs[runs["status"] == status]["val_err1"].isna().all()  # never turned into a number
+    gn2 = runs[(runs["variant"] == "GN (G=32)") & (runs["batch_per_gpu"] == 2)].iloc[0]
+    assert gn2["status"] == "unfinished" and gn2["epochs_done"] == 3 and gn2["last_val_err1"] == 50.0
+    bn16 = runs[(runs["variant"] == "BN") & (runs["batch_per_gpu"] == 16)].iloc[0]
+    assert bn16["val_err1"] == pytest.approx(med(PAPER_BN[16] + 0.5))
+    assert set(runs["setting"]) == {""}  # runs differ only in their axes
+
+
+def test_batch_size_table_numbers(built: report.Report) -> None:
+    t = next(t for t in built.tables if t.name == "table_batch_size")
+    assert t.columns == ["32", "16", "8", "4", "2"]
+    seeds = [med(PAPER_BN[32] + 0.5), med(PAPER_BN[32] + 0.9)]
+    bn32 = t.cells[("BN", "32")]
+    assert bn32.n == 2 and bn32.mean == pytest.approx(statistics.mean(seeds)) and bn32.std == pytest.approx(statistics.stdev(seeds))
+    assert bn32.paper == 23.6 and bn32.delta == pytest.approx(statistics.mean(seeds) - 23.6)
+    assert bn32.text() == f"{statistics.mean(seeds):.2f} ± {statistics.stdev(seeds):.2f} (n=2) (23.6, {statistics.mean(seeds) - 23.6:+.2f})"
+    for b in (16, 8, 4):
+        gn = t.cells[("GN (G=32)", str(b))]
+        assert gn.mean == pytest.approx(med(PAPER_GN[b] - 0.3)) and gn.paper == PAPER_GN[b]
+        assert gn.delta == pytest.approx(med(PAPER_GN[b] - 0.3) - PAPER_GN[b])
+    assert t.cells[("BN", "2")].text() == "diverged (34.7)"
+    assert t.cells[("GN (G=32)", "2")].text() == "unfinished 3/10 (24.1)"
+    md = t.markdown()
+    assert "| BN | " in md and "diverged (34.7)" in md
+    csv = t.long()
+    row = csv[(csv["row"] == "BN") & (csv["column"] == "16")].iloc[0]
+    assert row["ours_mean"] == pytest.approx(med(PAPER_BN[16] + 0.5)) and row["paper"] == 23.7
+
+
+def test_norm_table_has_every_norm_and_deltas_to_baselines(built: report.Report) -> None:
+    t = next(t for t in built.tables if t.name == "table_norms")
+    assert set(t.rows) == {"BN", "GN (G=32)", "LN", "IN", "GN (G=16)", "GN (16 ch/group)", "plugins.mynorms:rms_norm"}
+    ln = t.cells[("LN", "error")]
+    assert ln.mean == pytest.approx(med(25.0)) and ln.paper == 25.3
+    assert t.cells[("IN", "error")].text() == "failed (28.4)"
+    bn = statistics.mean([med(PAPER_BN[32] + 0.5), med(PAPER_BN[32] + 0.9)])
+    gn = med(PAPER_GN[32] - 0.3)
+    assert t.extra[("LN", "Δ vs BN")] == f"{med(25.0) - bn:+.2f}"
+    assert t.extra[("plugins.mynorms:rms_norm", "Δ vs GN (G=32)")] == f"{med(26.0) - gn:+.2f}"
+    assert t.cells[("plugins.mynorms:rms_norm", "error")].paper is None  # a user's own norm: its row, no paper number
+
+
+def test_group_tables_both_halves_with_secondary_marks(built: report.Report) -> None:
+    groups = next(t for t in built.tables if t.name == "table_groups")
+    assert groups.columns == ["32", "16", "1"]
+    assert groups.cells[("GN", "16")].paper == 24.6 and groups.cells[("GN", "1")].paper == 25.3  # LN is G=1
+    cpg = next(t for t in built.tables if t.name == "table_channels_per_group")
+    cell = cpg.cells[("GN", "16")]
+    assert cell.mean == pytest.approx(med(24.0)) and cell.paper == 24.2 and cell.secondary
+    assert "†" in cell.text() and r"$^\dagger$" in cell.text(latex=True)
+    assert cpg.cells[("GN", "1")].text() == "failed (28.4)"  # IN is one channel per group
+
+
+def test_files_are_written(built: report.Report) -> None:
+    names = {p.name for p in built.files}
+    for stem in ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch"):
+        assert {f"{stem}.png", f"{stem}.pdf"} <= names
+    for stem in ("table_batch_size", "table_norms", "table_groups", "table_channels_per_group"):
+        assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
+    for p in built.files:
+        assert p.stat().st_size > 0
+    runs = pd.read_csv(next(p for p in built.files if p.name == "runs.csv"))
+    assert len(runs) == 16
+    curves = pd.read_csv(next(p for p in built.files if p.name == "curves.csv"))
+    assert len(curves) == 13 * 10 + 2 + 3 + 1
+
+
+def test_runs_differing_in_more_than_seed_are_not_pooled(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_run(root, ["norm.name=bn", "batch_per_gpu=32"], curve(24.0))
+    write_run(root, ["norm.name=bn", "batch_per_gpu=32", "optim.weight_decay=5e-5"], curve(30.0))
+    runs, _ = collect([root])
+    assert sorted(runs["setting"]) == ["optim.weight_decay=0.0001", "optim.weight_decay=5e-05"]
+    t = report.batch_size_table(runs, report.load_reference(report.reference_dir()))
+    assert all(c.n == 1 for c in t.cells.values()) and len(t.rows) == 2
+
+
+def test_reference_files_one_per_paper(tmp_path: Path) -> None:
+    ref = report.load_reference(report.reference_dir())
+    assert set(ref["paper"]) == {"wu_he_2018_imagenet"}
+    assert len(ref) == len(pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "reference" / "wu_he_2018_imagenet.csv"))
+    (tmp_path / "other_2025.csv").write_text("table,model,norm,batch_per_gpu,groups,channels_per_group,val_error_pct,status\ntable2_batch_size,ResNet-50,BN,2,,,30.0,confirmed\n")
+    assert report.paper_number(report.load_reference(tmp_path), ("table2_batch_size",), "resnet50", "bn", 2) == (30.0, False)
+
+
+def test_report_command_prints_the_main_table_and_never_imports_torch(results: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    code = (
+        "import sys; from ablation.cli import main; rc = main(['report', sys.argv[1], '--out', sys.argv[2]]);"
+        "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(results), str(tmp_path / "out")], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("16 runs: 13 ok, 1 diverged, 1 failed, 1 unfinished")
+    assert "| BN | " in proc.stdout and f"wrote 20 files to {tmp_path / 'out'}" in proc.stdout
+
+
+def test_report_of_nothing_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ablation", "report", str(tmp_path)], env=cli_env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no run folders under" in proc.stderr
+
+
+def test_notebook_regenerates_the_figures(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "paper_figures.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("ABLATION_RESULTS", str(results))  # the kernel inherits this environment
+    monkeypatch.setenv("ABLATION_REPORT_OUT", str(tmp_path / "nb"))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    assert (tmp_path / "nb" / "fig_error_vs_batch.png").stat().st_size > 0
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert any("image/png" in o.get("data", {}) for o in outputs)
+    assert any("diverged (34.7)" in o.get("data", {}).get("text/markdown", "") for o in outputs)
