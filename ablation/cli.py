@@ -194,20 +194,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Placeholder until the demo sweep lands: one tiny CPU training run on synthetic data."""
-    from ablation.synth import SynthSpec, write_synth
+    """The embedded default: BN vs GN over per-GPU batch sizes, trained here, with the report."""
+    from ablation import demo
 
-    out = Path(args.out)
-    data = out / "data"
-    write_synth(data, SynthSpec(classes=4, train_per_class=64, val_per_class=16, size=32), progress=sys.stderr.isatty())
-    ns = argparse.Namespace(
-        items=[
-            f"data.root={data}", "model.name=resnet18", "model.widths=[8,16,32,64]", "model.stem_width=8", "model.stem=small",
-            "data.image_size=28", "data.workers=0", "epochs=2", "gpus=8", "batch_per_gpu=4", "device=cpu",
-        ],
-        results=str(out / "runs"),
-    )
-    return cmd_train(ns)
+    demo.run(args.out, quick=args.quick, seed=args.seed, docs=args.docs)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference", help="folder of reference CSVs, one per paper (default results/reference)")
     r.set_defaults(func=cmd_report)
 
-    m = sub.add_parser("demo", help="the embedded default: a tiny CPU run on synthetic data")
-    m.add_argument("--out", default="demo", help="folder for the demo's data and runs (default ./demo)")
+    m = sub.add_parser("demo", help="the embedded default: BN vs GN over per-GPU batch sizes on this CPU, with the figure")
+    m.add_argument("--out", default="demo", help="folder for the demo's data, runs and report (default ./demo)")
+    m.add_argument("--quick", action="store_true", help="a smaller version (about a minute) for smoke tests")
+    m.add_argument("--seed", type=int, default=0, help="training seed (the data stay the same)")
+    m.add_argument("--docs", help="maintainers: copy the figure and table into this folder (docs/, which the README shows)")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -75,7 +75,9 @@ class ModelConfig:
     name: str = _f("resnet50", "timm ResNet name: resnet50 (v1.5, the paper's), resnet101, resnet18, resnet10t, ...")
     widths: tuple[int, ...] | None = _f(None, "stage widths overriding timm's (64, 128, 256, 512), for small test/demo models")
     stem_width: int | None = _f(None, "stem output channels overriding timm's")
-    stem: str = _f("default", "default (timm's ImageNet stem) | small (one 3x3 stride-1 conv, no max-pool, for tiny images)")
+    stem: str = _f("default", "default (timm's ImageNet stem) | small (one 3x3 conv, no max-pool, for tiny images)")
+    stem_stride: int = _f(1, "small stem: stride of its 3x3 conv", omit_if_default=True)
+    layers: tuple[int, ...] | None = _f(None, "residual blocks per stage overriding timm's, e.g. [1, 1, 1, 1]", omit_if_default=True)
     zero_init_last: bool = _f(True, "zero-init gamma of each residual block's last norm (paper, after Goyal et al.)")
     fc_init_std: float = _f(0.01, "std of the normal init of the final fully-connected layer")
 
@@ -390,6 +392,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.stem must be one of default, small; got {m.stem!r}")
     if m.widths is not None and (len(m.widths) != 4 or min(m.widths) < 1):
         raise ConfigError(f"model.widths must be 4 positive stage widths, got {m.widths}")
+    if m.layers is not None and (len(m.layers) != 4 or min(m.layers) < 1):
+        raise ConfigError(f"model.layers must be 4 positive block counts, got {m.layers}")
+    if m.stem_stride not in (1, 2):
+        raise ConfigError(f"model.stem_stride must be 1 or 2, got {m.stem_stride}")
     if m.stem_width is not None:
         _positive(m.stem_width, "model.stem_width")
     _positive(m.fc_init_std, "model.fc_init_std")

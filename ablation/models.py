@@ -20,6 +20,8 @@ def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) ->
         kwargs["channels"] = m.widths
     if m.stem_width is not None:
         kwargs["stem_width"] = m.stem_width
+    if m.layers is not None:
+        kwargs["layers"] = m.layers
     spec = NormSpec(cfg.norm, gpus_per_process)
     try:
         model = timm.create_model(
@@ -32,17 +34,17 @@ def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) ->
     if not isinstance(model, ResNet):
         raise ConfigError(f"model.name: '{m.name}' is not a timm ResNet; use resnet50, resnet101, resnet18, resnet10t, ...")
     if m.stem == "small":
-        _small_stem(model, spec)
+        _small_stem(model, m.stem_stride)
     init_weights(model, cfg)
     return model
 
 
-def _small_stem(model: ResNet, spec: NormSpec) -> None:
-    """Replace the 7x7/2 conv + max-pool stem by one 3x3/1 conv, for tiny images (CIFAR-style)."""
+def _small_stem(model: ResNet, stride: int) -> None:
+    """Replace the 7x7/2 conv + max-pool stem by one 3x3 conv, for tiny images (CIFAR-style)."""
     if not isinstance(model.conv1, nn.Conv2d):
         raise ConfigError("model.stem=small needs a single-conv stem (resnet18, resnet50, ...), not a deep stem")
     out = model.conv1.out_channels
-    model.conv1 = nn.Conv2d(model.conv1.in_channels, out, kernel_size=3, stride=1, padding=1, bias=False)
+    model.conv1 = nn.Conv2d(model.conv1.in_channels, out, kernel_size=3, stride=stride, padding=1, bias=False)
     model.maxpool = nn.Identity()
 
 

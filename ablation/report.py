@@ -291,6 +291,15 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     return paths
 
 
+def _batch_axis(ax: Any, batches: Any) -> None:
+    """A log2 x axis of images per GPU, from large to small as in the paper's Figure 1."""
+    ticks = sorted(batches, reverse=True)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [str(int(x)) for x in ticks])
+    ax.invert_xaxis()
+    ax.set_xlabel("images per GPU (log scale)")
+
+
 def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
     """Val error vs images per GPU (log2 axis), one line per variant, the paper's BN and GN dashed."""
     plt = _style()
@@ -313,11 +322,7 @@ def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> l
     for norm, grp in paper.groupby("norm"):
         grp = grp.sort_values("batch_per_gpu", ascending=False)
         ax.plot(grp["batch_per_gpu"], grp["val_error_pct"], linestyle="--", color="gray" if norm == "BN" else "black", alpha=0.7, label=f"paper {norm} (ResNet-50)")
-    ax.set_xscale("log", base=2)
-    xt = sorted(set(batches) | set(paper["batch_per_gpu"]), reverse=True)
-    ax.set_xticks(xt, [str(int(x)) for x in xt])
-    ax.invert_xaxis()  # the paper's Figure 1 runs from 32 down to 2
-    ax.set_xlabel("images per GPU (log scale)")
+    _batch_axis(ax, set(batches) | set(paper["batch_per_gpu"]))
     ax.set_ylabel("top-1 val error (%)")
     ax.legend(fontsize=8)
     paths = _save(fig, out, "fig_error_vs_batch")
@@ -366,10 +371,7 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
                 label = _row_label(model, f"{var} − {base}", setting, runs["model"].nunique())
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(batches, [str(int(x)) for x in batches])
-    ax.invert_xaxis()
-    ax.set_xlabel("images per GPU (log scale)")
+    _batch_axis(ax, batches)
     ax.set_ylabel("Δ top-1 val error (points)")
     ax.legend(fontsize=8)
     paths = _save(fig, out, "fig_delta_vs_batch")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ablation import rundir
 
 
@@ -51,8 +53,25 @@ def test_data_synth_and_check(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert bad.returncode == 2 and "01_ring" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_demo_placeholder_trains_one_tiny_run(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = run(["demo", "--out", str(tmp_path / "demo")], cli_env)
+@pytest.mark.slow
+def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = run(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
     assert proc.returncode == 0, proc.stderr
-    folder = Path(proc.stdout.strip().splitlines()[-1])
-    assert json.loads((folder / rundir.FINAL).read_text())["status"] == "ok"
+    report = tmp_path / "demo" / "report"
+    assert (report / "fig_error_vs_batch.png").stat().st_size > 0 and (report / "table_batch_size.md").is_file()
+    assert "4 runs: 4 ok" in proc.stdout and "| BN | " in proc.stdout and "| GN (G=8) | " in proc.stdout
+    runs = list((tmp_path / "demo" / "results" / "runs").iterdir())
+    assert len(runs) == 4 and all(json.loads((r / rundir.FINAL).read_text())["status"] == "ok" for r in runs)
+    again = run(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
+    assert "4 runs (4 already done)" in again.stdout  # data and runs are cached
+
+
+def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
+    from ablation import demo
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    meta = json.loads((docs / "demo.json").read_text())
+    assert meta["fingerprint"] == demo.fingerprint(), (
+        "the demo's settings changed: regenerate the README figure with `ablation demo --docs docs` and commit docs/"
+    )
+    assert (docs / "demo_error_vs_batch.png").stat().st_size > 10_000
