@@ -117,7 +117,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = sweepmod.load(args.spec, args.overrides)
     profile = _profile(args)
     results = Path(args.results)
-    launch.require_not_running(results / sweep.name)
+    launch.require_sweep_folder(results / sweep.name)
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])

@@ -44,24 +44,14 @@ def variant(norm: dict[str, Any]) -> str:
     return label
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys of a nested dict."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-    return out
-
-
 def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
     """The result-affecting fields of a run's config.yaml, flattened (empty if it no longer parses)."""
     try:
         cfg = config.normalized(config.from_dict(cfg_doc))
     except ConfigError:
         return {}
-    return _flat(config._canonical(config._hash_view(cfg)))
+    flat = config.flatten(config._canonical(config._hash_view(cfg)))
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in flat.items()}
 
 
 def find_run_folders(roots: Iterable[str | Path]) -> list[Path]:

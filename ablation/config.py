@@ -271,6 +271,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return nested
 
 
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys from a nested mapping ({'norm': {'name': 'gn'}} -> {'norm.name': 'gn'}); `options` stays a leaf."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and k != "options":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
 def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge, over winning."""
     out = dict(base)

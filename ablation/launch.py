@@ -307,8 +307,8 @@ def describe_profile(profile: Profile, cfg: RunConfig) -> str:
     return f"{procs} CPU process(es) per job ({where}), standing in for {cfg.gpus} GPUs"
 
 
-def require_not_running(sweep_dir: Path) -> None:
-    """Refuse to write into a folder that is not a sweep folder of ours."""
+def require_sweep_folder(sweep_dir: Path) -> None:
+    """Refuse a results/<name> folder that exists and is not a sweep folder of ours."""
     if sweep_dir.exists() and any(sweep_dir.iterdir()) and not (sweep_dir / status.MANIFEST).exists():
         raise AblationError(f"{sweep_dir} exists and is not a sweep folder; pick another --results root or sweep name")
 

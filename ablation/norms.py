@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from timm.layers import GroupNorm
 from torch import nn
 
-from ablation.config import BUILTIN_NORMS, NormConfig, check_channels, resolved_groups
-from ablation.errors import ConfigError, NormError
+from ablation.config import NormConfig, check_channels, resolved_groups
+from ablation.errors import NormError
 
 
 @dataclass(frozen=True)
@@ -239,9 +239,3 @@ def sync_running_stats(model: nn.Module) -> None:
         for b in bufs:
             b.copy_(flat[offset : offset + b.numel()].view_as(b))
             offset += b.numel()
-
-
-def check_registry_matches_config() -> None:
-    """The registry and the torch-free list of built-in names in config.py must agree."""
-    if set(BUILTIN_NORMS) - set(_REGISTRY):
-        raise ConfigError(f"built-in norms missing from the registry: {set(BUILTIN_NORMS) - set(_REGISTRY)}")

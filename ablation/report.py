@@ -10,14 +10,17 @@ not finish says so (diverged, failed, unfinished k/n) instead of showing a numbe
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pandas as pd
 
 from ablation.collect import PAPER_NAMES, collect, variant
+
+log = logging.getLogger("ablation")
 
 REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[1] / "results" / "reference")
 PAPER_MODELS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101"}
@@ -215,6 +218,22 @@ def baseline_variants(names: list[str]) -> list[str]:
     return out
 
 
+def resolve_baselines(names: list[str], present: Iterable[str]) -> list[str]:
+    """Baseline labels that exist in the results: `gn` falls back to the only GN variant there is; absent ones are warned about."""
+    present = list(dict.fromkeys(present))
+    out = []
+    for name, label in zip(names, baseline_variants(names)):
+        if label not in present and name.strip() == "gn":
+            gns = [v for v in present if v.startswith("GN (")]
+            if len(gns) == 1:
+                label = gns[0]
+        if label in present:
+            out.append(label)
+        else:
+            log.warning("baseline %r (%s) is not among the results' variants (%s); no Δ against it", name, label, ", ".join(present))
+    return out
+
+
 def norm_table(runs: pd.DataFrame, ref: pd.DataFrame, baselines: list[str], batch: int | None = None) -> Table:
     """Table 1: every norm variant at one batch size, with Δ to each baseline."""
     sub, b = _at_batch(runs, batch)
@@ -402,7 +421,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
 
         raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
     ref = load_reference(reference_dir(reference))
-    bases = baseline_variants(baselines or ["bn", "gn"])
+    bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
     files = []
     for name, df in (("runs.csv", runs), ("curves.csv", curves)):
         df.to_csv(out / name, index=False)

@@ -35,7 +35,6 @@ LOCK = ".lock"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-STATUSES = ("ok", "diverged", "failed")
 # A finished run is not trained again: ok is done, and a diverged run would diverge again (it is deterministic).
 TERMINAL = ("ok", "diverged")
 

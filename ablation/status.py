@@ -25,7 +25,6 @@ JOBS = "jobs.jsonl"
 RUNS_LINKS = "runs"
 CONFIGS = "configs"
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
-IN_FLIGHT = ("running", "pending", "requeued")
 
 
 @dataclass(frozen=True)

@@ -60,18 +60,6 @@ class Sweep:
     spec: Mapping[str, Any]
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys from a nested mapping ({'norm': {'name': 'gn'}} -> {'norm.name': 'gn'})."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and k != "options" and not key.endswith(".options"):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Nested mapping from dotted keys."""
     out: dict[str, Any] = {}
@@ -100,7 +88,7 @@ def _axis_values(where: str, axes: Any) -> dict[str, list[Any]]:
     if not isinstance(axes, Mapping):
         raise ConfigError(f"{where}: expected a mapping of axis: [values], got {axes!r}")
     out = {}
-    for k, v in _flat(axes).items():
+    for k, v in config.flatten(axes).items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"{where}.{k}: expected a non-empty list of values, got {v!r}")
         out[k] = v
@@ -153,7 +141,7 @@ def _lookup(flat_base: Mapping[str, Any], combo: Mapping[str, Any], key: str) ->
 
 def _matches(flat_base: Mapping[str, Any], combo: Mapping[str, Any], when: Mapping[str, Any]) -> bool:
     """True when the run's values equal every key of `when` (a list value means any of them)."""
-    for k, v in _flat(when).items():
+    for k, v in config.flatten(when).items():
         got = _lookup(flat_base, combo, k)
         if not (got in v if isinstance(v, list) else got == v):
             return False
@@ -203,7 +191,7 @@ def expand(spec: Mapping[str, Any], overrides: list[str] | None = None, source: 
     base = spec.get("base", {}) or {}
     if not isinstance(base, Mapping):
         raise ConfigError(f"{source}: base: expected a mapping of run-config keys")
-    flat_base = {**_flat(base), **_flat(config.parse_overrides(overrides or []))}
+    flat_base = {**config.flatten(base), **config.flatten(config.parse_overrides(overrides or []))}
 
     blocks = spec.get("blocks")
     top = {k: spec[k] for k in BLOCK_KEYS if k in spec}
@@ -225,7 +213,7 @@ def expand(spec: Mapping[str, Any], overrides: list[str] | None = None, source: 
         raise ConfigError(f"{source}: exclude: expected a list of mappings, e.g. - {{norm.name: bn, batch_per_gpu: 2}}")
     combos = [c for c in combos if not any(_matches(flat_base, c, e) for e in exclude)]
 
-    clash = set(_flat(config.parse_overrides(overrides or []))) & {k for c in combos for k in c}
+    clash = set(config.flatten(config.parse_overrides(overrides or []))) & {k for c in combos for k in c}
     if clash:
         raise ConfigError(f"override '{sorted(clash)[0]}' conflicts with the sweep axis of the same name; change the spec instead")
 

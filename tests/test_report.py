@@ -193,3 +193,12 @@ def test_notebook_regenerates_the_figures(results: Path, tmp_path: Path, monkeyp
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("diverged (34.7)" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+
+
+def test_baselines_resolve_against_the_results(caplog: pytest.LogCaptureFixture) -> None:
+    present = ["BN", "GN (G=8)", "LN"]
+    assert report.resolve_baselines(["bn", "gn"], present) == ["BN", "GN (G=8)"]  # gn: the only GN variant there is
+    assert report.resolve_baselines(["gn"], ["GN (G=32)", "GN (G=8)"]) == ["GN (G=32)"]  # the paper's default first
+    with caplog.at_level("WARNING", logger="ablation"):
+        assert report.resolve_baselines(["bn", "gn"], ["GN (G=8)", "GN (G=4)"]) == []  # bn absent, gn ambiguous
+    assert "'bn'" in caplog.text and "'gn'" in caplog.text
