@@ -118,8 +118,9 @@ class EpochIndexed(Dataset):
 
 
 def _loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
-    """A DataLoader with the run's worker settings."""
-    workers = cfg.data.workers
+    """A DataLoader with the run's worker settings, capped at this process's share of the CPU cores."""
+    # More workers than cores only adds contention; the images do not depend on the worker count.
+    workers = min(cfg.data.workers, max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
     return DataLoader(
         ds,
         num_workers=workers,
