@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = train(cfg, folder, env)
     finally:
         teardown()
-        if env.is_main:
+        if env.is_main and folder.exists():
             print(folder, flush=True)
     status = final.get("status")
     if status == "diverged":
@@ -121,6 +121,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
+    if not (args.dry_run or args.no_data_check):
+        _check_data([r.config for r in sweep.runs])
     planned = launch.plan(sweep, results, args.retry_failed)
     todo = [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
     cfg_of = {r.run_id: r.config for r in sweep.runs}
@@ -147,6 +149,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         print(status.summary(status.sweep_states(sweep_dir)))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _check_data(cfgs: list) -> None:
+    """Each distinct data.root has train/ and val/ here, so a typo fails before any job is queued."""
+    from ablation.data import check_splits
+    from ablation.errors import DataError
+
+    for root in sorted({c.data.root for c in cfgs}):
+        try:
+            check_splits(root)
+        except DataError as e:
+            raise DataError(f"{e} (if the data exists only on the compute nodes, pass --no-data-check)") from None
 
 
 def _check_models(cfgs: list) -> None:
@@ -240,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--results", default=DEFAULT_RESULTS, help=f"results root: runs in DIR/runs, the sweep in DIR/<name> (default {DEFAULT_RESULTS})")
     w.add_argument("--retry-failed", action="store_true", help="also resubmit runs that failed")
     w.add_argument("--print-sbatch", action="store_true", help="print the sbatch script of one job (slurm profiles)")
+    w.add_argument("--no-data-check", action="store_true", help="submit without checking that data.root has train/ and val/ here (data only on the compute nodes)")
     w.set_defaults(func=cmd_sweep)
 
     st = sub.add_parser("status", help="show a sweep's runs: pending / running / ok / diverged / failed / requeued")

@@ -120,6 +120,15 @@ def _check_same_classes(root: Path, train: list[str], val: list[str]) -> None:
                     f"give both splits the same class folders")
 
 
+def check_splits(root: str | Path) -> None:
+    """Cheap check (no file walk) that root holds train/ and val/ folders: for a sweep before it submits."""
+    root = Path(root).expanduser()
+    _require_dir(root, "dataset folder", "point data.root at a folder holding train/ and val/ "
+                 "in ImageNet (ImageFolder) layout")
+    for split in SPLITS:
+        _require_dir(root / split, f"{split} split folder", f"put one sub-folder per class under {root}/{split}")
+
+
 def check_layout(root: str | Path) -> DatasetInfo:
     """Check root has train/ and val/ with the same non-empty class folders; return counts."""
     root = Path(root).expanduser()

@@ -367,22 +367,24 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
     cfg = normalized(cfg)
     env = env or setup(cfg.device)
     rd = rundir.RunDir(run_dir)
-    setup_logging(rd, env)
     if cfg.gpus % env.world_size:
         raise ConfigError(f"gpus ({cfg.gpus}) must be a multiple of the number of processes ({env.world_size})")
-    if rd.is_finished():
+    finished = rd.is_finished()
+    # A missing or malformed dataset is the user's to fix, not the run's failure: refuse before writing anything.
+    info = None if finished else check_layout(cfg.data.root)
+    setup_logging(rd, env)
+    if finished:
         final = rd.final_status() or {}
         log.info(f"{rd.root.name}: already finished ({final.get('status')}, val error {final.get('val_err1')}); nothing to do")
         return final
     lock = _folder_lock(rd) if env.is_main else nullcontext()
     with lock:
-        return _train_locked(cfg, rd, env, should_stop)
+        return _train_locked(cfg, rd, env, info, should_stop)
 
 
-def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: DatasetInfo, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """The body of train() once the folder is ours."""
     gpp = cfg.gpus // env.world_size
-    info = check_layout(cfg.data.root)
     d = derive(cfg, info.train_images)
     meta = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "data_fingerprint": info.fingerprint}
     if env.is_main:

@@ -132,6 +132,14 @@ def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cl
     assert not (tmp_path / "results").exists()
 
 
+def test_missing_dataset_fails_before_anything_is_submitted(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    args = ["sweep", str(ROOT / "sweeps" / "tiny.yaml"), f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path / "results")]
+    proc = run_cli(args, cli_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: dataset folder") and "nowhere" in proc.stderr and "--no-data-check" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
+
+
 def tiny_args(tiny_data: Path, results: Path) -> list[str]:
     """The tiny sweep on the session's data."""
     return ["sweep", str(ROOT / "sweeps" / "tiny.yaml"), f"data.root={tiny_data}", "--results", str(results)]

@@ -161,6 +161,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str
     proc = cli(["train", *RUN, f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path)], cli_env, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nowhere" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [] and proc.stdout == ""  # no run folder for a run that never started
 
 
 @pytest.mark.slow
