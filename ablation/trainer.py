@@ -439,7 +439,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: Dataset
             _final(rd, cfg, state, "failed", reason)
         raise
     final = _final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
-    log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final.get('val_err1')}% (median of last {final.get('metric_epochs')} epochs)")
+    if env.is_main:
+        log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
     return final
 
 
