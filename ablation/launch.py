@@ -262,32 +262,41 @@ def _pump(proc: subprocess.Popen, log_path: Path, prefix: str, on_line: Callable
             on_line(prefix + line.rstrip())
 
 
-def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str, array_size: int) -> Any:
-    """A submitit SLURM executor set up for one run's job geometry."""
+def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str, array_size: int, after: str | None = None) -> Any:
+    """A submitit SLURM executor set up for one run's job geometry; `after`: an array job id to wait for."""
     import submitit
 
     ex = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster="slurm", slurm_max_num_timeout=profile.max_requeues)
     params = executor_parameters(profile, cfg, name)
     params["slurm_array_parallelism"] = min(profile.array_parallelism, array_size)
+    if after:
+        params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}), "dependency": f"afterany:{after}"}
     ex.update_parameters(**params)
     return ex
 
 
 def _submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, name: str, on_line: Callable[[str], None]) -> None:
-    """One job array per job geometry, split at the cluster's maximum array size."""
+    """One job array per job geometry, split at the cluster's maximum array size.
+
+    Each array after the first waits for the one before it (afterany), so the profile's
+    array_parallelism bounds the whole sweep, not each piece of it.
+    """
     groups: dict[tuple[int, int], list[tuple[str, str, RunConfig]]] = {}
     for rid, path in zip(run_ids, paths):
         cfg = config.load(path)
         check_run_fits(profile, cfg, rid)
         groups.setdefault(profile.geometry(cfg), []).append((rid, path, cfg))
+    previous: str | None = None
     for (nodes, tasks), items in groups.items():
         for start in range(0, len(items), profile.max_array_size):
             chunk = items[start : start + profile.max_array_size]
-            ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk))
+            ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk), after=previous)
             jobs = ex.map_array(TrainJob(), [p for _, p, _ in chunk], [runs_root] * len(chunk))
             _record(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": _now()} for (rid, _, _), j in zip(chunk, jobs)])
             array_id = jobs[0].job_id.split("_")[0]
-            on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) (throttle {min(profile.array_parallelism, len(chunk))})")
+            waits = f", after array {previous}" if previous else ""
+            on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) (throttle {min(profile.array_parallelism, len(chunk))}{waits})")
+            previous = array_id
 
 
 def sbatch_script(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str) -> str:

@@ -88,14 +88,26 @@ def metrics(folder: Path) -> list[dict]:
 
 def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     sweep = ROOT / "sweeps" / "tiny.yaml"
-    slurm = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
-    assert "submitted array" in slurm.stdout
+    # 4 runs, arrays of at most 3, 2 at a time: the sweep is split in two arrays, the second waiting for the first.
+    prof = profile(tmp_path, max_array_size=3, array_parallelism=2)
+    slurm = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
+    first, _ = [line.split()[2].rstrip(":") for line in slurm.stdout.splitlines() if line.startswith("submitted array")]
+    assert f"after array {first})" in slurm.stdout
     wait_for(tmp_path / "slurm" / "tiny", cli_env, 300)
+    spans = {}
+    for row in rundir.read_jsonl(tmp_path / "slurm" / "tiny" / "jobs.jsonl"):
+        link = tmp_path / "slurm" / "tiny" / "runs" / row["run_id"]
+        started = json.loads((link / "env.json").read_text())["starts"][0]["time"]
+        spans[row["job_id"]] = (started, json.loads((link / "final.json").read_text())["finished_at"])
+    firsts = [span for job, span in spans.items() if job.startswith(first + "_")]
+    (later,) = [span for job, span in spans.items() if not job.startswith(first + "_")]
+    assert len(firsts) == 3 and later[0] >= max(end for _, end in firsts)  # afterany: the second array waited
+    assert max(start for start, _ in firsts) >= min(end for _, end in firsts)  # never all 3 at once: the throttle held
     ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "debug"), "--executor", "debug"], cli_env)
     for link in sorted((tmp_path / "slurm" / "tiny" / "runs").iterdir()):
         final = json.loads((link / "final.json").read_text())
         assert final["status"] == "ok", final
-        assert json.loads((link / "env.json").read_text())["slurm"]["SLURM_ARRAY_JOB_ID"]
+        assert json.loads((link / "env.json").read_text())["slurm"]["SLURM_JOB_ID"]  # a one-job array is submitted as a plain job
         assert metrics(link) == metrics(tmp_path / "debug" / "runs" / link.name)
     again = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
     assert "nothing to submit" in again.stdout
