@@ -216,7 +216,9 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     threads = max(1, len(os.sched_getaffinity(0)) // (parallel * profile.processes_per_job))
     logs = sweep_dir / "logs"
     logs.mkdir(exist_ok=True)
-    queue = list(enumerate(zip(run_ids, paths), 1))
+    # Longest first (most optimizer steps: more epochs, smaller global batch), so no core idles at the end.
+    order = sorted(zip(run_ids, paths), key=lambda item: _expected_steps(item[1]), reverse=True)
+    queue = list(enumerate(order, 1))
     running: list[tuple[subprocess.Popen, threading.Thread, str]] = []
     failed, done, t0 = 0, 0, time.monotonic()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -252,6 +254,12 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
             proc.wait()
         raise
     return failed
+
+
+def _expected_steps(config_path: str) -> float:
+    """Optimizer steps per training image of a run: its relative cost when the data is the same."""
+    cfg = config.load(config_path)
+    return cfg.epochs / (cfg.gpus * cfg.batch_per_gpu)
 
 
 def _pump(proc: subprocess.Popen, log_path: Path, prefix: str, on_line: Callable[[str], None]) -> None:

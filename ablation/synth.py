@@ -308,9 +308,11 @@ def _run_jobs(jobs: list[tuple[SynthSpec, str, int, int, int]], total_pixels: in
     def report(n: int) -> None:
         nonlocal done
         done += n
-        if progress:
+        if progress and sys.stderr.isatty():
             end = "\n" if done == total else ""
             print(f"\rsynth: {done}/{total} images", end=end, file=sys.stderr, flush=True)
+        elif progress and done == total:  # a log file gets one line, not a carriage-return smear
+            print(f"synth: {total} images", file=sys.stderr, flush=True)
 
     if workers > 1 and total_pixels >= _POOL_MIN_PIXELS and sys.platform.startswith("linux"):
         # fork, not spawn: spawn re-imports the caller's __main__, which breaks scripts without a

@@ -62,6 +62,8 @@ def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: P
     assert "4 runs: 4 ok" in proc.stdout and "| BN | " in proc.stdout and "| GN (G=8) | " in proc.stdout
     runs = list((tmp_path / "demo" / "results" / "runs").iterdir())
     assert len(runs) == 4 and all(json.loads((r / rundir.FINAL).read_text())["status"] == "ok" for r in runs)
+    started = [row["run_id"] for row in rundir.read_jsonl(tmp_path / "demo" / "results" / "demo_quick" / "jobs.jsonl")]
+    assert ["_b2x8_" in rid for rid in started] == [True, True, False, False]  # longest runs (most steps) first
     again = run(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
     assert "4 runs (4 already done)" in again.stdout  # data and runs are cached
 

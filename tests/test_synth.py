@@ -184,7 +184,11 @@ def test_synth_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
-def test_progress_prints_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_prints_to_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     write_synth(tmp_path / "s", TINY, progress=True)
-    captured = capsys.readouterr()
-    assert captured.out == "" and "18/18" in captured.err
+    captured = capsys.readouterr()  # not a terminal: one line at the end, no carriage returns
+    assert captured.out == "" and captured.err == "synth: 18 images\n"
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    write_synth(tmp_path / "t", TINY, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rsynth: ") and err.endswith("\rsynth: 18/18 images\n")
