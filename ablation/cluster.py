@@ -7,6 +7,7 @@ profiles, never in sweeps, so one sweep runs unchanged on any cluster.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -85,6 +86,11 @@ def check_run_fits(profile: Profile, cfg: RunConfig, run_id: str) -> None:
             f"run {run_id}: gpus={cfg.gpus} is not a multiple of the profile's {procs} processes per job "
             f"(profile {profile.name}: stand_in={profile.stand_in}, processes_per_job={profile.processes_per_job})"
         )
+
+
+def core_share(processes: int) -> int:
+    """The CPU cores this process may use, split evenly over `processes` processes (at least 1)."""
+    return max(1, len(os.sched_getaffinity(0)) // processes)
 
 
 def executor_parameters(profile: Profile, cfg: RunConfig, job_name: str) -> dict[str, Any]:

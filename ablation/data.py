@@ -81,8 +81,7 @@ def _require_dir(path: Path, what: str, fix: str) -> None:
 
 def _scan_split(root: Path, split: str, digest: Any) -> tuple[list[str], int]:
     """Class names and image count of one split; feeds relative file names into digest."""
-    split_dir = root / split
-    _require_dir(split_dir, f"{split} split folder", f"put one sub-folder per class under {root}/{split}")
+    split_dir = root / split  # exists: check_splits ran first
     classes = _class_dirs(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class folders; put each class's images in its own "
@@ -132,8 +131,7 @@ def check_splits(root: str | Path) -> None:
 def check_layout(root: str | Path) -> DatasetInfo:
     """Check root has train/ and val/ with the same non-empty class folders; return counts."""
     root = Path(root).expanduser()
-    _require_dir(root, "dataset folder", "point data.root at a folder holding train/ and val/ "
-                 "in ImageNet (ImageFolder) layout")
+    check_splits(root)
     digest = hashlib.sha256()
     scans = {}
     for split in SPLITS:

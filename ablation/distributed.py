@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ablation.cluster import core_share
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -57,7 +59,7 @@ def cpu_threads(local_world: int) -> int:
     for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
         if os.environ.get(var, "").isdigit():
             return max(1, int(os.environ[var]))
-    return max(1, len(os.sched_getaffinity(0)) // local_world)
+    return core_share(local_world)
 
 
 def setup(preference: str = "auto") -> DistEnv:

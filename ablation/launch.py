@@ -30,7 +30,7 @@ from typing import Any, Callable
 import yaml
 
 from ablation import config, rundir, status
-from ablation.cluster import Profile, check_run_fits, executor_parameters
+from ablation.cluster import Profile, check_run_fits, core_share, executor_parameters
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
 from ablation.errors import AblationError
 from ablation.sweep import Sweep
@@ -213,7 +213,7 @@ def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
 def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
     """Run `ablation train` processes on this machine, `array_parallelism` at a time, in the foreground."""
     parallel = max(1, min(profile.array_parallelism, len(run_ids)))
-    threads = max(1, len(os.sched_getaffinity(0)) // (parallel * profile.processes_per_job))
+    threads = core_share(parallel * profile.processes_per_job)
     logs = sweep_dir / "logs"
     logs.mkdir(exist_ok=True)
     # Longest first (most optimizer steps: more epochs, smaller global batch), so no core idles at the end.

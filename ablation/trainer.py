@@ -37,6 +37,7 @@ import ablation
 from ablation import rundir
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, normalized, run_id, to_dict
 from ablation.data import DatasetInfo, SeededImageFolder, check_layout, eval_transform, train_transform
+from ablation.cluster import core_share
 from ablation.distributed import DistEnv, setup
 from ablation.errors import AblationError, DataError
 from ablation.models import create_model
@@ -120,7 +121,7 @@ class EpochIndexed(Dataset):
 def _loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
     """A DataLoader with the run's worker settings, capped at this process's share of the CPU cores."""
     # More workers than cores only adds contention; the images do not depend on the worker count.
-    workers = min(cfg.data.workers, max(1, len(os.sched_getaffinity(0)) // env.local_world_size))
+    workers = min(cfg.data.workers, core_share(env.local_world_size))
     return DataLoader(
         ds,
         num_workers=workers,
