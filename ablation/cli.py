@@ -215,18 +215,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that, made with intermixed=True, takes its positionals (key=value overrides)
+    before, between and after its options, as hydra, pycls and torchrun users expect.
+
+    argparse's own parse_intermixed_args cannot run on a parser with subcommands, so each command's
+    parser does it itself when the top-level parser hands it its arguments.
+    """
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._intermixed = intermixed
+        self._inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if not self._intermixed or self._inside:  # Python < 3.13's intermixed parsing calls back here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    p = argparse.ArgumentParser(prog="ablation", description="Normalization x batch-size ablations (Wu & He, Group Normalization).")
+    p = _Parser(prog="ablation", description="Normalization x batch-size ablations (Wu & He, Group Normalization).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one run (DDP under torchrun or SLURM)")
-    t.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or dotted overrides, e.g. norm.name=gn batch_per_gpu=4")
+    t = sub.add_parser("train", intermixed=True, help="train one run (DDP under torchrun or SLURM)")
+    t.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or dotted overrides, e.g. norm.name=gn batch_per_gpu=4")
     t.add_argument("--results", default=DEFAULT_RUNS, help=f"root under which run folders go (default {DEFAULT_RUNS})")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("config", help="print the resolved config, run id and derived values")
-    c.add_argument("items", nargs="*", metavar="[CONFIG.yaml] [key=value ...]")
+    c = sub.add_parser("config", intermixed=True, help="print the resolved config, run id and derived values")
+    c.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]")
     c.add_argument("--train-images", type=int, default=1_281_167, help="training-set size for the derived values (ImageNet's by default)")
     c.add_argument("--list", action="store_true", help="list every config key with its default and meaning")
     c.set_defaults(func=cmd_config)
@@ -245,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("root")
     k.set_defaults(func=cmd_data_check)
 
-    w = sub.add_parser("sweep", help="expand a sweep spec and submit what is not done (or --dry-run)")
+    w = sub.add_parser("sweep", intermixed=True, help="expand a sweep spec and submit what is not done (or --dry-run)")
     w.add_argument("spec", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml")
-    w.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
+    w.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
     w.add_argument("--dry-run", action="store_true", help="show the runs, their states, jobs and GPU-hours; submit nothing")
     w.add_argument("--profile", help="cluster profile YAML (slurm/profiles/*.yaml); default: this machine, one process per run")
     w.add_argument("--executor", choices=["slurm", "local", "debug"], help="override the profile's executor")

@@ -270,16 +270,21 @@ def _pump(proc: subprocess.Popen, log_path: Path, prefix: str, on_line: Callable
             on_line(prefix + line.rstrip())
 
 
+def _slurm_parameters(profile: Profile, cfg: RunConfig, name: str, array_size: int, after: str | None) -> dict[str, Any]:
+    """submitit AutoExecutor parameters of one job array; `after`: an array job id to wait for."""
+    params = executor_parameters(profile, cfg, name)
+    params["slurm_array_parallelism"] = min(profile.array_parallelism, array_size)
+    if after:
+        params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}), "dependency": f"afterany:{after}"}
+    return params
+
+
 def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str, array_size: int, after: str | None = None) -> Any:
     """A submitit SLURM executor set up for one run's job geometry; `after`: an array job id to wait for."""
     import submitit
 
     ex = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster="slurm", slurm_max_num_timeout=profile.max_requeues)
-    params = executor_parameters(profile, cfg, name)
-    params["slurm_array_parallelism"] = min(profile.array_parallelism, array_size)
-    if after:
-        params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}), "dependency": f"afterany:{after}"}
-    ex.update_parameters(**params)
+    ex.update_parameters(**_slurm_parameters(profile, cfg, name, array_size, after))
     return ex
 
 
@@ -308,10 +313,32 @@ def _submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_ro
 
 
 def sbatch_script(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str) -> str:
-    """The sbatch script submitit would write for one job (for --print-sbatch)."""
-    ex = slurm_executor(sweep_dir, profile, cfg, f"ablation-{name}", 1)
-    inner = ex._executor  # submitit's SlurmExecutor: builds the script it would submit
-    return inner._make_submission_file_text(inner._submitit_command_str, "<uid>")
+    """The sbatch script submitit would write for one job (for --print-sbatch); needs no SLURM here.
+
+    Planning happens before logging into the cluster, but submitit's SlurmExecutor (and so the
+    AutoExecutor that submits) refuses to exist where `srun` is not on PATH: its constructor checks
+    affinity(). So the script comes from a SlurmExecutor whose affinity() says "available" without
+    looking, given the parameters slurm_executor's AutoExecutor would hand it. submitit (1.5) has no
+    public way to render a script; the three private names used here are pinned by
+    tests/test_sweep.py, which checks this text against the file submitit writes when it submits.
+    """
+    import submitit
+
+    class ScriptOnlySlurmExecutor(submitit.SlurmExecutor):
+        """Renders sbatch scripts; never asked to submit (sbatch would be looked up only then)."""
+
+        @classmethod
+        def affinity(cls) -> int:
+            return 2  # what SlurmExecutor.affinity() returns when it finds srun
+
+    ex = ScriptOnlySlurmExecutor(folder=sweep_dir / "slurm" / "%j", max_num_timeout=profile.max_requeues)
+    params = {k: v for k, v in _slurm_parameters(profile, cfg, f"ablation-{name}", 1, None).items() if v is not None}
+    # As AutoExecutor.update_parameters does: generic names translated (timeout_min -> time, ...), the
+    # slurm_ prefix dropped from the others.
+    native = ex._convert_parameters({k: v for k, v in params.items() if not k.startswith("slurm_")})
+    native.update({k.removeprefix("slurm_"): v for k, v in params.items() if k.startswith("slurm_")})
+    ex.update_parameters(**native)
+    return ex._make_submission_file_text(ex._submitit_command_str, "<uid>")
 
 
 def describe_profile(profile: Profile, cfg: RunConfig) -> str:

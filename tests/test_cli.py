@@ -77,3 +77,76 @@ def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
         "the demo's settings changed: regenerate the README figure with `ablation demo --docs docs` and commit docs/"
     )
     assert (docs / "demo_error_vs_batch.png").stat().st_size > 10_000
+
+
+# key=value overrides go before, between or after the options (as with hydra, pycls, torchrun).
+ORDERS = {
+    "sweep": (
+        ["sweep", "s.yaml", "a=1", "b=2", "--executor", "local", "--results", "r"],
+        ["sweep", "s.yaml", "a=1", "--executor", "local", "b=2", "--results", "r"],
+        ["sweep", "--executor", "local", "s.yaml", "--results", "r", "a=1", "b=2"],
+    ),
+    "train": (
+        ["train", "c.yaml", "a=1", "b=2", "--results", "r"],
+        ["train", "c.yaml", "a=1", "--results", "r", "b=2"],
+        ["train", "--results", "r", "c.yaml", "a=1", "b=2"],
+    ),
+    "config": (
+        ["config", "c.yaml", "a=1", "b=2", "--train-images", "1000", "--list"],
+        ["config", "c.yaml", "a=1", "--train-images", "1000", "b=2", "--list"],
+        ["config", "--train-images", "1000", "--list", "c.yaml", "a=1", "b=2"],
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ["before", "between", "after"])
+@pytest.mark.parametrize("command", list(ORDERS))
+def test_overrides_anywhere_among_the_options(command: str, where: str) -> None:
+    from ablation.cli import build_parser
+
+    args = vars(build_parser().parse_args(ORDERS[command][("before", "between", "after").index(where)]))
+    if command == "sweep":
+        assert (args["spec"], args["overrides"], args["executor"], args["results"]) == ("s.yaml", ["a=1", "b=2"], "local", "r")
+    elif command == "train":
+        assert (args["items"], args["results"]) == (["c.yaml", "a=1", "b=2"], "r")
+    else:
+        assert (args["items"], args["train_images"], args["list"]) == (["c.yaml", "a=1", "b=2"], 1000, True)
+
+
+def test_no_overrides_and_unknown_arguments_still_parse_as_before(capsys: pytest.CaptureFixture[str]) -> None:
+    from ablation.cli import build_parser
+
+    assert build_parser().parse_args(["sweep", "s.yaml", "--dry-run"]).overrides == []
+    assert build_parser().parse_args(["train"]).items == []
+    for argv, message in ((["sweep", "s.yaml", "a=1", "--bogus"], "ablation: error: unrecognized arguments: --bogus"),
+                          (["train", "--bogus", "a=1"], "ablation: error: unrecognized arguments: --bogus"),
+                          (["sweep", "--dry-run"], "ablation sweep: error: the following arguments are required: spec")):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+
+
+def test_config_override_after_an_option_is_applied(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from ablation.cli import main
+
+    assert main(["config", "norm.name=gn", "--train-images", "1600", "batch_per_gpu=2"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    assert doc["run_id"].startswith("resnet50_gn32_b2x8_s0_") and doc["derived"]["steps_per_epoch"] == 1600 // 16
+
+
+def test_train_override_after_an_option_reaches_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ablation.cli import main
+
+    assert main(["train", "--results", str(tmp_path), "norm.grups=4"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'norm.grups'") and not any(tmp_path.iterdir())
+
+
+def test_sweep_override_after_an_option_reaches_the_sweep(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The issue's command line: the override after --executor is used (here: its data.root is checked)."""
+    root = Path(__file__).resolve().parents[1]
+    nowhere = tmp_path / "nowhere"
+    proc = run(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results", str(tmp_path / "r")], cli_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: dataset folder") and str(nowhere) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from ablation import config, rundir, status, sweep
 from ablation.config import ConfigError
 from conftest import ROOT
+from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
 
 PAPER = ROOT / "sweeps" / "paper"
 
@@ -116,12 +118,54 @@ def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cl
     assert not any(tmp_path.iterdir())
 
 
-def test_print_sbatch_shows_the_job_script(tmp_path: Path, cli_env: dict[str, str]) -> None:
+@pytest.fixture
+def no_slurm_env(cli_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """cli_env on a machine where SLURM was never installed: its commands are not on PATH."""
+    env = env_without_slurm(cli_env, tmp_path_factory.mktemp("slurmless"))
+    assert all(shutil.which(c, path=env["PATH"]) is None for c in ("sbatch", "srun", "squeue")), env["PATH"]
+    return env
+
+
+def test_slurmless_path_hides_slurm_and_nothing_else(tmp_path: Path) -> None:
+    bin_dir = write_fake_slurm(tmp_path / "bin")
+    (bin_dir / "python3").symlink_to(sys.executable)
+    (bin_dir / "slurmd").symlink_to(bin_dir / "srun")
+    path = path_without_slurm(tmp_path / "farm", os.pathsep.join([str(bin_dir), "/nonexistent"]))
+    assert [shutil.which(c, path=path) for c in ("sbatch", "srun", "slurmd")] == [None, None, None]
+    assert Path(shutil.which("python3", path=path)).resolve() == Path(sys.executable).resolve()
+    assert path.split(os.pathsep)[1] == "/nonexistent" and (bin_dir / "sbatch").exists()
+
+
+def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slurm_env: dict[str, str]) -> None:
+    """Planning a sweep and reading its script happen on a laptop, before logging into the cluster."""
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
-    proc = run_cli(["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--print-sbatch", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+    args = ["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--print-sbatch", "--profile", str(profile), "--results", str(tmp_path)]
+    proc = run_cli(args, no_slurm_env)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --ntasks-per-node=8" in proc.stdout
     assert "#SBATCH --signal=USR2@" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
+    # the command submitit runs inside the job: srun starts one submitit worker per task
+    slurm_dir = tmp_path / "table1_norms" / "slurm" / "%j"
+    command = proc.stdout.strip().splitlines()[-1]
+    assert command.startswith("srun --unbuffered --output ") and command.endswith(f" -u -m submitit.core._submit {slurm_dir}")
+    assert not any(tmp_path.iterdir())
+
+
+def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pins the private submitit names sbatch_script uses: its text is the file submitit hands to sbatch."""
+    from ablation import launch
+    from ablation.cluster import load_profile
+
+    fake = write_fake_slurm(tmp_path / "fake-slurm", job_id=4242)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(fake), path_without_slurm(tmp_path / "farm")]))
+    profile = load_profile(ROOT / "slurm" / "profiles" / "example-cluster.yaml", None)
+    s = sweep.load(PAPER / "table1_norms.yaml")
+    results = tmp_path / "results"
+    sweep_dir = launch.prepare(s, results, [])
+    launch.submit(sweep_dir, [s.runs[0].run_id], profile, results, on_line=lambda line: None)
+    submitted = (sweep_dir / "slurm" / "4242" / "4242_submission.sh").read_text()
+    assert "#SBATCH --job-name=ablation-table1_norms" in submitted
+    assert launch.sbatch_script(sweep_dir, profile, s.runs[0].config, s.name) == submitted
 
 
 def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
