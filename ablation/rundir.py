@@ -130,13 +130,7 @@ class RunDir:
 
 
 def is_locked(rd: RunDir) -> bool:
-    """True while a trainer holds the run folder's lock (it is running on this or a lock-sharing host)."""
-    if not rd.lock.exists():
-        return False
-    with open(rd.lock) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    """True while a live trainer holds the run folder's lock (kernel lock on this or a lock-sharing host, or a fresh lock file)."""
+    from ablation import lock
+
+    return lock.is_held(rd.lock)

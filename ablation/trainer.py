@@ -190,27 +190,17 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
 
 @contextmanager
 def _folder_lock(rd: rundir.RunDir) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder: never two trainers writing one folder."""
+    """Hold an exclusive lock on the run folder: never two trainers writing one folder.
+
+    A POSIX record lock (ablation.lock): forked loader workers do not inherit it, so it ends with the
+    trainer and a killed trainer can be restarted at once; a lock file with a heartbeat where the file
+    system's locks are missing or per node (Lustre localflock/noflock, BeeGFS, NFS nolock).
+    """
+    from ablation import lock
+
     rd.root.mkdir(parents=True, exist_ok=True)
-    with open(rd.lock, "a+") as f:
-        for attempt in range(10):  # `ablation status` probes the lock for an instant: retry briefly
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 9:
-                    f.seek(0)
-                    holder = f.read().strip() or "another process"
-                    raise AblationError(f"run folder {rd.root} is in use by {holder}; wait for it or stop it") from None
-                time.sleep(0.1)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with lock.hold(rd.lock, what=f"run folder {rd.root}"):
+        yield
 
 
 def _write_config(rd: rundir.RunDir, cfg: RunConfig, d: Derived) -> None:
