@@ -85,8 +85,12 @@ def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One run folder as a row of runs.csv and its rows of curves.csv."""
     rd = rundir.RunDir(folder)
     cfg = yaml.safe_load(rd.config.read_text()) or {}
-    rows = rundir.read_jsonl(rd.metrics)
-    final = rd.final_status()
+    try:
+        rows = rundir.read_jsonl(rd.metrics)  # a torn last line (a crash, or an append in flight) is left out
+    except rundir.CorruptFile as e:
+        log.warning(f"{e}; the run's epochs are left out")
+        rows = []
+    final = rd.final_status()  # a damaged final.json reads as failed, the file named in the reason
     norm = cfg.get("norm", {})
     status = final["status"] if final else "unfinished"
     val = [r["val_err1"] for r in rows]

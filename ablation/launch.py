@@ -17,7 +17,6 @@ foreground), `debug` (in this process, one after another).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import signal
 import subprocess
@@ -176,10 +175,8 @@ class TrainJob:
 
 
 def _record(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Append submission records to jobs.jsonl."""
-    with open(sweep_dir / status.JOBS, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    """Append submission records to jobs.jsonl (whole lines in one write, fsynced: rare, and worth keeping)."""
+    rundir.append_jsonl(sweep_dir / status.JOBS, rows, fsync=True)
 
 
 def submit(sweep_dir: Path, run_ids: list[str], profile: Profile, results: Path, *, on_line: Callable[[str], None] = print) -> int:

@@ -6,22 +6,35 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       config.yaml     resolved config, its run_id and the derived values (written once)
       env.json        versions, git commit, host, devices, SLURM ids; `starts` lists every (re)start
       metrics.jsonl   one JSON line per finished epoch (rewritten whole, so never duplicated on resume)
-      steps.jsonl     optional: one line per step (log_steps=true)
+      steps.jsonl     optional: one line per step (log_steps=true), appended
       checkpoint.pt   latest training state (model, optimizer, step, epoch, partial-epoch sums)
       final.json      written last: status ok | diverged | failed, the paper's metric, GPU-hours
       train.log       human-readable log (never parsed)
+
+Readers never see half a file and never crash on what a crash leaves:
+  - whole files (config.yaml, env.json, metrics.jsonl, final.json, manifest.json) are written to a temporary
+    file, fsynced, renamed over the old one and the folder fsynced: a reader sees the old or the new content;
+  - appended files (steps.jsonl, a sweep's jobs.jsonl) get each batch of whole lines in one write() on an
+    O_APPEND descriptor, so a crash, or a reader racing the writer, sees at most one incomplete last line;
+    read_jsonl ignores a last line that does not parse, and the next append first cuts that torn tail off;
+  - a file that is there but damaged (empty, cut, garbled: a disk that lost data) raises CorruptFile naming
+    the file (and line); final_status() reads a damaged final.json as a failed run, which names the file.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import statistics
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from ablation.errors import AblationError
 
 CONFIG = "config.yaml"
 ENV = "env.json"
@@ -52,9 +65,28 @@ METRIC_KEYS = (
 )
 
 
+class CorruptFile(AblationError, ValueError):
+    """A run-folder file is there but is not what was written (empty, cut or garbled): the message names it."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable; a file system that cannot fsync a folder is let be."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename (then the folder is fsynced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -65,6 +97,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # the rename itself must survive a crash, not only the data
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -86,18 +119,114 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _read_bytes(p: Path) -> bytes | None:
+    """The file's bytes, or None when it is not there (also when it went away since it was listed)."""
+    try:
+        return p.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def _why(e: ValueError) -> str:
+    """A JSON or UTF-8 decoding error in a few words."""
+    return f"{e.msg}, byte {e.pos}" if isinstance(e, json.JSONDecodeError) else str(e)
+
+
 def read_json(path: str | Path) -> dict[str, Any] | None:
-    """A JSON file's content, or None when it does not exist."""
+    """A JSON object file's content, or None when it does not exist; CorruptFile when empty or garbled."""
     p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else None
+    data = _read_bytes(p)
+    if data is None:
+        return None
+    if not data.strip(b" \t\r\n\x00"):
+        raise CorruptFile(f"{p} is empty ({len(data)} bytes)")
+    try:
+        doc = json.loads(data)
+    except ValueError as e:
+        raise CorruptFile(f"{p} is not valid JSON ({_why(e)})") from None
+    if not isinstance(doc, dict):
+        raise CorruptFile(f"{p} is not a JSON object")
+    return doc
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All lines of a JSON-lines file ([] when missing)."""
+    """All rows of a JSON-lines file ([] when missing).
+
+    A last line that does not parse is ignored, with or without its newline: a crash during an append,
+    or a reader racing a writer, leaves at most that (a whole last row that only lacks its newline is
+    kept). A line that does not parse before the last one is damage no crash of ours can leave (a full
+    disk, a hand edit, files glued by an older version): CorruptFile naming the file and the line.
+    """
     p = Path(path)
-    if not p.is_file():
+    data = _read_bytes(p)
+    if not data:
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break  # a torn last line: the write it belongs to never completed
+            raise CorruptFile(f"{p}: line {n} is not a JSON row ({_why(e)}); fix or delete that line") from None
+        rows.append(row)
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: list[dict[str, Any]], *, fsync: bool = False) -> None:
+    """Append rows to a JSON-lines file so that a crash can leave at most one incomplete last line.
+
+    All rows go in one write() on an O_APPEND descriptor (a text file's buffer could split them into
+    several), under an exclusive flock so that appenders never interleave. A torn last line left by an
+    earlier crash is cut off first (it never was a whole row), so the first new row is not glued to it.
+    fsync=True also puts the rows on disk before returning: for rare records (jobs.jsonl); a file appended
+    every few steps (steps.jsonl) is not fsynced, a crash losing its last rows is harmless.
+    """
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if not data:
+        return
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: appenders are one process per file anyway
+            pass
+        _cut_torn_tail(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+            _fsync_dir(path.parent)
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _cut_torn_tail(fd: int) -> None:
+    """If the file does not end in a newline, end its last whole row or cut off the fragment after it."""
+    size = os.fstat(fd).st_size
+    if not size or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    cut, end = 0, size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        i = os.pread(fd, end - start, start).rfind(b"\n")
+        if i >= 0:
+            cut = start + i + 1
+            break
+        end = start
+    try:
+        whole = isinstance(json.loads(os.pread(fd, size - cut, cut)), dict)
+    except ValueError:
+        whole = False
+    if whole:
+        os.write(fd, b"\n")
+    else:
+        os.ftruncate(fd, cut)
 
 
 def paper_metric(val_err1: list[float], last: int = 5) -> float | None:
@@ -120,8 +249,16 @@ class RunDir:
         self.lock = self.root / LOCK
 
     def final_status(self) -> dict[str, Any] | None:
-        """final.json's content, or None while the run has not ended."""
-        return read_json(self.final)
+        """final.json's content, or None while the run has not ended.
+
+        A damaged final.json (written atomically, so only a disk that lost data leaves one) reads as a
+        failed run whose reason names the file: shown as such, and retried with --retry-failed.
+        """
+        try:
+            return read_json(self.final)
+        except CorruptFile as e:
+            logging.getLogger("ablation").warning(f"{e}: the run counts as failed")
+            return {"status": "failed", "reason": f"unreadable final status: {e}", "val_err1": None}
 
     def is_finished(self) -> bool:
         """True when the run ended in a terminal status (ok or diverged)."""

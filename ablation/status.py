@@ -11,7 +11,7 @@ A run's state, from what its folder and the scheduler say:
 
 from __future__ import annotations
 
-import json
+import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 JOBS = "jobs.jsonl"
 RUNS_LINKS = "runs"
 CONFIGS = "configs"
+log = logging.getLogger("ablation")
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
 
@@ -40,22 +41,32 @@ class RunState:
     job_id: str | None
     starts: int
     epoch_seconds: float | None
+    failures: int = 0  # failed starts recorded in failures.jsonl (automatic retries included)
+
+
+def _read(reader: Callable[[Path], Any], path: Path, default: Any) -> Any:
+    """A file through rundir's reader (which ignores a torn last line); a damaged one is named and read as missing."""
+    try:
+        return reader(path)
+    except rundir.CorruptFile as e:
+        log.warning(f"{e}; read as missing")
+        return default
 
 
 def latest_jobs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
     """The latest submission record of each run id in jobs.jsonl."""
-    return {r["run_id"]: r for r in rundir.read_jsonl(sweep_dir / JOBS)}
+    return {r["run_id"]: r for r in _read(rundir.read_jsonl, sweep_dir / JOBS, []) if "run_id" in r}
 
 
 def run_state(folder: Path, epochs: int, job: dict[str, Any] | None, slurm: dict[str, str] | None) -> tuple[str, int, float | None, int, float | None]:
     """(state, epochs done, latest val error, starts, mean epoch seconds) of one run folder."""
     rd = rundir.RunDir(folder)
-    rows = rundir.read_jsonl(rd.metrics)
-    env = rundir.read_json(rd.env) or {}
+    rows = _read(rundir.read_jsonl, rd.metrics, [])
+    env = _read(rundir.read_json, rd.env, None) or {}
     starts = len(env.get("starts", []))
     err = rows[-1]["val_err1"] if rows else None
     secs = statistics.mean(r["epoch_seconds"] for r in rows) if rows else None
-    final = rd.final_status()
+    final = rd.final_status()  # a damaged final.json reads as failed, and is named
     if final:
         return final["status"], len(rows), final.get("val_err1", err), starts, secs
     sstate = None
@@ -81,7 +92,8 @@ def states(runs: list[dict[str, Any]], folder_of: Callable[[str], Path], jobs: d
         rid = run["run_id"]
         job = jobs.get(rid)
         state, done, err, starts, secs = run_state(folder_of(rid), run["epochs"], job, slurm)
-        out.append(RunState(rid, run["axes"], state, done, run["epochs"], err, str(job["job_id"]) if job else None, starts, secs))
+        failures = len(_read(rundir.read_jsonl, rundir.RunDir(folder_of(rid)).failures, []))
+        out.append(RunState(rid, run["axes"], state, done, run["epochs"], err, str(job["job_id"]) if job else None, starts, secs, failures))
     return out
 
 
@@ -98,7 +110,7 @@ def load_manifest(sweep_dir: Path) -> dict[str, Any]:
         from ablation.errors import AblationError
 
         raise AblationError(f"{sweep_dir} is not a sweep folder (no {MANIFEST}); pass results/<sweep name>")
-    return json.loads(path.read_text())
+    return rundir.read_json(path)  # written atomically; a damaged one is a one-line CorruptFile naming it
 
 
 def eta_seconds(states: list[RunState], parallel: int) -> float | None:
@@ -124,7 +136,8 @@ def format_table(states: list[RunState], axes: list[str]) -> str:
     head = [*axes, "state", "epoch", "val err", "job", "run id"]
     rows = []
     for s in states:
-        state = f"{s.state}" + (f" (x{s.starts} starts)" if s.starts > 1 else "")
+        notes = ([f"x{s.starts} starts"] if s.starts > 1 else []) + ([f"{s.failures} failure{'s' * (s.failures > 1)}"] if s.failures else [])
+        state = s.state + (f" ({', '.join(notes)})" if notes else "")
         epoch = f"{s.epochs_done}/{s.epochs}"
         err = f"{s.val_err1:.2f}" if s.val_err1 is not None else "-"
         rows.append([*(str(s.axes.get(a, "")) for a in axes), state, epoch, err, s.job_id or "-", s.run_id])

@@ -562,9 +562,9 @@ class _Loop:
         self.losses = []
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if env.is_main and self.cfg.log_steps:
-            with open(self.rd.steps, "a") as f:
-                for i, v in enumerate(losses):
-                    f.write(f'{{"step": {first + i}, "epoch": {epoch + 1}, "lr": {lr_at(self.cfg, self.d, first + i)}, "loss": {v}}}\n')
+            # One write of whole lines: a kill leaves at most a torn last line, which readers and the resume drop.
+            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v} for i, v in enumerate(losses)]
+            rundir.append_jsonl(self.rd.steps, rows)
         if bad is not None:
             raise Diverged(first + bad, epoch, losses[bad])
         bar.update(len(losses))
