@@ -118,35 +118,71 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
         return torch.cat(outs)
 
 
+def _world(group: dist.ProcessGroup | None) -> int:
+    """Processes in `group` (the default group when None); 1 when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def global_batch_moments(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x - mean, mean, biased variance, count) per channel over the global batch: every process's x.
+
+    Two passes, each one differentiable all_reduce (torch.distributed.nn), so gradients flow to every
+    process's input exactly: the sums and the count give the mean; then the sum of squared deviations
+    from that mean gives the variance. E[x^2] - E[x]^2 in one pass would be one collective fewer but
+    cancels catastrophically: a channel with mean 1e4 and std 1e-2 has E[x^2] = 1e8, where a float32
+    step is 8, and its variance came out as noise, often negative (NaN after rsqrt). Computed in float32
+    at least (float64 stays float64), clamped at 0 all the same.
+    """
+    dims = [0, *range(2, x.dim())]
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    if _world(group) > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        reduce = functools.partial(all_reduce, group=group or dist.group.WORLD)
+    else:
+        reduce = lambda t: t  # noqa: E731
+    sums = reduce(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // x.shape[1]])]))
+    n = sums[-1]
+    mean = sums[:-1] / n
+    centered = xf - mean.view(shape)
+    var = (reduce((centered * centered).sum(dims)) / n).clamp_min(0)
+    return centered, mean, var, n
+
+
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm with statistics over the whole global batch (all modelled GPUs, all processes).
 
-    Own implementation because torch's nn.SyncBatchNorm refuses CPU tensors; the cross-process
-    reduction goes through torch.distributed.nn's differentiable all_reduce, so gradients are exact.
+    Own implementation for CPU processes (gloo): torch's nn.SyncBatchNorm refuses CPU tensors and DDP
+    refuses a CPU model holding one. The statistics are global_batch_moments' (stable two-pass, exact
+    gradients); with NCCL (GPUs) the ``syncbn`` factory returns torch.nn.SyncBatchNorm instead.
     """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, process_group: dist.ProcessGroup | None = None):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.process_group = process_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batch statistics over every process's batch in training; running statistics in eval."""
-        if not self.training or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training or _world(self.process_group) == 1:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        self.num_batches_tracked.add_(1)
-        xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
-        with torch.no_grad():
-            unbiased = var * n / (n - 1)
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(unbiased.detach(), self.momentum)
-        shape = (1, c, 1, 1)
-        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return (y * self.weight.view(shape) + self.bias.view(shape)).to(x.dtype)
+        factor = self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if factor is None:  # cumulative average, as nn.BatchNorm2d
+                factor = 1.0 / float(self.num_batches_tracked)
+        centered, mean, var, n = global_batch_moments(x, self.process_group)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var.detach() * n / (n - 1).clamp_min(1)).to(self.running_var.dtype), factor)
+        shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
 
 
 @register_norm("bn")
@@ -164,7 +200,12 @@ def _bn(num_channels: int, spec: NormSpec) -> nn.Module:
 
 @register_norm("syncbn")
 def _syncbn(num_channels: int, spec: NormSpec) -> nn.Module:
-    """BatchNorm, statistics over the global batch."""
+    """BatchNorm, statistics over the global batch: torch's nn.SyncBatchNorm on GPUs (NCCL), our own on CPUs.
+
+    The model is built after the process group is set up, so its backend says where the model will run.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)
     return SyncBatchNorm2d(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)
 
 

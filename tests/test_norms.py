@@ -141,3 +141,68 @@ def test_groups_not_dividing_channels_is_an_error_naming_the_field() -> None:
         create_norm(16, spec("gn", groups=3))
     with pytest.raises(ConfigError, match=r"norm.channels_per_group=5"):
         create_norm(16, spec("gn", channels_per_group=5))
+
+
+def test_syncbn_moments_are_stable_for_a_channel_with_a_large_mean() -> None:
+    from ablation.norms import global_batch_moments
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 4, 4, generator=g)
+    x[:, 0] += 1e4  # mean 1e4, variance 1: E[x^2] = 1e8, where a float32 step is 8
+    ref = x.double().var(dim=(0, 2, 3), unbiased=False)
+    naive = (x * x).mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)) ** 2  # the old formula, in float32
+    assert not torch.allclose(naive[0].double(), ref[0], rtol=0.5)
+    centered, mean, var, n = global_batch_moments(x)
+    assert int(n) == 64 * 16 and torch.isfinite(centered).all() and (var >= 0).all()
+    torch.testing.assert_close(var.double(), ref, rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+
+
+def test_syncbn_is_torch_syncbatchnorm_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablation import norms
+
+    assert type(create_norm(8, spec("syncbn"))) is norms.SyncBatchNorm2d  # CPU (gloo) or one process
+    monkeypatch.setattr(norms.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(norms.dist, "get_backend", lambda *a: "nccl")
+    layer = create_norm(8, spec("syncbn", eps=1e-3, momentum=0.2))
+    assert type(layer) is torch.nn.SyncBatchNorm and (layer.eps, layer.momentum) == (1e-3, 0.2)
+
+
+@pytest.mark.slow
+def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_path, cli_env) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from syncbn_worker import STEPS, global_batch, init_affine
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    proc = subprocess.run([*torchrun, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+
+    # float32: x - mean on channel 0 (mean 1e4, std 1) is good to ~1e-3 per element, whatever the method,
+    # and its error adds up over the 96 elements in the gamma gradient: a looser absolute tolerance there.
+    f32 = {"rtol": 1e-3, "atol": 1e-3}
+    for dtype, tol, ptol in ((torch.float64, {"rtol": 1e-10, "atol": 1e-10}, {"rtol": 1e-10, "atol": 1e-10}), (torch.float32, f32, {**f32, "atol": 5e-2})):
+        # One process, plain batch norm over the whole global batch, in float64.
+        bn = init_affine(torch.nn.BatchNorm2d(5, eps=1e-5, momentum=0.1).double()).train()
+        for step in range(STEPS + 1):
+            x, w = global_batch(step, torch.float64)
+            if step == STEPS:
+                bn.eval()
+            x = x.to(dtype).double().requires_grad_()
+            y = bn(x)
+            got = [r[str(dtype)][step] for r in ranks]
+            torch.testing.assert_close(torch.cat([g["y"] for g in got]).double(), y.detach(), **tol)
+            if step == STEPS:
+                break
+            (y * w.to(dtype).double()).sum().backward()
+            torch.testing.assert_close(torch.cat([g["dx"] for g in got]).double(), x.grad, **tol)
+            # DDP sums (averages) parameter gradients over processes; each process holds its share.
+            torch.testing.assert_close(sum(g["dweight"] for g in got).double(), bn.weight.grad, **ptol)
+            torch.testing.assert_close(sum(g["dbias"] for g in got).double(), bn.bias.grad, **ptol)
+            for g in got:  # every process updates its running statistics from the global ones
+                torch.testing.assert_close(g["running_mean"].double(), bn.running_mean, rtol=tol["rtol"], atol=0)
+                torch.testing.assert_close(g["running_var"].double(), bn.running_var, rtol=tol["rtol"], atol=0)
+            bn.zero_grad()
