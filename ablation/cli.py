@@ -37,13 +37,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ablation.distributed import setup, teardown
     from ablation.models import check_model_norm
 
+    from ablation.signals import StopRequest
+
     check_model_norm(cfg)
+    stop = StopRequest().install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, exit 4
     env = setup(cfg.device)
     folder = Path(args.results) / run_id(cfg)
     try:
         from ablation.trainer import train
 
-        final = train(cfg, folder, env)
+        final = train(cfg, folder, env, should_stop=stop)
     finally:
         teardown()
         if env.is_main and folder.exists():
@@ -121,6 +124,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
+    from ablation.models import checkpoint_bytes
+
+    warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], results / "runs", checkpoint_bytes)
+    if warning:
+        print(warning, file=sys.stderr)
     if not (args.dry_run or args.no_data_check):
         _check_data([r.config for r in sweep.runs])
     planned = launch.plan(sweep, results, args.retry_failed)
@@ -314,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except AblationError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     except BrokenPipeError:  # output piped into `head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK

@@ -38,6 +38,7 @@ class Profile:
     array_parallelism: int = 16  # at most this many jobs of one array run at once (local: runs at once)
     signal_delay_s: int = 90  # SLURM sends the pre-timeout signal this long before the limit
     max_requeues: int = 5  # bound on time-limit requeues per job
+    retries: int = 2  # a run that fails (set-up or training error) is started again this many times, then stays failed
     setup: tuple[str, ...] = ()  # shell lines run before each job (module load, conda activate)
     throughput_images_per_s: float | None = None  # per-GPU training throughput for GPU-hour estimates
     stand_in: bool = False  # a job may run fewer processes than the run's modelled GPUs
@@ -73,8 +74,9 @@ def load_profile(path: str | Path | None, executor: str | None = None) -> Profil
     for key in ("cpus_per_task", "time_min", "max_array_size", "array_parallelism", "processes_per_job"):
         if getattr(profile, key) < 1:
             raise ConfigError(f"{path or 'profile'}: {key} must be >= 1, got {getattr(profile, key)}")
-    if profile.gpus_per_node < 0 or profile.max_requeues < 0 or profile.signal_delay_s < 0:
-        raise ConfigError(f"{path or 'profile'}: gpus_per_node, max_requeues and signal_delay_s must be >= 0")
+    for key in ("gpus_per_node", "max_requeues", "signal_delay_s", "retries"):
+        if getattr(profile, key) < 0:
+            raise ConfigError(f"{path or 'profile'}: {key} must be >= 0, got {getattr(profile, key)}")
     return profile
 
 

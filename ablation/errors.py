@@ -4,6 +4,8 @@
 class AblationError(Exception):
     """Base class: a problem the user can fix; the CLI prints it as one line and exits non-zero."""
 
+    exit_code = 2
+
 
 class ConfigError(AblationError):
     """A run config or sweep spec is malformed: unknown key, wrong type or impossible value."""
@@ -15,3 +17,9 @@ class DataError(AblationError):
 
 class NormError(AblationError):
     """A norm name, import path or parameter cannot be resolved."""
+
+
+class DiskFullError(AblationError):
+    """The disk (or quota) filled up while writing the run folder: the run stopped, its last checkpoint intact."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again once there is space; not a failure of the run

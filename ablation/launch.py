@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -96,17 +96,52 @@ def train_images(cfg: RunConfig) -> int:
     return sum(1 for d in os.scandir(train) if d.is_dir() for f in os.scandir(d.path) if f.is_file())
 
 
+def _runs_like(runs_root: Path, cfg: RunConfig) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(env.json, metrics rows) of the run folders under runs_root with the same model and image size (damaged ones skipped)."""
+    for folder in runs_root.glob("*/"):
+        rd = rundir.RunDir(folder)
+        try:
+            doc = yaml.safe_load(rd.config.read_text()) if rd.config.is_file() else None
+            if not isinstance(doc, dict) or doc.get("model", {}).get("name") != cfg.model.name or doc.get("data", {}).get("image_size") != cfg.data.image_size:
+                continue
+            yield rundir.read_json(rd.env) or {}, rundir.read_jsonl(rd.metrics)
+        except (OSError, yaml.YAMLError, AblationError):
+            continue
+
+
 def measured_throughput(runs_root: Path, cfg: RunConfig) -> float | None:
     """Median images/s per process of finished epochs of runs with the same model and image size."""
     per_process = []
-    for folder in runs_root.glob("*/"):
-        rd = rundir.RunDir(folder)
-        doc = yaml.safe_load(rd.config.read_text()) if rd.config.is_file() else None
-        if not doc or doc.get("model", {}).get("name") != cfg.model.name or doc.get("data", {}).get("image_size") != cfg.data.image_size:
-            continue
-        procs = (rundir.read_json(rd.env) or {}).get("processes", 1)
-        per_process += [r["images_per_s"] / procs for r in rundir.read_jsonl(rd.metrics)]
+    for env, rows in _runs_like(runs_root, cfg):
+        per_process += [r["images_per_s"] / env.get("processes", 1) for r in rows]
     return sorted(per_process)[len(per_process) // 2] if per_process else None
+
+
+# Write speed assumed for a checkpoint before any run has measured one: a busy shared file system.
+ASSUMED_WRITE_MB_S = 50.0
+
+
+def stop_seconds(runs_root: Path, cfg: RunConfig, checkpoint_bytes: int) -> tuple[float, str]:
+    """Seconds from a stop signal to a written checkpoint: the slowest measured on like runs, else from the checkpoint's size."""
+    measured = [s["signal_to_checkpoint_s"] for env, _ in _runs_like(runs_root, cfg) for s in env.get("starts", []) if s.get("signal_to_checkpoint_s")]
+    if measured:
+        return max(measured), f"measured on {len(measured)} earlier stop(s) of {cfg.model.name}"
+    mb = checkpoint_bytes / 1e6
+    return mb / ASSUMED_WRITE_MB_S, f"a {cfg.model.name} checkpoint is ~{mb:.0f} MB; at an assumed {ASSUMED_WRITE_MB_S:.0f} MB/s"
+
+
+def signal_delay_warning(profile: Profile, cfgs: list[RunConfig], runs_root: Path, checkpoint_bytes: Callable[[RunConfig], int]) -> str | None:
+    """A warning when the profile's pre-timeout signal comes too late for a checkpoint to be written, else None."""
+    if profile.executor != "slurm" or not cfgs:
+        return None
+    by_model = {(c.model.name, c.data.image_size): c for c in cfgs}
+    seconds, why = max(stop_seconds(runs_root, c, checkpoint_bytes(c)) for c in by_model.values())
+    if profile.signal_delay_s >= seconds:
+        return None
+    return (
+        f"warning: profile {profile.name}: signal_delay_s={profile.signal_delay_s} is shorter than the ~{seconds:.1f} s a checkpoint takes "
+        f"({why}); a job at its time limit may be killed before it saves: raise signal_delay_s"
+    )
 
 
 def estimate_hours(runs: list[RunConfig], profile: Profile, runs_root: Path) -> tuple[float | None, str]:
@@ -128,47 +163,69 @@ def estimate_hours(runs: list[RunConfig], profile: Profile, runs_root: Path) -> 
 
 
 class TrainJob:
-    """One run as a submitit job: DDP under srun, checkpoint-and-requeue on SLURM's pre-timeout signal.
+    """One run as a submitit job: DDP under srun, checkpoint-and-requeue on SLURM's stop signals.
 
-    submitit's own SIGUSR2 handler would checkpoint by interrupting the main thread anywhere, possibly
-    in the middle of an optimizer step. So the job installs a handler that only sets a flag; the
-    trainer checkpoints at its next step boundary (all ranks agree through the all-reduce in which
-    they exchange losses), and then the signal is handed back to submitit, which calls checkpoint()
-    and requeues the job. The requeued job resumes from that checkpoint.
+    SLURM sends SIGUSR2 before the time limit and SIGTERM on preemption. submitit's own SIGUSR2 handler
+    would checkpoint by interrupting the main thread anywhere, possibly in the middle of an optimizer
+    step, and it ignores SIGTERM. So the job routes both signals to a flag; the trainer checkpoints at
+    its next step boundary (all ranks agree on which), and then SIGUSR2 is handed back to submitit,
+    which calls checkpoint() and requeues the job. The requeued job resumes from that checkpoint.
+
+    A run that fails (set-up or training) is requeued the same way up to `retries` times; after that
+    it stays failed. The count travels with the requeued job, and failures.jsonl keeps the history.
     """
 
-    def __init__(self) -> None:
-        self._stop = False
+    def __init__(self, retries: int = 0, failures: int = 0) -> None:
+        self.retries, self.failures = retries, failures
+        self._retry = False
 
     def __call__(self, config_path: str, runs_root: str) -> dict[str, Any]:
         """Train the run described by config_path under runs_root."""
         from ablation.distributed import setup, teardown
+        from ablation.signals import StopRequest
         from ablation.trainer import train
 
         cfg = config.load(config_path)
-        previous = signal.getsignal(signal.SIGUSR2)
-        signal.signal(signal.SIGUSR2, self._on_signal)
+        stop = StopRequest().install()
+        submitit_handler = stop.previous(signal.SIGUSR2)
         env = setup(cfg.device)
+        folder = Path(runs_root) / config.run_id(cfg)
         try:
-            final = train(cfg, Path(runs_root) / config.run_id(cfg), env, should_stop=lambda: self._stop)
+            final = train(cfg, folder, env, should_stop=stop)
+        except Exception as e:
+            if callable(submitit_handler) and self.failures < self.retries and _failed(folder):
+                print(f"ablation: run failed ({type(e).__name__}: {e}); requeueing, retry {self.failures + 1} of {self.retries}", file=sys.stderr, flush=True)
+                self._retry = True
+                teardown()
+                _hand_to(submitit_handler, stop)
+            raise
         finally:
             teardown()
-        if final.get("status") == "interrupted" and callable(previous):
-            signal.signal(signal.SIGUSR2, previous)
-            os.kill(os.getpid(), signal.SIGUSR2)  # submitit's handler: checkpoint() + requeue + exit
-            time.sleep(30)  # the handler runs at the next bytecode and exits; never reached on rank 0
+        if final.get("status") == "interrupted" and callable(submitit_handler):
+            _hand_to(submitit_handler, stop)
         return final
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        """Ask the trainer to stop at the next step boundary."""
-        print(f"ablation: got signal {signum}; checkpointing at the next step boundary", file=sys.stderr, flush=True)
-        self._stop = True
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's requeue hook: the trainer has already saved its state, so requeue the same call."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(), *args, **kwargs)
+        return submitit.helpers.DelayedSubmission(TrainJob(self.retries, self.failures + self._retry), *args, **kwargs)
+
+
+def _hand_to(submitit_handler: Any, stop: Any) -> None:
+    """Give SIGUSR2 back to submitit and raise it: its handler calls checkpoint(), requeues and exits."""
+    stop.restore()
+    signal.signal(signal.SIGUSR2, submitit_handler)
+    os.kill(os.getpid(), signal.SIGUSR2)
+    time.sleep(30)  # the handler runs at the next bytecode and exits; never reached on rank 0
+
+
+def _failed(folder: Path) -> bool:
+    """True when the run folder says the run failed (not a full disk, not a stop)."""
+    try:
+        return (rundir.RunDir(folder).final_status() or {}).get("status") == "failed"
+    except rundir.CorruptFile:
+        return False
 
 
 # ---------------------------------------------------------------- executors
@@ -189,21 +246,26 @@ def submit(sweep_dir: Path, run_ids: list[str], profile: Profile, results: Path,
         _submit_slurm(sweep_dir, run_ids, paths, runs_root, profile, manifest["name"], on_line)
         return 0
     if profile.executor == "debug":
-        return _run_debug(sweep_dir, run_ids, paths, runs_root, on_line)
+        return _run_debug(sweep_dir, run_ids, paths, runs_root, profile, on_line)
     return _run_local(sweep_dir, run_ids, paths, runs_root, profile, on_line)
 
 
-def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, on_line: Callable[[str], None]) -> int:
-    """Train each run in this process, one after another."""
+def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
+    """Train each run in this process, one after another (a failed run again, up to profile.retries times)."""
     failed = 0
     for i, (rid, path) in enumerate(zip(run_ids, paths), 1):
         _record(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}", "submitted_at": _now()}])
         on_line(f"[{i}/{len(run_ids)}] {rid}")
-        try:
-            TrainJob()(path, runs_root)
-        except Exception as e:  # recorded as 'failed' in the run folder; go on with the next run
-            failed += 1
-            on_line(f"[{i}/{len(run_ids)}] {rid} failed: {type(e).__name__}: {e}")
+        for attempt in range(profile.retries + 1):
+            try:
+                TrainJob()(path, runs_root)
+                break
+            except Exception as e:  # recorded as 'failed' in the run folder
+                on_line(f"[{i}/{len(run_ids)}] {rid} failed: {type(e).__name__}: {e}")
+                if attempt == profile.retries or not _failed(Path(runs_root) / rid):
+                    failed += 1
+                    break
+                on_line(f"[{i}/{len(run_ids)}] {rid}: retry {attempt + 1} of {profile.retries}")
     return failed
 
 
@@ -218,6 +280,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     queue = list(enumerate(order, 1))
     running: list[tuple[subprocess.Popen, threading.Thread, str]] = []
     failed, done, t0 = 0, 0, time.monotonic()
+    retried: dict[str, int] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     try:
         while queue or running:
@@ -239,6 +302,12 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
                     continue
                 t.join()
                 running.remove(item)
+                tries = retried.get(rid, 0)
+                if proc.returncode not in (0, 3) and tries < profile.retries and _failed(Path(runs_root) / rid):
+                    retried[rid] = tries + 1  # a failed run goes again at once, up to profile.retries times
+                    queue.insert(0, next((i, (r, p)) for i, (r, p) in enumerate(order, 1) if r == rid))
+                    on_line(f"{rid} failed (exit {proc.returncode}); retry {tries + 1} of {profile.retries}")
+                    continue
                 done += 1
                 failed += proc.returncode not in (0, 3)  # 3: diverged, a result
                 left = len(queue) + len(running)
@@ -301,7 +370,7 @@ def _submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_ro
         for start in range(0, len(items), profile.max_array_size):
             chunk = items[start : start + profile.max_array_size]
             ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk), after=previous)
-            jobs = ex.map_array(TrainJob(), [p for _, p, _ in chunk], [runs_root] * len(chunk))
+            jobs = ex.map_array(TrainJob(profile.retries), [p for _, p, _ in chunk], [runs_root] * len(chunk))
             _record(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": _now()} for (rid, _, _), j in zip(chunk, jobs)])
             array_id = jobs[0].job_id.split("_")[0]
             waits = f", after array {previous}" if previous else ""

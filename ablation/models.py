@@ -91,3 +91,11 @@ def check_model_norm(cfg: RunConfig, num_classes: int = 1000) -> None:
         raise
     except Exception as e:  # a user factory's own failure, reported as one line
         raise NormError(f"norm.name: building '{cfg.norm.name}' layers failed: {type(e).__name__}: {e}") from None
+
+
+def checkpoint_bytes(cfg: RunConfig, num_classes: int = 1000) -> int:
+    """Bytes a training checkpoint of this model holds: its state (weights, norm buffers) and SGD's momentum."""
+    with torch.device("meta"):
+        model = create_model(cfg, num_classes)
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return state + sum(p.numel() * p.element_size() for p in model.parameters())

@@ -9,6 +9,7 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       steps.jsonl     optional: one line per step (log_steps=true), appended
       checkpoint.pt   latest training state (model, optimizer, step, epoch, partial-epoch sums)
       final.json      written last: status ok | diverged | failed, the paper's metric, GPU-hours
+      failures.jsonl  one line per failed start (stage, rank, step, reason), appended: the retry count
       train.log       human-readable log (never parsed)
 
 Readers never see half a file and never crash on what a crash leaves:
@@ -34,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from ablation import faults
 from ablation.errors import AblationError
 
 CONFIG = "config.yaml"
@@ -44,6 +46,7 @@ CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
 LOG = "train.log"
 LOCK = ".lock"
+FAILURES = "failures.jsonl"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -94,6 +97,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results on shared storage must stay readable
     try:
         yield Path(tmp)
+        faults.hit(f"write:{path.name}")  # tests kill here: the data is written, the rename not yet done
         with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -247,6 +251,7 @@ class RunDir:
         self.final = self.root / FINAL
         self.log = self.root / LOG
         self.lock = self.root / LOCK
+        self.failures = self.root / FAILURES
 
     def final_status(self) -> dict[str, Any] | None:
         """final.json's content, or None while the run has not ended.

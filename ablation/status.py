@@ -41,6 +41,7 @@ class RunState:
     job_id: str | None
     starts: int
     epoch_seconds: float | None
+    failures: int = 0  # failed starts recorded in failures.jsonl (automatic retries included)
 
 
 def _read(reader: Callable[[Path], Any], path: Path, default: Any) -> Any:
@@ -91,7 +92,8 @@ def states(runs: list[dict[str, Any]], folder_of: Callable[[str], Path], jobs: d
         rid = run["run_id"]
         job = jobs.get(rid)
         state, done, err, starts, secs = run_state(folder_of(rid), run["epochs"], job, slurm)
-        out.append(RunState(rid, run["axes"], state, done, run["epochs"], err, str(job["job_id"]) if job else None, starts, secs))
+        failures = len(_read(rundir.read_jsonl, rundir.RunDir(folder_of(rid)).failures, []))
+        out.append(RunState(rid, run["axes"], state, done, run["epochs"], err, str(job["job_id"]) if job else None, starts, secs, failures))
     return out
 
 
@@ -134,7 +136,8 @@ def format_table(states: list[RunState], axes: list[str]) -> str:
     head = [*axes, "state", "epoch", "val err", "job", "run id"]
     rows = []
     for s in states:
-        state = f"{s.state}" + (f" (x{s.starts} starts)" if s.starts > 1 else "")
+        notes = ([f"x{s.starts} starts"] if s.starts > 1 else []) + ([f"{s.failures} failure{'s' * (s.failures > 1)}"] if s.failures else [])
+        state = s.state + (f" ({', '.join(notes)})" if notes else "")
         epoch = f"{s.epochs_done}/{s.epochs}"
         err = f"{s.val_err1:.2f}" if s.val_err1 is not None else "-"
         rows.append([*(str(s.axes.get(a, "")) for a in axes), state, epoch, err, s.job_id or "-", s.run_id])

@@ -11,6 +11,7 @@ Reproducibility rests on three choices:
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import logging
 import math
@@ -34,12 +35,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import ablation
-from ablation import rundir
+from ablation import faults, rundir
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, normalized, run_id, to_dict
 from ablation.data import DatasetInfo, SeededImageFolder, check_layout, eval_transform, train_transform
 from ablation.cluster import core_share
+from ablation.coordination import FailureGuard, StopVote, eval_polls
 from ablation.distributed import DistEnv, setup
-from ablation.errors import AblationError, DataError
+from ablation.errors import AblationError, DataError, DiskFullError
 from ablation.models import create_model
 from ablation.norms import sync_running_stats
 
@@ -230,6 +232,14 @@ def _write_env(rd: rundir.RunDir, info: dict[str, Any], data: DatasetInfo, state
     rundir.write_json(rd.env, {**info, "data": asdict(data), "starts": starts})
 
 
+def _note_stop(rd: rundir.RunDir, note: dict[str, Any]) -> None:
+    """Add how this start ended (the step, the signal, the time from signal to checkpoint) to its entry in env.json."""
+    doc = rundir.read_json(rd.env) or {}
+    if doc.get("starts"):
+        doc["starts"][-1].update(note)
+        rundir.write_json(rd.env, doc)
+
+
 def _final(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
     """Write final.json, the last file of a run."""
     val = [r["val_err1"] for r in state.history]
@@ -267,9 +277,13 @@ def save_checkpoint(rd: rundir.RunDir, model: nn.Module, opt: torch.optim.Optimi
 def load_checkpoint(rd: rundir.RunDir, model: nn.Module, opt: torch.optim.Optimizer, meta: dict[str, Any], device: str) -> TrainState:
     """Restore model, optimizer and state, refusing a checkpoint of another run or dataset."""
     try:
-        blob = torch.load(rd.checkpoint, map_location=device, weights_only=False)
+        # Only tensors and plain containers: a crafted pickle cannot run code (weights_only refuses it).
+        blob = torch.load(rd.checkpoint, map_location=device, weights_only=True)
     except Exception as e:
-        raise AblationError(f"{rd.checkpoint}: cannot load checkpoint ({type(e).__name__}: {e}); move it away to restart the run") from None
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise AblationError(f"{rd.checkpoint}: cannot load checkpoint ({type(e).__name__}: {why}); move it away to restart the run") from None
+    if not isinstance(blob, dict) or "state" not in blob:
+        raise AblationError(f"{rd.checkpoint}: not a checkpoint of this harness; move it away to restart the run")
     if blob.get("config_hash") != meta["config_hash"]:
         raise ConfigError(f"{rd.checkpoint} belongs to config {blob.get('config_hash')}, not {meta['config_hash']}")
     if blob.get("data_fingerprint") != meta["data_fingerprint"]:
@@ -293,11 +307,18 @@ def _all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig) -> tuple[float, float]:
-    """Top-1 and top-5 error (%) over the whole validation set (each process a shard)."""
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig, vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
+    """Top-1 and top-5 error (%) over the whole validation set (each process a shard).
+
+    None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
+    """
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=env.device)
-    for x, y in loader:
+    for i, (x, y) in enumerate(loader):
+        faults.hit("eval")
+        if vote is not None and i < polls and vote.poll():
+            model.train()
+            return None
         x, y = _to_device(x, y, env, cfg)
         with _autocast(cfg, env):
             out = model(x)
@@ -374,65 +395,125 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
 
 
 def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: DatasetInfo, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
-    """The body of train() once the folder is ours."""
+    """The body of train() once the folder is ours: set-up and loop; any failure is recorded as one."""
     gpp = cfg.gpus // env.world_size
     d = derive(cfg, info.train_images)
     meta = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "data_fingerprint": info.fingerprint}
     if env.is_main:
-        if (rd.final_status() or {}).get("status") == "failed":
-            rd.final.unlink()  # a retried failure is running again, not failed
-        _write_config(rd, cfg, d)
+        _write_config(rd, cfg, d)  # another run's folder is refused here, not marked failed
+        _remove_temporaries(rd)
+    state, loop = TrainState(), None
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg, len(info.classes), gpus_per_process=gpp).to(env.device)
-    if cfg.channels_last and env.device != "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg, model)
-    state = load_checkpoint(rd, model, opt, meta, env.device) if rd.checkpoint.exists() else TrainState()
-    resumed = state.step > 0 or state.epoch > 0
-    if env.is_main:
-        _write_env(rd, environment(env, cfg), info, state)
-        rundir.write_jsonl(rd.metrics, state.history)
-        if cfg.log_steps:
-            rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
-    ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
+    def record(reason: str, rank: int) -> None:
+        _record_failure(rd, cfg, state, loop.stage if loop else "setup", reason, rank, env.world_size)
 
-    train_ds = SeededImageFolder(cfg.data.root, "train", train_transform(cfg.data), cfg.seed)
-    val_ds = SeededImageFolder(cfg.data.root, "val", eval_transform(_eval_data_cfg(cfg, d)), cfg.seed)
-    sampler = GlobalBatchSampler(len(train_ds), d, cfg, env.rank, env.world_size)
-    train_loader = _loader(EpochIndexed(train_ds), cfg, env, batch_sampler=sampler)
-    val_idx = list(range(env.rank, len(val_ds), env.world_size))
-    val_loader = _loader(torch.utils.data.Subset(val_ds, val_idx), cfg, env, batch_size=cfg.data.eval_batch)
-
-    what = "resuming at" if resumed else "starting"
-    log.info(
-        f"{meta['run_id']}: {what} epoch {state.epoch + 1}/{cfg.epochs} step {state.step}/{d.total_steps}; "
-        f"{cfg.norm.name} x {cfg.gpus} GPUs x {cfg.batch_per_gpu} images = global batch {d.global_batch}, lr {d.lr:g}, "
-        f"{env.world_size} process(es) on {env.device}, {gpp} GPU(s) per process"
-    )
-    if env.device == "cpu" and (cfg.amp or cfg.channels_last):
-        log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
-    loop = _Loop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop)
-    t0 = time.monotonic()
+    guard = FailureGuard(rd.root, env, record)
+    guard.start()
     try:
+        faults.hit("setup")
+        if env.is_main and (rd.final_status() or {}).get("status") == "failed":
+            rd.final.unlink()  # a retried failure is running again, not failed (failures.jsonl keeps the count)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg, len(info.classes), gpus_per_process=gpp).to(env.device)
+        if cfg.channels_last and env.device != "cpu":
+            model = model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(cfg, model)
+        state = load_checkpoint(rd, model, opt, meta, env.device) if rd.checkpoint.exists() else TrainState()
+        resumed = state.step > 0 or state.epoch > 0
+        if env.is_main:
+            _write_env(rd, environment(env, cfg), info, state)
+            rundir.write_jsonl(rd.metrics, state.history)
+            if cfg.log_steps:
+                rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
+        ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
+
+        train_ds = SeededImageFolder(cfg.data.root, "train", train_transform(cfg.data), cfg.seed)
+        val_ds = SeededImageFolder(cfg.data.root, "val", eval_transform(_eval_data_cfg(cfg, d)), cfg.seed)
+        sampler = GlobalBatchSampler(len(train_ds), d, cfg, env.rank, env.world_size)
+        train_loader = _loader(EpochIndexed(train_ds), cfg, env, batch_sampler=sampler)
+        val_idx = list(range(env.rank, len(val_ds), env.world_size))
+        val_loader = _loader(torch.utils.data.Subset(val_ds, val_idx), cfg, env, batch_size=cfg.data.eval_batch)
+
+        what = "resuming at" if resumed else "starting"
+        log.info(
+            f"{meta['run_id']}: {what} epoch {state.epoch + 1}/{cfg.epochs} step {state.step}/{d.total_steps}; "
+            f"{cfg.norm.name} x {cfg.gpus} GPUs x {cfg.batch_per_gpu} images = global batch {d.global_batch}, lr {d.lr:g}, "
+            f"{env.world_size} process(es) on {env.device}, {gpp} GPU(s) per process"
+        )
+        if env.device == "cpu" and (cfg.amp or cfg.channels_last):
+            log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
+        loop = _Loop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
+        t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch, state.step_in_epoch)
             if not loop.run_epoch(epoch, train_loader, val_loader):
+                loop.vote.close()
+                guard.close()
                 return {"status": "interrupted", "step": state.step}
+        loop.vote.close()
     except Diverged as e:
+        guard.close()
         loop.account_time()
         log.warning(f"{meta['run_id']}: diverged: {e}")
         return _final(rd, cfg, state, "diverged", str(e), diverged_step=e.step) if env.is_main else {"status": "diverged"}
     except Exception as e:
-        loop.account_time()
-        reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        if env.is_main:
-            _final(rd, cfg, state, "failed", reason)
+        if loop:
+            loop.account_time()
+        full = _disk_full(e, rd, state)
+        if full:
+            guard._note(str(full))  # the peers stop too; a full disk is not the run's failure
+            guard.close()
+            raise full from None
+        guard.failed(_reason(e))
+        guard.close()
         raise
+    guard.close()
     final = _final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     if env.is_main:
         log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
     return final
+
+
+def _reason(e: BaseException) -> str:
+    """'Type: last line of the message' (a DataLoader worker's error arrives wrapped in a traceback)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException, rd: rundir.RunDir, state: TrainState) -> DiskFullError | None:
+    """The DiskFullError to raise for an error caused by a full disk or quota, else None."""
+    if isinstance(e, DiskFullError):
+        return e
+    cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
+    if not (isinstance(cause, OSError) and cause.errno in DISK_FULL):
+        return None
+    return DiskFullError(
+        f"{rd.root}: disk full at step {state.step} ({cause.strerror}); the last checkpoint is intact: "
+        "free space and start the run again to resume"
+    )
+
+
+def _record_failure(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, stage: str, reason: str, rank: int, world: int) -> None:
+    """A failed final.json naming the stage, the failing rank and its error, plus a line in failures.jsonl."""
+    where = f"rank {rank}: " if world > 1 else ""
+    rundir.append_jsonl(rd.failures, [{"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stage": stage, "rank": rank, "step": state.step, "reason": reason}])
+    failures = len(rundir.read_jsonl(rd.failures))
+    if not state.history:  # failed before the checkpoint was read: the epochs already done still count
+        try:
+            state = TrainState(history=rundir.read_jsonl(rd.metrics))
+        except AblationError:
+            pass
+    log.error(f"{rd.root.name}: failed during {stage}: {where}{reason}")
+    _final(rd, cfg, state, "failed", f"{where}{reason}", stage=stage, failed_rank=rank, failures=failures)
+
+
+def _remove_temporaries(rd: rundir.RunDir) -> None:
+    """Delete what a killed atomic write left behind (.<name>.<random>.tmp); the folder is locked, so none is live."""
+    for p in rd.root.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
@@ -455,10 +536,13 @@ def _eval_data_cfg(cfg: RunConfig, d: Derived) -> Any:
 class _Loop:
     """One run's training loop; holds the per-epoch accumulators between steps."""
 
-    def __init__(self, cfg, rd, env, d, ddp, model, opt, state: TrainState, meta, should_stop):
+    def __init__(self, cfg, rd, env, d, ddp, model, opt, state: TrainState, meta, should_stop, eval_polls: int):
         self.cfg, self.rd, self.env, self.d = cfg, rd, env, d
         self.ddp, self.model, self.opt, self.state, self.meta = ddp, model, opt, state, meta
         self.should_stop = should_stop or (lambda: False)
+        self.vote = StopVote(env, self.should_stop)  # polled after every step and evaluation batch
+        self.eval_polls = eval_polls
+        self.stage = "train"  # train | eval | checkpoint: what a failure interrupted
         self.losses: list[torch.Tensor] = []  # per-step losses not yet checked (kept on device: no sync per step)
         self.session_start = time.monotonic()
         self.last_save = time.monotonic()
@@ -510,20 +594,25 @@ class _Loop:
             st.step_in_epoch += 1
             if st.step == self.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            faults.hit("step", st.step)
+            if self.vote.poll():
+                self._flush(epoch, lr, bar)
+                bar.close()
+                return self._stop(acc)
             every = cfg.checkpoint_every_steps
             due_ckpt = bool(every) and st.step % every == 0 and st.step_in_epoch < d.steps_per_epoch
             if st.step % cfg.log_every_steps == 0 or due_ckpt:
-                stop, timed = self._flush(epoch, lr, bar)
-                if due_ckpt or timed or stop:
+                if self._flush(epoch, lr, bar) or due_ckpt:
                     self._checkpoint(acc)
-                if stop:
-                    bar.close()
-                    log.info(f"{self.meta['run_id']}: stopped at step {st.step}; checkpointed, will resume from here")
-                    return False
         self._flush(epoch, lr_at(cfg, d, max(st.step - 1, 0)), bar)
         bar.close()
-        train_loss, correct, count = _all_sum(acc, env).tolist()
-        val1, val5 = evaluate(self.model, val_loader, env, cfg)
+        train_loss, correct, count = _all_sum(acc.clone(), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
+        self.stage = "eval"
+        val = evaluate(self.model, val_loader, env, cfg, self.vote, self.eval_polls)
+        if val is None:
+            return self._stop(acc)
+        val1, val5 = val
+        self.stage = "train"
         self.account_time()
         row = {
             "epoch": epoch + 1,
@@ -547,17 +636,17 @@ class _Loop:
         )
         return True
 
-    def _flush(self, epoch: int, lr: float, bar: Any) -> tuple[bool, bool]:
-        """Check the buffered losses for divergence, log them; return (stop asked, time to checkpoint)."""
+    def _flush(self, epoch: int, lr: float, bar: Any) -> bool:
+        """Check the buffered losses for divergence, log them; return whether a timed checkpoint is due."""
         env, st = self.env, self.state
         if not self.losses:
-            return False, False
+            return False
         losses = torch.stack(self.losses)
         timed = bool(self.cfg.checkpoint_every_minutes) and time.monotonic() - self.last_save > 60 * self.cfg.checkpoint_every_minutes
-        flags = torch.tensor([float(self.should_stop()), float(timed and env.is_main)], device=losses.device)
+        flags = torch.tensor([float(timed and env.is_main)], device=losses.device)  # rank 0's clock decides for all
         packed = _all_sum(torch.cat([losses, flags]), env)
-        losses = (packed[:-2] / env.world_size).tolist()
-        stop, timed = packed[-2].item() > 0, packed[-1].item() > 0
+        losses = (packed[:-1] / env.world_size).tolist()
+        timed = packed[-1].item() > 0
         first = st.step - len(losses)
         self.losses = []
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
@@ -569,7 +658,19 @@ class _Loop:
             raise Diverged(first + bad, epoch, losses[bad])
         bar.update(len(losses))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}")
-        return stop, timed
+        return timed
+
+    def _stop(self, acc: torch.Tensor) -> bool:
+        """Checkpoint where every process agreed to stop, log how long that took since the signal; False."""
+        st = self.state
+        self._checkpoint(acc)
+        at, sig = getattr(self.should_stop, "at", None), getattr(self.should_stop, "name", None)
+        took = time.monotonic() - at if at is not None else None
+        after = f" {took:.2f}s after {sig}" if took is not None else ""
+        log.info(f"{self.meta['run_id']}: stopped at step {st.step} ({self.stage}); checkpoint written{after}, will resume from here")
+        if self.env.is_main:
+            _note_stop(self.rd, {"stopped_at_step": st.step, "stopped_in": self.stage, "stop_signal": sig, "signal_to_checkpoint_s": None if took is None else round(took, 3)})
+        return False
 
     def _checkpoint(self, acc: torch.Tensor | None) -> None:
         """Save the state; acc holds this rank's partial-epoch sums (None at an epoch end)."""
@@ -583,5 +684,15 @@ class _Loop:
             st.partial = [p.tolist() for p in parts]
             self.account_time()
         if env.is_main:
-            save_checkpoint(self.rd, self.model, self.opt, st, self.meta)
+            stage, self.stage = self.stage, "checkpoint"
+            try:
+                save_checkpoint(self.rd, self.model, self.opt, st, self.meta)
+            except OSError as e:
+                if e.errno in DISK_FULL:  # the temporary file is gone; the previous checkpoint is untouched
+                    raise DiskFullError(
+                        f"{self.rd.checkpoint}: disk full writing the checkpoint of step {st.step} ({e.strerror}); "
+                        "the previous checkpoint is intact: free space and start the run again to resume"
+                    ) from None
+                raise
+            self.stage = stage
         self.last_save = time.monotonic()

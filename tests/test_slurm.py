@@ -137,6 +137,9 @@ def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Pat
     starts = json.loads((link / "env.json").read_text())["starts"]
     assert len(starts) >= 2, f"no requeue happened: {seen}"
     assert all(s["resumed_from_step"] > 0 for s in starts[1:])
+    assert starts[0]["stop_signal"] == "SIGUSR2" and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"]
+    print(f"\nSIGUSR2 -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
+    assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
     assert json.loads((link / "final.json").read_text())["status"] == "ok"
 
     ablation(["sweep", str(s), "--results", str(tmp_path / "whole"), "--executor", "debug"], cli_env)
@@ -145,3 +148,42 @@ def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Pat
     a = torch.load(link / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """SIGTERM (preemption; also what scancel sends first) is handled like the time-limit signal."""
+    s = spec(tmp_path, "preempt", tiny_data, epochs=40)
+    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    sweep_dir = tmp_path / "slurm" / "preempt"
+    (job,) = {json.loads(line)["job_id"] for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()}
+    (link,) = (sweep_dir / "runs").iterdir()
+    deadline = time.monotonic() + 240
+    while len(rundir.read_jsonl(link / "metrics.jsonl")) < 3:  # well into the run
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)  # signal the job's steps; nothing is cancelled
+    wait_for(sweep_dir, cli_env, 480, hurry_requeues=True)
+    starts = json.loads((link / "env.json").read_text())["starts"]
+    assert len(starts) >= 2 and starts[0]["stop_signal"] == "SIGTERM" and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"] > 0
+    print(f"\nSIGTERM -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
+    assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
+    assert json.loads((link / "final.json").read_text())["status"] == "ok"
+
+    ablation(["sweep", str(s), "--results", str(tmp_path / "whole"), "--executor", "debug"], cli_env)
+    whole = tmp_path / "whole" / "runs" / link.name
+    assert metrics(link) == metrics(whole)
+    a = torch.load(link / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_run_is_requeued_retries_times_then_stays_failed(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    s = spec(tmp_path, "failing", tiny_data, epochs=1)
+    env = {**cli_env, "ABLATION_FAULT": "step:2:raise"}  # sbatch exports the environment to the job
+    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, retries=1))], env)
+    seen = wait_for(tmp_path / "slurm" / "failing", cli_env, 480, hurry_requeues=True)
+    (link,) = (tmp_path / "slurm" / "failing" / "runs").iterdir()
+    final = json.loads((link / "final.json").read_text())
+    assert final["status"] == "failed" and final["stage"] == "train" and "injected fault at step #2" in final["reason"]
+    assert len(rundir.read_jsonl(link / "failures.jsonl")) == 2, seen  # the first start and one retry
+    assert "failed (x2 starts, 2 failures)" in seen[-1]
