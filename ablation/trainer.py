@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import logging
 import math
 import os
