@@ -67,11 +67,13 @@ def run_state(folder: Path, epochs: int, job: dict[str, Any] | None, slurm: dict
     err = rows[-1]["val_err1"] if rows else None
     secs = statistics.mean(r["epoch_seconds"] for r in rows) if rows else None
     final = rd.final_status()  # a damaged final.json reads as failed, and is named
-    if final:
-        return final["status"], len(rows), final.get("val_err1", err), starts, secs
     sstate = None
     if job and job.get("executor") == "slurm" and slurm is not None:
         sstate = slurm.get(str(job.get("job_id")))
+    # A failed run whose job is alive again is being retried: show what the job does, not the old failure.
+    retrying = final and final.get("status") == "failed" and (sstate in SLURM_ACTIVE or rundir.is_locked(rd))
+    if final and not retrying:
+        return final["status"], len(rows), final.get("val_err1", err), starts, secs
     if rundir.is_locked(rd) or sstate in ("RUNNING", "COMPLETING", "CONFIGURING"):
         return "running", len(rows), err, starts, secs
     if sstate in SLURM_ACTIVE:
