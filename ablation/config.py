@@ -131,6 +131,8 @@ class RunConfig:
     amp: bool = _f(False, "bfloat16 autocast on GPU (ignored on CPU)")
     channels_last: bool = _f(False, "channels-last memory format on GPU (ignored on CPU)", hash=False)
     device: str = _f("auto", "auto | cpu | cuda", hash=False)
+    # Not in the run id: compiled and eager runs agree to float tolerance, as runs on other thread counts do.
+    compile: str = _f("off", "torch.compile the model: off | inductor | another torch.compile backend (e.g. aot_eager to debug)", hash=False)
     metric_epochs: int = _f(5, "the paper's metric: median val error of the last this-many epochs", hash=False)
     checkpoint_every_steps: int = _f(0, "also checkpoint every this-many steps (0 = only at epoch ends and on signals)", hash=False)
     checkpoint_every_minutes: float = _f(10.0, "also checkpoint after this many minutes since the last one (0 = off)", hash=False)

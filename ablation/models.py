@@ -83,7 +83,10 @@ def last_norms(model: ResNet) -> list[nn.Module]:
 
 
 def check_model_norm(cfg: RunConfig, num_classes: int = 1000) -> None:
-    """Build the model on the meta device to catch norm/width mismatches before any work is queued."""
+    """Build the model on the meta device to catch norm/width mismatches before any work is queued (and check `compile`)."""
+    if cfg.compile != "off" and cfg.compile not in torch.compiler.list_backends(exclude_tags=()):
+        valid = ", ".join(["off", *torch.compiler.list_backends(exclude_tags=())])
+        raise ConfigError(f"compile: unknown torch.compile backend {cfg.compile!r}; valid: {valid}")
     try:
         with torch.device("meta"):
             create_model(cfg, num_classes)

@@ -425,6 +425,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: Dataset
             if cfg.log_steps:
                 rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
         ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
+        ddp, eval_model = _compiled(cfg, ddp, model)
 
         train_ds = SeededImageFolder(cfg.data.root, "train", train_transform(cfg.data), cfg.seed)
         val_ds = SeededImageFolder(cfg.data.root, "val", eval_transform(_eval_data_cfg(cfg, d)), cfg.seed)
@@ -442,6 +443,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: Dataset
         if env.device == "cpu" and (cfg.amp or cfg.channels_last):
             log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
         loop = _Loop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
+        loop.eval_model = eval_model
         t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch, state.step_in_epoch)
@@ -515,6 +517,19 @@ def _remove_temporaries(rd: rundir.RunDir) -> None:
         p.unlink(missing_ok=True)
 
 
+def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(training forward, evaluation forward): torch.compile'd when cfg.compile is not 'off'.
+
+    One compiled module serves train and eval (separate graphs, guarded on the training flag), so
+    switching modes after the first epoch recompiles nothing; the smaller last evaluation batch makes
+    the batch dimension dynamic once. Checkpoints still save `model`, whose state the compiled module shares.
+    """
+    if cfg.compile == "off":
+        return ddp, model
+    compiled = torch.compile(ddp, backend=cfg.compile)
+    return compiled, (compiled if ddp is model else torch.compile(model, backend=cfg.compile))
+
+
 def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
     """DDP without its own buffer broadcast: the BN running-statistics rule is applied after each step."""
     import inspect
@@ -542,6 +557,7 @@ class _Loop:
         self.vote = StopVote(env, self.should_stop)  # polled after every step and evaluation batch
         self.eval_polls = eval_polls
         self.stage = "train"  # train | eval | checkpoint: what a failure interrupted
+        self.eval_model: nn.Module = model  # the compiled model when cfg.compile is on
         self.losses: list[torch.Tensor] = []  # per-step losses not yet checked (kept on device: no sync per step)
         self.session_start = time.monotonic()
         self.last_save = time.monotonic()
@@ -607,7 +623,7 @@ class _Loop:
         bar.close()
         train_loss, correct, count = _all_sum(acc.clone(), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
         self.stage = "eval"
-        val = evaluate(self.model, val_loader, env, cfg, self.vote, self.eval_polls)
+        val = evaluate(self.eval_model, val_loader, env, cfg, self.vote, self.eval_polls)
         if val is None:
             return self._stop(acc)
         val1, val5 = val
