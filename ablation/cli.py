@@ -95,6 +95,26 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_data_bench(args: argparse.Namespace) -> int:
+    """Time the training data pipelines' CPU side on a dataset: images/s per core, cores to feed the GPUs."""
+    import dataclasses
+
+    from ablation import config, databench
+
+    if args.images < 1:
+        from ablation.errors import ConfigError
+
+        raise ConfigError(f"--images must be at least 1, got {args.images}")
+    cfg = _load(args)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.root))
+    d = config.derive(cfg, train_images=config.IMAGENET_TRAIN_IMAGES)
+    result = databench.run(args.root, dataclasses.replace(cfg.data, eval_resize=d.eval_resize), args.images, cfg.seed)
+    per_gpu = args.gpu_images_per_s or databench.GPU_IMAGES_PER_S
+    for line in databench.report(result, cfg.data.pipeline, cfg.data.image_size, cfg.gpus, per_gpu):
+        print(line)
+    return EXIT_OK
+
+
 DEFAULT_RESULTS = "results"
 
 
@@ -275,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
     k = dsub.add_parser("check", help="check a dataset's ImageFolder layout")
     k.add_argument("root")
     k.set_defaults(func=cmd_data_check)
+
+    b = dsub.add_parser("bench", intermixed=True, help="time the training data pipeline's CPU side on your data: images/s per core, cores needed to feed the GPUs")
+    b.add_argument("root", help="dataset folder (train/<class>/*.JPEG)")
+    b.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8")
+    b.add_argument("--images", type=int, default=256, help="training images to time, spread over the classes (default 256)")
+    b.add_argument("--gpu-images-per-s", type=float, help="training images/s one GPU consumes (default 2500: ResNet-50, bf16, H100)")
+    b.set_defaults(func=cmd_data_bench)
 
     w = sub.add_parser("sweep", intermixed=True, help="expand a sweep spec and submit what is not done (or --dry-run)")
     w.add_argument("spec", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml")

@@ -37,6 +37,7 @@ GROUP_NORMS = ("gn", "ln", "in")
 BUILTIN_NORMS = ("bn", "syncbn", "gn", "ln", "in", "none")
 RUNNING_STATS_RULES = ("rank0", "mean")
 SCHEDULES = ("step", "cosine")
+PIPELINES = ("reference", "split")
 # Keys the trainer writes into config.yaml beside the config; reading one back ignores them.
 WRITTEN_KEYS = ("run_id", "config_hash", "derived")
 
@@ -96,6 +97,15 @@ class DataConfig:
     hflip: bool = _f(True, "random horizontal flip")
     mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "normalization mean")
     std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "normalization std")
+    # The split pipeline changes pixels (by resampling, where it decodes JPEGs at reduced scale), so it
+    # is in the run id. `reference` stays the default and is left out of the hash, so every run folder
+    # made before this field existed keeps its id and resumes with the pixels it started with; the
+    # fast path is opt-in (README, "The data path").
+    pipeline: str = _f(
+        "reference",
+        "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; jitter, lighting, normalize, flip batched on the device)",
+        omit_if_default=True,
+    )
     workers: int = _f(8, "data-loading worker processes per training process", hash=False)
     eval_batch: int = _f(100, "images per evaluation batch per process (no effect on results)", hash=False)
 
@@ -425,6 +435,8 @@ def validate(cfg: RunConfig) -> None:
     _positive(d.lighting, "data.lighting", allow_zero=True)
     if min(d.std) <= 0:
         raise ConfigError(f"data.std must be positive, got {d.std}")
+    if d.pipeline not in PIPELINES:
+        raise ConfigError(f"data.pipeline must be one of {', '.join(PIPELINES)}; got {d.pipeline!r}")
     _positive(d.workers, "data.workers", allow_zero=True)
     _positive(d.eval_batch, "data.eval_batch")
     o = cfg.optim

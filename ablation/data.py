@@ -6,18 +6,28 @@ augmented images whatever the number of DataLoader workers, processes, or the re
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
 from ablation.errors import DataError
+
+try:  # libjpeg-turbo straight into a tensor: ~13% more images/s than PIL's route (benchmarks/data_speed.py).
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg
+except ImportError:  # deprecated since torchvision 0.29 in favour of TorchCodec: PIL takes over when it goes
+    _tv_decode_jpeg = None
 
 SPLITS: tuple[str, ...] = ("train", "val")
 _MASK64 = (1 << 64) - 1
@@ -79,23 +89,36 @@ def _require_dir(path: Path, what: str, fix: str) -> None:
         raise DataError(f"{what} {path} is not a folder; {fix}")
 
 
-def _scan_split(root: Path, split: str, digest: Any) -> tuple[list[str], int]:
-    """Class names and image count of one split; feeds relative file names into digest."""
+def _scan_split(root: Path, split: str, digest: Any) -> tuple[list[str], list[tuple[str, ...]]]:
+    """Class names and, per class, its image files (relative to the class folder, in torchvision's
+    order); feeds the split-relative file names into digest."""
     split_dir = root / split  # exists: check_splits ran first
     classes = _class_dirs(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class folders; put each class's images in its own "
                         f"sub-folder, e.g. {split_dir}/<class>/<image>.JPEG")
-    count = 0
+    per_class = []
     for name in classes:
-        files = sorted(_image_files(str(split_dir / name), f"{split}/{name}/"))
+        files = sorted(_image_files(str(split_dir / name), ""))
         if not files:
             exts = ", ".join(IMG_EXTENSIONS)
             raise DataError(f"class folder {split_dir / name} has no image files ({exts}); "
                             f"add images or remove the folder")
-        count += len(files)
-        digest.update(("\n".join(files) + "\n").encode("utf-8", "surrogateescape"))
-    return classes, count
+        prefix = f"{split}/{name}/"
+        digest.update(("\n".join(prefix + f for f in files) + "\n").encode("utf-8", "surrogateescape"))
+        per_class.append(tuple(sorted(files, key=_walk_order)))
+    return classes, per_class
+
+
+def _walk_order(name: str) -> tuple[str, str]:
+    """Sort key giving torchvision's make_dataset order: by folder (as sorted(os.walk) lists them), then name.
+
+    The fingerprint keeps plain sorted order; sample indices (which seed the augmentation) keep
+    torchvision's, which differs for nested folders ('b/x.jpg' sorts before 'z.jpg', but os.walk
+    yields the class folder's own files first).
+    """
+    folder, _, base = name.rpartition("/")
+    return folder, base
 
 
 def _few(names: list[str], limit: int = 3) -> str:
@@ -128,8 +151,27 @@ def check_splits(root: str | Path) -> None:
         _require_dir(root / split, f"{split} split folder", f"put one sub-folder per class under {root}/{split}")
 
 
-def check_layout(root: str | Path) -> DatasetInfo:
-    """Check root has train/ and val/ with the same non-empty class folders; return counts."""
+@dataclass(frozen=True)
+class DatasetScan:
+    """What one walk of the dataset found: the summary and every split's file list.
+
+    The trainer walks the folders once per start, on rank 0, and hands the lists to the other ranks
+    (trainer._scan_dataset), instead of every rank walking them twice (check_layout, then ImageFolder).
+    """
+
+    info: DatasetInfo
+    files: dict[str, tuple[tuple[str, ...], ...]]  # split -> per class: names relative to the class folder
+
+    def samples(self, split: str) -> list[tuple[str, int]]:
+        """(path, class index) of every image of a split, as torchvision's make_dataset lists them."""
+        split_dir = os.path.join(self.info.root, split)
+        return [(os.path.join(split_dir, cls, name), target)
+                for target, (cls, names) in enumerate(zip(self.info.classes, self.files[split]))
+                for name in names]
+
+
+def scan_layout(root: str | Path) -> DatasetScan:
+    """check_layout's checks and summary, plus the file lists it walked."""
     root = Path(root).expanduser()
     check_splits(root)
     digest = hashlib.sha256()
@@ -137,11 +179,17 @@ def check_layout(root: str | Path) -> DatasetInfo:
     for split in SPLITS:
         digest.update(f"[{split}]\n".encode())
         scans[split] = _scan_split(root, split, digest)
-    (train, n_train), (val, n_val) = scans["train"], scans["val"]
+    (train, train_files), (val, val_files) = scans["train"], scans["val"]
     _check_same_classes(root, train, val)
     digest.update(("[classes]\n" + "\n".join(train) + "\n").encode("utf-8", "surrogateescape"))
-    return DatasetInfo(root=str(root), classes=tuple(train), train_images=n_train,
-                       val_images=n_val, fingerprint=digest.hexdigest()[:16])
+    info = DatasetInfo(root=str(root), classes=tuple(train), train_images=sum(map(len, train_files)),
+                       val_images=sum(map(len, val_files)), fingerprint=digest.hexdigest()[:16])
+    return DatasetScan(info, {"train": tuple(train_files), "val": tuple(val_files)})
+
+
+def check_layout(root: str | Path) -> DatasetInfo:
+    """Check root has train/ and val/ with the same non-empty class folders; return counts."""
+    return scan_layout(root).info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,12 +206,15 @@ class Lighting:
         self.eigval = torch.tensor(eigval, dtype=torch.float32)
         self.eigvec = torch.tensor(eigvec, dtype=torch.float32)
 
+    def draw(self) -> torch.Tensor:
+        """The random coefficients alpha (3,), from torch's global RNG; the split pipeline ships them."""
+        return torch.randn(3) * self.alphastd
+
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         """Add one RGB offset, eigvec @ (alpha * eigval), to every pixel."""
         if self.alphastd == 0:
             return img  # no RNG draw either, so turning lighting off leaves other draws unchanged
-        alpha = torch.randn(3) * self.alphastd
-        rgb = self.eigvec @ (alpha * self.eigval)
+        rgb = self.eigvec @ (self.draw() * self.eigval)
         return img + rgb.to(img.dtype).view(3, 1, 1)
 
     def __repr__(self) -> str:
@@ -204,6 +255,258 @@ def eval_transform(cfg: Any) -> Transform:
 
 
 # ---------------------------------------------------------------------------------------------
+# The split pipeline: parameters and pixels on the loader, photometric steps batched on the device.
+# ---------------------------------------------------------------------------------------------
+#
+# train_transform does all of the augmentation per image, in float, on a loader worker. The split
+# pipeline (data.pipeline=split) draws the same random parameters from the same per-image
+# generator in the same order -- it calls make_params of the very transform objects train_transform
+# builds -- so crop box, jitter factors and order, lighting alpha and flip are identical. The worker
+# then only decodes, crops and resizes to uint8, decoding the JPEG at 1/2, 1/4 or 1/8 scale when the
+# crop is at least that many times larger than the output (libjpeg's DCT scaling, PIL's draft mode),
+# and ships the pixels with their parameters; `finish_on_device` applies jitter, lighting, normalize
+# and flip to the whole batch on the training device. Where no reduced-scale decode happens the uint8
+# crop is the reference path's exactly, and the float results differ by rounding only (~1e-6); where
+# it happens they differ as two resampling routes do (tests/test_data.py measures both).
+
+
+class SplitSample(NamedTuple):
+    """A training image of the split pipeline (batched by the DataLoader's collate into the same type)."""
+
+    pixels: torch.Tensor  # uint8 (H, W, 3): cropped and resized, no photometric step yet
+    jitter: torch.Tensor  # float64 (3,): brightness, contrast, saturation factors (1 = unchanged)
+    order: torch.Tensor  # int64 (4,): ColorJitter's order of brightness 0, contrast 1, saturation 2, hue 3 (unused)
+    alpha: torch.Tensor  # float32 (3,): PCA lighting coefficients (0 = none)
+    flip: torch.Tensor  # bool (): horizontal flip
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """One image's random augmentation parameters, as train_transform draws them."""
+
+    box: tuple[int, int, int, int]  # crop (left, top, right, bottom) in full-size pixels
+    jitter: tuple[float, float, float] | None  # brightness, contrast, saturation factors
+    order: tuple[int, int, int, int] | None  # ColorJitter's permutation
+    alpha: torch.Tensor | None  # lighting coefficients (3,)
+    flip: bool
+
+
+def draft_scale(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
+    """The JPEG decode scale denominator for a crop shrunk to (out_w, out_h): the largest s in 8, 4, 2
+    at which the crop still covers the output on both sides, else 1.
+
+    The crop is then shrunk from the 1/s-scale pixels instead of the full-size ones, never enlarged:
+    a crop smaller than twice the output on either side decodes at full size.
+    """
+    for s in (8, 4, 2):
+        if crop_w >= s * out_w and crop_h >= s * out_h:
+            return s
+    return 1
+
+
+def read_crop(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int, int],
+              data: bytes | None = None) -> tuple[torch.Tensor, int]:
+    """Decode an opened image (header read, pixels not yet), crop `box` (left, top, right, bottom) and
+    resize it to `size` (h, w). Returns uint8 pixels (h, w, 3) and the JPEG scale denominator used.
+
+    Reduced scale: PIL's draft mode, then PIL's bilinear resize from the fractional box. Full size:
+    torchvision's libjpeg-turbo decoder when `data` (the file's bytes) holds an RGB JPEG -- PIL's pixels
+    exactly, without PIL's copy into an array (PIL when torchvision lacks it) -- else PIL; then torch's antialiased bilinear resize on
+    uint8, PIL's filter within one level at a fifth of PIL's time.
+    """
+    left, top, right, bottom = box
+    out_h, out_w = size
+    scale = draft_scale(right - left, bottom - top, out_w, out_h)
+    if scale > 1:
+        full_w = img.width
+        drafted = img.draft("RGB", (img.width // scale, img.height // scale))  # None: not a JPEG
+        scale = 1 if drafted is None else round(full_w / drafted[1][2])
+    if scale > 1:  # box in the reduced image's coordinates: a pixel there covers scale x scale full-size pixels
+        img.load()
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        out = rgb.resize((out_w, out_h), Image.BILINEAR, box=tuple(v / scale for v in box))
+        return torch.from_numpy(np.array(out)), scale
+    return _resize_uint8(_decode_rgb(img, data)[top:bottom, left:right], out_h, out_w), 1
+
+
+def _decode_rgb(img: Image.Image, data: bytes | None) -> torch.Tensor:
+    """The full-size pixels (H, W, 3) uint8 of an opened image."""
+    if _tv_decode_jpeg is not None and data is not None and img.format == "JPEG" and img.mode == "RGB":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # once per call, in every worker
+                raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return _tv_decode_jpeg(raw, mode=ImageReadMode.RGB).permute(1, 2, 0)  # its memory is (H, W, 3)
+        except RuntimeError:
+            pass  # damaged: PIL decodes it again and says what is wrong
+    img.load()
+    return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
+
+
+def _resize_uint8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Antialiased bilinear resize of uint8 (H, W, 3) pixels, as PIL's BILINEAR does it."""
+    x = hwc.contiguous().permute(2, 0, 1)  # channels-last (3, H, W): torch's vectorised uint8 path
+    if tuple(x.shape[1:]) != (out_h, out_w):
+        x = v2.functional.resize(x, [out_h, out_w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return x.permute(1, 2, 0).contiguous()
+
+
+def _shape_only(width: int, height: int) -> torch.Tensor:
+    """A tensor with an image's shape and no data, for torchvision's make_params."""
+    return torch.empty((3, height, width), device="meta")
+
+
+class SplitTrainTransform:
+    """The loader half of the split pipeline: train_transform's random parameters, then decode + crop + resize."""
+
+    reads_files = True  # SeededImageFolder hands over the path: this reads, and decodes what the crop needs
+
+    def __init__(self, cfg: Any) -> None:
+        steps = train_transform(cfg).transforms  # the reference's own objects: same settings, same draws
+
+        def step(kind: type) -> Any:
+            return next((t for t in steps if isinstance(t, kind)), None)
+
+        self.crop, self.jitter = step(v2.RandomResizedCrop), step(v2.ColorJitter)
+        self.lighting, self.flip = step(Lighting), step(v2.RandomHorizontalFlip)
+        self.size = tuple(self.crop.size)  # (h, w)
+        self.images = self.reduced = 0  # how many images, and how many decoded at reduced scale (data bench)
+
+    def params(self, width: int, height: int) -> AugParams:
+        """Draw from torch's global RNG what train_transform draws for an image of this size, in its order."""
+        c = self.crop.make_params([_shape_only(width, height)])
+        box = (c["left"], c["top"], c["left"] + c["width"], c["top"] + c["height"])
+        jitter = order = alpha = None
+        if self.jitter is not None:
+            j = self.jitter.make_params([])
+            jitter = (j["brightness_factor"], j["contrast_factor"], j["saturation_factor"])
+            order = tuple(j["fn_idx"].tolist())
+        if self.lighting is not None:
+            alpha = self.lighting.draw()
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # v2 flips unless rand >= p
+        return AugParams(box, jitter, order, alpha, flip)
+
+    def __call__(self, path: str) -> SplitSample:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            p = self.params(*img.size)  # from the header: nothing decoded yet
+            pixels, scale = read_crop(img, p.box, self.size, data)
+        self.images += 1
+        self.reduced += scale > 1
+        return SplitSample(
+            pixels,
+            torch.tensor(p.jitter or (1.0, 1.0, 1.0), dtype=torch.float64),
+            torch.tensor(p.order or (0, 1, 2, 3), dtype=torch.int64),
+            p.alpha if p.alpha is not None else torch.zeros(3),
+            torch.tensor(p.flip),
+        )
+
+
+class SplitEvalTransform:
+    """eval_transform's resize and centre crop on the loader, to uint8 (H, W, 3); normalize runs on the device.
+
+    No reduced-scale decoding here: evaluation sees exactly the reference path's pixels, whatever the pipeline.
+    """
+
+    def __init__(self, cfg: Any) -> None:
+        self.steps = v2.Compose([v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(cfg.image_size)])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.steps(img)))
+
+
+def pipeline_transforms(cfg: Any) -> tuple[Transform, Transform]:
+    """(train, eval) transforms of cfg.pipeline; cfg is a DataConfig with eval_resize filled in."""
+    if getattr(cfg, "pipeline", "reference") == "split":
+        return SplitTrainTransform(cfg), SplitEvalTransform(cfg)
+    return train_transform(cfg), eval_transform(cfg)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's float grayscale (N, 1, H, W) of an RGB batch."""
+    r, g, b = x.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return x.mul_(f).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return x.mul_(f).add_(mean * g).clamp_(0, 1)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    gray = _gray(x)
+    return x.mul_(f).add_(gray * g).clamp_(0, 1)
+
+
+_JITTER_OPS = (_brightness, _contrast, _saturation)  # ColorJitter's fn_idx 0, 1, 2 (3, hue, is off)
+
+
+def _color_jitter(x: torch.Tensor, jitter: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's ColorJitter with per-image factors and order: x * f + other * (1 - f), clamped.
+
+    Images are grouped by their order of the three operations (at most 6 groups), so every image
+    goes through each operation once; jitter and order stay on the CPU, where the grouping is free.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, perm in enumerate(order.tolist()):
+        groups.setdefault(tuple(k for k in perm if k != 3), []).append(row)
+    # f as the kernels see it (float32), 1 - f computed in float64 as torchvision's Python float is
+    f = jitter.to(torch.float32).to(x.device, non_blocking=True)
+    g = (1.0 - jitter).to(torch.float32).to(x.device, non_blocking=True)
+    for ops, rows in groups.items():
+        whole = len(rows) == len(x)
+        idx = None if whole else torch.tensor(rows).to(x.device, non_blocking=True)
+        sub = x if idx is None else x.index_select(0, idx)
+        fs, gs = (f, g) if idx is None else (f.index_select(0, idx), g.index_select(0, idx))
+        for op in ops:
+            sub = _JITTER_OPS[op](sub, fs[:, op].view(-1, 1, 1, 1), gs[:, op].view(-1, 1, 1, 1))
+        if idx is not None:
+            x.index_copy_(0, idx, sub)
+    return x
+
+
+def finish_on_device(x: SplitSample | torch.Tensor, cfg: Any, device: str | torch.device,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A split-pipeline batch -> the float (N, 3, H, W) batch train_transform / eval_transform would give.
+
+    x is a batched SplitSample (training: flip, jitter, lighting, normalize) or a uint8 (N, H, W, 3)
+    tensor (evaluation: normalize). cfg is the DataConfig.
+    """
+    pixels, params = (x, None) if isinstance(x, torch.Tensor) else (x.pixels, x)
+    pixels = pixels.to(device, non_blocking=True)
+    if params is not None and cfg.hflip and bool(params.flip.any()):
+        # Flipped first, on uint8 (a quarter of the bytes): every later step treats all pixels alike,
+        # so this equals train_transform's flip at the end (but for the order of the contrast mean's sum).
+        idx = params.flip.nonzero().flatten().to(device, non_blocking=True)
+        pixels = pixels.index_copy(0, idx, pixels.index_select(0, idx).flip(2))
+    # NCHW from here: the per-channel steps run several times slower on a channels-last layout on CPUs.
+    img = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255)
+    if params is not None and cfg.color_jitter > 0:
+        img = _color_jitter(img, params.jitter, params.order)
+    if params is not None and cfg.lighting > 0:
+        eigval = torch.tensor(IMAGENET_EIGVAL, dtype=torch.float32)
+        eigvec = torch.tensor(IMAGENET_EIGVEC, dtype=torch.float32)
+        rgb = (params.alpha * eigval) @ eigvec.T  # row i: eigvec @ (alpha_i * eigval), as Lighting adds it
+        img.add_(rgb.to(device, non_blocking=True).view(-1, 3, 1, 1))
+    mean, std = _mean_std(tuple(cfg.mean), tuple(cfg.std), str(img.device))
+    img.sub_(mean).div_(std)
+    return img.contiguous(memory_format=memory_format)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalization constants on the device, made once: a tensor built from Python numbers on a GPU
+    at every step would wait for the GPU's queued work (a synchronous copy) and stall the pipeline.
+    Everything else finish_on_device sends is computed on the CPU and copied without waiting."""
+    return (torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
 # Dataset.
 # ---------------------------------------------------------------------------------------------
 
@@ -224,31 +527,53 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return h
 
 
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _unreadable(path: str, exc: BaseException) -> DataError:
+    """The one-line error for an image file that cannot be read."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return DataError(f"cannot read image {path}: {reason}; replace or delete the file")
+
+
 def load_rgb(path: str) -> Image.Image:
     """Open an image file as RGB, or raise a one-line DataError naming it."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise DataError(f"cannot read image {path}: {reason}; replace or delete the file") from exc
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def open_image(path: str) -> Image.Image:
+    """Open an image file reading its header only (size, format): the caller decodes, at the scale it needs."""
+    try:
+        return Image.open(path)
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from exc
 
 
 class SeededImageFolder(torch.utils.data.Dataset):
     """ImageFolder whose augmentation depends only on (seed, epoch, index)."""
 
-    def __init__(self, root: str | Path, split: str, transform: Transform | None, seed: int) -> None:
+    def __init__(self, root: str | Path, split: str, transform: Transform | None, seed: int, *,
+                 scan: DatasetScan | None = None) -> None:
+        """With `scan` (from scan_layout on the same root), take its file list instead of walking the folders."""
         split_dir = Path(root).expanduser() / split
-        _require_dir(split_dir, f"{split} split folder",
-                     f"put one sub-folder per class under it (run check_layout on {root})")
-        try:
-            self.classes, self.class_to_idx = find_classes(split_dir)
-            self.samples: list[tuple[str, int]] = make_dataset(
-                split_dir, self.class_to_idx, extensions=IMG_EXTENSIONS)
-        except (FileNotFoundError, ValueError) as exc:
-            reason = " ".join(str(exc).split())
-            raise DataError(f"bad class folders in {split_dir}: {reason}; "
-                            f"every class folder needs at least one image") from exc
+        if scan is not None:
+            self.classes = list(scan.info.classes)
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+            self.samples: list[tuple[str, int]] = scan.samples(split)
+        else:
+            _require_dir(split_dir, f"{split} split folder",
+                         f"put one sub-folder per class under it (run check_layout on {root})")
+            try:
+                self.classes, self.class_to_idx = find_classes(split_dir)
+                self.samples = make_dataset(split_dir, self.class_to_idx, extensions=IMG_EXTENSIONS)
+            except (FileNotFoundError, ValueError) as exc:
+                reason = " ".join(str(exc).split())
+                raise DataError(f"bad class folders in {split_dir}: {reason}; "
+                                f"every class folder needs at least one image") from exc
         self.root = str(split_dir)
         self.split = split
         self.transform = transform
@@ -271,12 +596,18 @@ class SeededImageFolder(torch.utils.data.Dataset):
         if index < 0:
             index += len(self.samples)  # same sample, same augmentation, whichever way it is indexed
         path, target = self.samples[index]
-        img = load_rgb(path)
+        reads = getattr(self.transform, "reads_files", False)  # the split pipeline decodes what its crop needs
+        img = None if reads else load_rgb(path)
         if self.transform is None:
             return v2.functional.pil_to_tensor(img).to(torch.float32).div_(255.0), target
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also reseed CUDA's global RNG, which
             # fork_rng(devices=[]) does not restore, and the training loop's GPU draws would shift.
             torch.random.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-            out = self.transform(img)
+            if not reads:
+                return self.transform(img), target
+            try:
+                out = self.transform(path)
+            except _READ_ERRORS as exc:
+                raise _unreadable(path, exc) from exc
         return out, target

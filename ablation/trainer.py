@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import ablation
 from ablation import faults, rundir
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, normalized, run_id, to_dict
-from ablation.data import DatasetInfo, SeededImageFolder, check_layout, eval_transform, train_transform
+from ablation.data import DatasetInfo, DatasetScan, SeededImageFolder, finish_on_device, pipeline_transforms, scan_layout
 from ablation.cluster import core_share
 from ablation.coordination import FailureGuard, StopVote, eval_polls
 from ablation.distributed import DistEnv, setup
@@ -117,6 +117,23 @@ class EpochIndexed(Dataset):
         epoch, index = key
         self.ds.set_epoch(epoch)
         return self.ds[index]
+
+
+def _scan_dataset(root: str, env: DistEnv) -> DatasetScan:
+    """Check the dataset and list its files once per start: rank 0 walks the folders, the other ranks
+    receive the lists (1.3M ImageNet paths walked once, not twice on every rank)."""
+    if env.world_size == 1:
+        return scan_layout(root)
+    box: list[Any] = [None]
+    if env.is_main:
+        try:
+            box[0] = scan_layout(root)
+        except DataError as e:
+            box[0] = str(e)  # every rank raises it: none is left waiting for a list that never comes
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise DataError(box[0])
+    return box[0]
 
 
 def _loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
@@ -336,11 +353,17 @@ def _autocast(cfg: RunConfig, env: DistEnv) -> Any:
     return nullcontext()
 
 
-def _to_device(x: torch.Tensor, y: torch.Tensor, env: DistEnv, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a batch to the device (channels-last on GPU when asked)."""
+def _to_device(x: torch.Tensor | Any, y: torch.Tensor, env: DistEnv, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to the device (channels-last on GPU when asked).
+
+    A data.pipeline=split batch (uint8 pixels, with their augmentation parameters when training) gets
+    its photometric steps there, batched: the float batch the reference pipeline would have made.
+    """
+    fmt = torch.channels_last if cfg.channels_last and env.device != "cpu" else torch.contiguous_format
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
+        return finish_on_device(x, cfg.data, env.device, fmt), y.to(env.device, non_blocking=True)
     if env.device == "cpu":
         return x, y
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     return x.to(env.device, non_blocking=True, memory_format=fmt), y.to(env.device, non_blocking=True)
 
 
@@ -382,7 +405,7 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
         raise ConfigError(f"gpus ({cfg.gpus}) must be a multiple of the number of processes ({env.world_size})")
     finished = rd.is_finished()
     # A missing or malformed dataset is the user's to fix, not the run's failure: refuse before writing anything.
-    info = None if finished else check_layout(cfg.data.root)
+    scan = None if finished else _scan_dataset(cfg.data.root, env)
     setup_logging(rd, env)
     if finished:
         final = rd.final_status() or {}
@@ -390,11 +413,12 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
         return final
     lock = _folder_lock(rd) if env.is_main else nullcontext()
     with lock:
-        return _train_locked(cfg, rd, env, info, should_stop)
+        return _train_locked(cfg, rd, env, scan, should_stop)
 
 
-def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: DatasetInfo, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: DatasetScan, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """The body of train() once the folder is ours: set-up and loop; any failure is recorded as one."""
+    info = scan.info
     gpp = cfg.gpus // env.world_size
     d = derive(cfg, info.train_images)
     meta = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "data_fingerprint": info.fingerprint}
@@ -427,8 +451,12 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, info: Dataset
         ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
         ddp, eval_model = _compiled(cfg, ddp, model)
 
-        train_ds = SeededImageFolder(cfg.data.root, "train", train_transform(cfg.data), cfg.seed)
-        val_ds = SeededImageFolder(cfg.data.root, "val", eval_transform(_eval_data_cfg(cfg, d)), cfg.seed)
+        train_tf, val_tf = pipeline_transforms(_eval_data_cfg(cfg, d))
+        train_ds = SeededImageFolder(cfg.data.root, "train", train_tf, cfg.seed, scan=scan)
+        val_ds = SeededImageFolder(cfg.data.root, "val", val_tf, cfg.seed, scan=scan)
+        if env.device != "cpu" and cfg.data.pipeline == "reference":
+            log.info("data.pipeline=reference augments in float on the loader's CPU cores; data.pipeline=split needs "
+                     "several times fewer of them (measure with `ablation data bench`)")
         sampler = GlobalBatchSampler(len(train_ds), d, cfg, env.rank, env.world_size)
         train_loader = _loader(EpochIndexed(train_ds), cfg, env, batch_sampler=sampler)
         val_idx = list(range(env.rank, len(val_ds), env.world_size))

@@ -153,6 +153,19 @@ def test_omit_if_default_keeps_old_run_ids() -> None:
     assert config._hash_view(Later(new_knob=1)) != config._hash_view(RunConfig())
 
 
+def test_data_pipeline_is_in_the_run_id_only_when_split() -> None:
+    base = RunConfig()
+    assert config.run_id(config.load(None, ["data.pipeline=reference"])) == config.run_id(base)  # old folders keep their ids
+    split = config.load(None, ["data.pipeline=split"])
+    assert split.data.pipeline == "split" and config.run_id(split) != config.run_id(base)
+    assert config.to_dict(base)["data"]["pipeline"] == "reference"  # config.yaml records it either way
+    old_yaml = config.to_dict(base)
+    del old_yaml["data"]["pipeline"]  # a config.yaml written before the field existed
+    assert config.from_dict(old_yaml).data.pipeline == "reference"
+    with pytest.raises(ConfigError, match="data.pipeline must be one of reference, split"):
+        config.load(None, ["data.pipeline=fast"])
+
+
 def test_round_trip_through_dict() -> None:
     cfg = config.load(None, ["norm.name=gn", "norm.channels_per_group=16", "model.widths=[8,16,32,64]", "norm.options={a: 1}"])
     assert config.from_dict(config.to_dict(cfg)) == cfg

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,8 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ablation.data import (DatasetInfo, Lighting, SeededImageFolder, check_layout, eval_transform,
-                           sample_seed, train_transform)
+from torchvision.transforms import v2
+
+import ablation.data as data_module
+from ablation.data import (DatasetInfo, Lighting, SeededImageFolder, SplitEvalTransform, SplitSample,
+                           SplitTrainTransform, check_layout, draft_scale, eval_transform, finish_on_device,
+                           load_rgb, pipeline_transforms, read_crop, sample_seed, scan_layout, train_transform)
 from ablation.errors import DataError
 from ablation.synth import SynthSpec, write_synth
 
@@ -322,3 +330,321 @@ def test_folder_missing_split_or_empty_class(copy_root: Path) -> None:
     (copy_root / "val" / "05_empty").mkdir()
     with pytest.raises(DataError, match="05_empty"):
         SeededImageFolder(copy_root, "val", None, seed=0)
+
+
+# --- the dataset scan (one walk per start) ------------------------------------------------------
+
+
+def test_scan_lists_samples_in_torchvision_order(tmp_path: Path) -> None:
+    # Nested folders and names where plain sorting and os.walk's order disagree ('b/x' < 'z' < 'b-c/q').
+    for split in ("train", "val"):
+        for cls in ("a", "a-b", "c"):
+            for rel in ("z.jpg", "b/x.JPEG", "b/y.png", "b-c/q.jpg", "0.jpeg", "b/d/e.jpg", "notes.txt"):
+                f = tmp_path / split / cls / rel
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(b"")
+    scan = scan_layout(tmp_path)
+    assert scan.info == check_layout(tmp_path)
+    for split in ("train", "val"):
+        walked = SeededImageFolder(tmp_path, split, None, seed=0)
+        given = SeededImageFolder(tmp_path, split, None, seed=0, scan=scan)
+        assert given.samples == walked.samples and given.classes == walked.classes
+        assert given.class_to_idx == walked.class_to_idx and given.targets == walked.targets
+
+
+def test_folder_given_a_scan_does_not_walk(synth_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = scan_layout(synth_root)
+
+    def no_walk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("walked the folders again")
+
+    monkeypatch.setattr(data_module, "make_dataset", no_walk)
+    monkeypatch.setattr(data_module, "find_classes", no_walk)
+    ds = SeededImageFolder(synth_root, "train", None, seed=0, scan=scan)
+    assert len(ds) == scan.info.train_images and ds[0][0].shape == (3, 32, 32)
+
+
+# --- the split pipeline --------------------------------------------------------------------------
+
+# 96-px images cropped to 24 px: crops of 48 px or more decode at 1/2 scale, whole images at 1/4.
+SPLIT_SPEC = SynthSpec(classes=3, train_per_class=8, val_per_class=2, size=96, seed=5)
+
+
+def split_cfg(**overrides: object) -> SimpleNamespace:
+    """The paper's augmentation at 24 px, split pipeline."""
+    return make_cfg(**{"image_size": 24, "eval_resize": 28, "pipeline": "split", **overrides})
+
+
+@pytest.fixture(scope="module")
+def split_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "split"
+    write_synth(root, SPLIT_SPEC)
+    return root
+
+
+def recording(transform: v2.Compose) -> dict[str, object]:
+    """Make the reference transform's random steps record the parameters they draw into the returned dict."""
+    log: dict[str, object] = {}
+    steps = {type(t): t for t in transform.transforms}
+
+    def record(obj: object, method: str, key: str) -> None:
+        original = getattr(obj, method)
+
+        def wrapper(*args: object) -> object:
+            log[key] = out = original(*args)
+            return out
+
+        setattr(obj, method, wrapper)
+
+    record(steps[v2.RandomResizedCrop], "make_params", "crop")
+    if v2.ColorJitter in steps:
+        record(steps[v2.ColorJitter], "make_params", "jitter")
+    if Lighting in steps:
+        record(steps[Lighting], "draw", "alpha")
+    if v2.RandomHorizontalFlip in steps:
+        flip = steps[v2.RandomHorizontalFlip]
+        transform_one = flip.transform
+
+        def flipping(inpt: object, params: dict) -> object:  # v2 calls it only when the coin says flip
+            log["flip"] = True
+            return transform_one(inpt, params)
+
+        flip.transform = flipping
+    return log
+
+
+@pytest.mark.parametrize("seed,epoch", [(0, 0), (7, 3), (2**40 + 5, 1)])
+def test_split_draws_the_reference_parameters(split_root: Path, seed: int, epoch: int) -> None:
+    cfg = split_cfg()
+    reference = train_transform(cfg)
+    log = recording(reference)
+    split = SplitTrainTransform(cfg)
+    ds = SeededImageFolder(split_root, "train", split, seed=seed)
+    ds.set_epoch(epoch)
+    flips = set()
+    for index, (path, _) in enumerate(ds.samples):
+        img = load_rgb(path)
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        log.clear()
+        log["flip"] = False
+        reference(img)
+        after_reference = torch.get_rng_state()
+        torch.manual_seed(sample_seed(seed, epoch, index))
+        p = split.params(*img.size)
+        assert torch.equal(torch.get_rng_state(), after_reference)  # same number of draws, same order
+        c, j = log["crop"], log["jitter"]
+        assert p.box == (c["left"], c["top"], c["left"] + c["width"], c["top"] + c["height"])
+        assert p.jitter == (j["brightness_factor"], j["contrast_factor"], j["saturation_factor"])
+        assert p.order == tuple(j["fn_idx"].tolist())
+        assert torch.equal(p.alpha, log["alpha"]) and p.flip == log["flip"]
+        # ... and the sample a loader worker ships carries exactly these
+        sample, _ = ds[index]
+        assert sample.pixels.dtype == torch.uint8 and sample.pixels.shape == (24, 24, 3)
+        assert sample.jitter.tolist() == list(p.jitter) and sample.order.tolist() == list(p.order)
+        assert torch.equal(sample.alpha, p.alpha) and bool(sample.flip) == p.flip
+        flips.add(p.flip)
+    assert flips == {True, False}
+
+
+def test_split_draws_match_with_steps_turned_off(split_root: Path) -> None:
+    cfg = split_cfg(color_jitter=0.0, lighting=0.0, hflip=False)
+    reference, split = train_transform(cfg), SplitTrainTransform(cfg)
+    log = recording(reference)
+    for index, (path, _) in enumerate(SeededImageFolder(split_root, "train", None, seed=0).samples[:6]):
+        img = load_rgb(path)
+        torch.manual_seed(index)
+        reference(img)
+        state = torch.get_rng_state()
+        torch.manual_seed(index)
+        p = split.params(*img.size)
+        assert torch.equal(torch.get_rng_state(), state)
+        c = log["crop"]
+        assert p.box == (c["left"], c["top"], c["left"] + c["width"], c["top"] + c["height"])
+        assert (p.jitter, p.order, p.alpha, p.flip) == (None, None, None, False)
+
+
+def equivalent_route(path: str, box: tuple[int, int, int, int], scale: int, size: int) -> torch.Tensor:
+    """The reference's pixels by another legitimate resampling route: full decode, box-average the
+    image down by `scale` in the pixel domain (what DCT scaling approximates), then PIL's bilinear
+    from the fractional box. With scale 1 it is the reference's crop and resize exactly."""
+    img = load_rgb(path)
+    if scale == 1:
+        out = img.crop(box).resize((size, size), Image.BILINEAR)
+    else:
+        out = img.reduce(scale).resize((size, size), Image.BILINEAR, box=tuple(v / scale for v in box))
+    return torch.from_numpy(np.array(out))
+
+
+def test_split_pixels_match_the_reference_up_to_resampling(split_root: Path) -> None:
+    cfg = split_cfg()
+    split = SplitTrainTransform(cfg)
+    ref_ds = SeededImageFolder(split_root, "train", train_transform(cfg), seed=1)
+    split_ds = SeededImageFolder(split_root, "train", split, seed=1)
+    samples = [split_ds[i][0] for i in range(len(split_ds))]
+    batch = torch.utils.data.default_collate(samples)
+    assert isinstance(batch, SplitSample) and batch.pixels.shape == (len(samples), 24, 24, 3)
+    got = finish_on_device(batch, cfg, "cpu")  # one batch: several jitter orders and flips at once
+    assert got.shape == (len(samples), 3, 24, 24) and got.dtype == torch.float32 and got.is_contiguous()
+    assert len({tuple(o) for o in batch.order.tolist()}) > 1 and 0 < int(batch.flip.sum()) < len(samples)
+
+    full, reduced, route = [], [], []
+    for i, (path, _) in enumerate(split_ds.samples):
+        reference = ref_ds[i][0]
+        diff = (got[i] - reference).abs()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(1, 0, i))
+            p = split.params(*load_rgb(path).size)
+        left, top, right, bottom = p.box
+        scale = draft_scale(right - left, bottom - top, 24, 24)
+        if scale == 1:
+            # Same decoder output; torch's uint8 bilinear vs PIL's: at most one level apart, which
+            # brightness, contrast and saturation (factors up to 1.4 each) and the std can magnify.
+            assert diff.max() <= 1.4**3 / 255 / 0.224 + 1e-5, (i, diff.max())
+            full.append(diff.mean().item())
+        else:
+            other_sample = samples[i]._replace(pixels=equivalent_route(path, p.box, scale, 24))
+            other = finish_on_device(torch.utils.data.default_collate([other_sample]), cfg, "cpu")[0]
+            reduced.append(diff.mean().item())
+            route.append((other - reference).abs().mean().item())
+    assert full and reduced and route  # both kinds occur in this data
+    assert statistics.mean(full) < 2e-3
+    # Decoding at reduced scale differs from the reference as much as another resampling route does.
+    assert statistics.mean(reduced) <= 1.25 * statistics.mean(route), (reduced, route)
+    assert max(reduced) <= 1.5 * max(route)
+
+
+def test_full_size_decode_is_pils_with_or_without_torchvision(big_jpeg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    want = np.array(load_rgb(str(big_jpeg)))
+    data = big_jpeg.read_bytes()
+    with Image.open(big_jpeg) as img:
+        assert np.array_equal(data_module._decode_rgb(img, data).numpy(), want)
+    monkeypatch.setattr(data_module, "_tv_decode_jpeg", None)  # a torchvision without image decoders
+    with Image.open(big_jpeg) as img:
+        assert np.array_equal(data_module._decode_rgb(img, data).numpy(), want)
+
+
+def test_split_eval_equals_reference_eval(split_root: Path) -> None:
+    cfg = split_cfg()
+    ref = SeededImageFolder(split_root, "val", eval_transform(cfg), seed=0)
+    split = SeededImageFolder(split_root, "val", SplitEvalTransform(cfg), seed=0)
+    pixels = torch.stack([split[i][0] for i in range(len(split))])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (len(split), 24, 24, 3)
+    got = finish_on_device(pixels, cfg, "cpu")
+    want = torch.stack([ref[i][0] for i in range(len(ref))])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_pipeline_transforms_selects_the_pipeline() -> None:
+    train, ev = pipeline_transforms(split_cfg())
+    assert isinstance(train, SplitTrainTransform) and isinstance(ev, SplitEvalTransform)
+    train, ev = pipeline_transforms(split_cfg(pipeline="reference"))
+    assert isinstance(train, v2.Compose) and isinstance(ev, v2.Compose)
+
+
+def test_draft_scale() -> None:
+    assert draft_scale(448, 448, 224, 224) == 2
+    assert draft_scale(447, 448, 224, 224) == 1  # a side below twice the output: full size
+    assert draft_scale(900, 460, 224, 224) == 2
+    assert draft_scale(1792, 1792, 224, 224) == 8 and draft_scale(5000, 5000, 224, 224) == 8
+    assert draft_scale(100, 100, 224, 224) == 1  # enlarged: never decoded smaller
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 448-px JPEG (4:2:0, as cameras write them) of a synthetic image."""
+    from ablation.synth import render_image
+
+    path = tmp_path_factory.mktemp("big") / "big.jpg"
+    Image.fromarray(render_image(SynthSpec(size=448, noise=0.02), 0, 3, 0)).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("box,size,scale", [
+    ((0, 0, 448, 448), 112, 4),  # 4x larger than needed: 1/4 scale
+    ((0, 0, 448, 448), 56, 8),
+    ((100, 50, 324, 274), 112, 2),
+    ((0, 0, 200, 448), 112, 1),  # one side under 2x: full size
+    ((10, 10, 60, 60), 112, 1),  # enlarged: full size
+])
+def test_read_crop_decodes_at_reduced_scale_only_when_shrinking(big_jpeg: Path, box: tuple, size: int, scale: int) -> None:
+    data = big_jpeg.read_bytes()
+    with Image.open(big_jpeg) as img:
+        pixels, used = read_crop(img, box, (size, size), data)
+        assert used == scale
+        assert img.size == (448 // scale, 448 // scale)  # what libjpeg actually decoded
+    assert pixels.dtype == torch.uint8 and pixels.shape == (size, size, 3)
+    reference = np.array(load_rgb(str(big_jpeg)).crop(box).resize((size, size), Image.BILINEAR)).astype(float)
+    assert np.abs(pixels.numpy() - reference).mean() < 3.0  # levels of 255: the same picture
+
+
+def test_read_crop_of_non_jpeg_and_grayscale_images(tmp_path: Path, big_jpeg: Path) -> None:
+    png = tmp_path / "big.png"
+    load_rgb(str(big_jpeg)).save(png)
+    with Image.open(png) as img:
+        pixels, used = read_crop(img, (0, 0, 448, 448), (56, 56), png.read_bytes())
+    assert used == 1 and pixels.shape == (56, 56, 3)  # no DCT scaling outside JPEG
+    gray = tmp_path / "gray.jpg"
+    load_rgb(str(big_jpeg)).convert("L").save(gray, quality=90)
+    for box, want in (((0, 0, 448, 448), 8), ((0, 0, 100, 100), 1)):
+        with Image.open(gray) as img:
+            pixels, used = read_crop(img, box, (56, 56), gray.read_bytes())
+        assert used == want and pixels.shape == (56, 56, 3)
+        assert torch.equal(pixels[..., 0], pixels[..., 1]) and torch.equal(pixels[..., 1], pixels[..., 2])
+
+
+def test_split_pipeline_names_an_unreadable_file(copy_root: Path) -> None:
+    bad = copy_root / "train" / "01_ring" / "01_ring_00002.JPEG"
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated: torchvision refuses it, PIL says why
+    ds = SeededImageFolder(copy_root, "train", SplitTrainTransform(make_cfg(pipeline="split")), seed=0)
+    index = [p for p, _ in ds.samples].index(str(bad))
+    with pytest.raises(DataError, match="cannot read image") as info:
+        ds[index]
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_split_samples_do_not_depend_on_workers(split_root: Path) -> None:
+    ds = SeededImageFolder(split_root, "train", SplitTrainTransform(split_cfg()), seed=4)
+    ds.set_epoch(2)
+
+    def epoch(workers: int) -> SplitSample:
+        loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=workers)
+        parts = [x for x, _ in loader]
+        return SplitSample(*(torch.cat(field) for field in zip(*parts)))
+
+    serial, parallel = epoch(0), epoch(2)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+
+
+# --- ablation data bench ---------------------------------------------------------------------
+
+
+def bench_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ablation", "data", "bench", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_data_bench_reports_images_per_second_per_core(tiny_data: Path, cli_env: dict[str, str]) -> None:
+    proc = bench_cli([str(tiny_data), "data.pipeline=split", "--images", "12", "data.image_size=16", "gpus=2"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert re.fullmatch(r"split pipeline: \d+\.\d images/s per core", lines[-1]), lines[-1]
+    assert "12 training images" in lines[0]
+    assert any(line.strip().startswith("decode only") and line.endswith("images/s per core") for line in lines)
+    assert any("feeding 2 GPU(s) x 2,500 images/s = 5,000 images/s takes" in line for line in lines)
+
+
+def test_data_bench_on_a_missing_folder_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = bench_cli([str(tmp_path / "nowhere"), "--images", "4"], cli_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert str(tmp_path / "nowhere") in proc.stderr
+
+
+def test_pick_images_spreads_over_the_classes(synth_root: Path) -> None:
+    from ablation.databench import pick_images
+
+    scan = pick_images(synth_root, 5)
+    samples = scan.samples("train")
+    assert len(samples) == 5 and {t for _, t in samples} == {0, 1, 2}
+    assert all(Path(p).is_file() for p, _ in samples)
+    assert len(pick_images(synth_root, 100).samples("train")) == 12  # no more than there are

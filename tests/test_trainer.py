@@ -164,9 +164,22 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str
     assert list(tmp_path.iterdir()) == [] and proc.stdout == ""  # no run folder for a run that never started
 
 
+def test_split_pipeline_trains_end_to_end(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # Loader workers ship uint8 pixels with their parameters; the photometric steps run in the trainer.
+    args = ["train", *RUN, f"data.root={tiny_data}", "data.pipeline=split", "data.workers=2"]
+    folder = run_folder(cli([*args, "--results", str(tmp_path)], cli_env))
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "data.pipeline=split"])
+    assert folder.name == config.run_id(cfg) != config.run_id(config.load(None, RUN + [f"data.root={tiny_data}"]))
+    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["pipeline"] == "split"
+    rows = rundir.read_jsonl(folder / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 < r["train_loss"] < 10 and 0 <= r["val_err1"] <= 100 for r in rows)
+    assert json.loads((folder / "final.json").read_text())["status"] == "ok"
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", "checkpoint_every_steps=5", "log_steps=true"]
+@pytest.mark.parametrize("pipeline", ["reference", "split"])
+def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", f"data.pipeline={pipeline}", "checkpoint_every_steps=5", "log_steps=true"]
     whole = run_folder(cli([*args, "--results", str(tmp_path / "whole")], cli_env))
 
     killed_env = {**cli_env, FAULT_KILL_ENV: "18"}  # last checkpoint before the kill: step 15, mid epoch 2

@@ -1,0 +1,115 @@
+"""Training data path speed: the split pipeline vs the reference pipeline vs decoding alone.
+
+Prints a table and appends one JSON record (figures plus the machine they ran on) to
+benchmarks/results/data_speed.jsonl. Run:  python benchmarks/data_speed.py [--size 448 --size 896] [--quick]
+
+Questions it answers, per source image size (synthetic JPEGs from ablation.synth, the paper's
+augmentation at 224 px):
+- images/s per core of a loader worker: decode only (PIL, full size), reference, split;
+- how often the split pipeline decodes at reduced JPEG scale (draft mode), which only pays when a
+  crop is at least twice the output on both sides;
+- what the split pipeline's photometric steps cost on the training device, per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import PIL
+import torch
+import torchvision
+from PIL import features
+
+from ablation import config, databench
+from ablation.data import SplitTrainTransform, SeededImageFolder, finish_on_device
+from ablation.synth import SynthSpec, write_synth
+
+OUT = Path(__file__).resolve().parent / "results" / "data_speed.jsonl"
+
+
+def dataset(size: int, images: int, classes: int = 10) -> Path:
+    """A synthetic dataset of size-px JPEGs (the synth defaults: quality 95, 4:4:4, noise 0.05), cached."""
+    root = Path(tempfile.gettempdir()) / f"ablation-data-speed-{size}px-{images}"
+    write_synth(root, SynthSpec(classes=classes, train_per_class=-(-images // classes), val_per_class=1, size=size))
+    return root
+
+
+def device_cost(root: Path, data_cfg: config.DataConfig, device: str, batch: int, repeats: int) -> float:
+    """Milliseconds per image of finish_on_device (jitter, lighting, normalize, flip) on `device`."""
+    ds = SeededImageFolder(root, "train", SplitTrainTransform(data_cfg), seed=0)
+    x = torch.utils.data.default_collate([ds[i % len(ds)][0] for i in range(batch)])
+    if device.startswith("cuda"):
+        x = type(x)(*(t.pin_memory() for t in x))
+    times = []
+    for _ in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        finish_on_device(x, data_cfg, device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times[1:])[len(times[1:]) // 2] / batch
+
+
+def machine(device: str) -> dict:
+    """The machine the figures come from."""
+    return {
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(__import__("os").sched_getaffinity(0)),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("jpg"),
+    }
+
+
+def main() -> None:
+    """Run the benchmark, print a table, record a JSON line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, action="append", help="source image side in px (repeatable; default 448)")
+    p.add_argument("--images", type=int, default=200, help="training images timed per size")
+    p.add_argument("--repeats", type=int, default=3, help="passes over the images; each figure is the median")
+    p.add_argument("--device", default="cpu", help="where the split pipeline's photometric steps are timed")
+    p.add_argument("--note", default="", help="stored with the record, e.g. 'shared machine'")
+    p.add_argument("--quick", action="store_true", help="40 images, one pass")
+    args = p.parse_args()
+    images, repeats = (40, 1) if args.quick else (args.images, args.repeats)
+    data_cfg = config.RunConfig().data  # the paper's augmentation at 224 px
+    data_cfg = dataclasses.replace(data_cfg, eval_resize=config.derive(config.RunConfig()).eval_resize)
+    rows = []
+    for size in args.size or [448]:
+        root = dataset(size, images)
+        r = databench.run(root, data_cfg, images, repeats=repeats)
+        rows.append({
+            "source_px": size, "output_px": data_cfg.image_size, "images": r.images, "repeats": repeats,
+            "decode_per_core": r.rates["decode"], "reference_per_core": r.rates["reference"], "split_per_core": r.rates["split"],
+            "split_vs_reference": r.rates["split"] / r.rates["reference"], "split_vs_decode": r.rates["split"] / r.rates["decode"],
+            "reduced_scale_fraction": r.reduced,
+            "device_ms_per_image": device_cost(root, data_cfg, args.device, 64, max(repeats, 3)),
+        })
+    print(f"{'source':>7s} {'decode':>8s} {'reference':>10s} {'split':>8s} {'split/ref':>10s} {'split/dec':>10s} {'reduced':>8s} {args.device + ' ms/img':>12s}")
+    for row in rows:
+        print(f"{row['source_px']:5d}px {row['decode_per_core']:8.1f} {row['reference_per_core']:10.1f} {row['split_per_core']:8.1f} "
+              f"{row['split_vs_reference']:9.2f}x {row['split_vs_decode']:9.2f}x {100 * row['reduced_scale_fraction']:7.0f}% "
+              f"{row['device_ms_per_image']:12.3f}")
+    print("images/s per core (CPU time of one process, one torch thread, files in the page cache)")
+    OUT.parent.mkdir(exist_ok=True)
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(args.device), "note": args.note, "rows": rows}
+    with open(OUT, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"recorded in {OUT}")
+
+
+if __name__ == "__main__":
+    main()
