@@ -23,7 +23,7 @@ from torchvision.transforms import v2
 
 from ablation.errors import DataError
 
-try:  # libjpeg-turbo straight into a tensor: ~13% more images/s than PIL's route (benchmarks/data_speed.py).
+try:  # libjpeg-turbo straight into a tensor: ~13% more split-pipeline images/s than PIL's route (A/B, 448-px synth JPEGs).
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_jpeg as _tv_decode_jpeg
 except ImportError:  # deprecated since torchvision 0.29 in favour of TorchCodec: PIL takes over when it goes
@@ -326,21 +326,23 @@ def read_crop(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int,
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         out = rgb.resize((out_w, out_h), Image.BILINEAR, box=tuple(v / scale for v in box))
         return torch.from_numpy(np.array(out)), scale
-    return _resize_uint8(_decode_rgb(img, data)[top:bottom, left:right], out_h, out_w), 1
+    return _resize_uint8(_decode_crop(img, data, box), out_h, out_w), 1
 
 
-def _decode_rgb(img: Image.Image, data: bytes | None) -> torch.Tensor:
-    """The full-size pixels (H, W, 3) uint8 of an opened image."""
+def _decode_crop(img: Image.Image, data: bytes | None, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The full-size pixels (h, w, 3) uint8 of `box` (left, top, right, bottom) of an opened image."""
+    left, top, right, bottom = box
     if _tv_decode_jpeg is not None and data is not None and img.format == "JPEG" and img.mode == "RGB":
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # once per call, in every worker
                 raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return _tv_decode_jpeg(raw, mode=ImageReadMode.RGB).permute(1, 2, 0)  # its memory is (H, W, 3)
+                full = _tv_decode_jpeg(raw, mode=ImageReadMode.RGB).permute(1, 2, 0)  # its memory is (H, W, 3)
+                return full[top:bottom, left:right]
         except RuntimeError:
             pass  # damaged: PIL decodes it again and says what is wrong
     img.load()
-    return torch.from_numpy(np.array(img if img.mode == "RGB" else img.convert("RGB")))
+    return torch.from_numpy(np.array((img if img.mode == "RGB" else img.convert("RGB")).crop(box)))
 
 
 def _resize_uint8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:

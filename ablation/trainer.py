@@ -456,7 +456,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         val_ds = SeededImageFolder(cfg.data.root, "val", val_tf, cfg.seed, scan=scan)
         if env.device != "cpu" and cfg.data.pipeline == "reference":
             log.info("data.pipeline=reference augments in float on the loader's CPU cores; data.pipeline=split needs "
-                     "several times fewer of them (measure with `ablation data bench`)")
+                     "fewer of them (measure both with `ablation data bench`)")
         sampler = GlobalBatchSampler(len(train_ds), d, cfg, env.rank, env.world_size)
         train_loader = _loader(EpochIndexed(train_ds), cfg, env, batch_sampler=sampler)
         val_idx = list(range(env.rank, len(val_ds), env.world_size))

@@ -514,13 +514,14 @@ def test_split_pixels_match_the_reference_up_to_resampling(split_root: Path) -> 
 
 
 def test_full_size_decode_is_pils_with_or_without_torchvision(big_jpeg: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    want = np.array(load_rgb(str(big_jpeg)))
+    box = (30, 20, 430, 300)
+    want = np.array(load_rgb(str(big_jpeg)).crop(box))
     data = big_jpeg.read_bytes()
     with Image.open(big_jpeg) as img:
-        assert np.array_equal(data_module._decode_rgb(img, data).numpy(), want)
+        assert np.array_equal(data_module._decode_crop(img, data, box).numpy(), want)
     monkeypatch.setattr(data_module, "_tv_decode_jpeg", None)  # a torchvision without image decoders
     with Image.open(big_jpeg) as img:
-        assert np.array_equal(data_module._decode_rgb(img, data).numpy(), want)
+        assert np.array_equal(data_module._decode_crop(img, data, box).numpy(), want)
 
 
 def test_split_eval_equals_reference_eval(split_root: Path) -> None:
