@@ -139,6 +139,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and augmentation", "hash": True})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule", "hash": True})
     amp: bool = _f(False, "bfloat16 autocast on GPU (ignored on CPU)")
+    # In the run id (TF32 rounds float32 convolutions and matmuls to a 10-bit mantissa), but only when set:
+    # null is what every run made before this field did.
+    tf32: bool | None = _f(
+        None,
+        "TF32 tensor cores for float32 convolutions and matmuls on GPU: true | false | null (torch's defaults: convolutions TF32, matmuls not)",
+        omit_if_default=True,
+    )
     channels_last: bool = _f(False, "channels-last memory format on GPU (ignored on CPU)", hash=False)
     device: str = _f("auto", "auto | cpu | cuda", hash=False)
     # Not in the run id: compiled and eager runs agree to float tolerance, as runs on other thread counts do.

@@ -7,8 +7,9 @@ called once per norm position::
 
 ``spec.cfg`` is the run's ``NormConfig`` (``eps``, ``momentum``, ``groups``, ``options`` ...) and
 ``spec.gpus_per_process`` says how many modelled GPUs this process stands in for: a norm that uses
-batch statistics must compute them per chunk of ``batch_per_gpu`` images (``split_per_gpu`` does it),
-or it silently becomes a different experiment when one device stands in for several GPUs.
+batch statistics must compute them per modelled GPU's ``batch_per_gpu`` images (``split_per_gpu`` gives
+them; rows are interleaved, see ``interleave``), or it silently becomes a different experiment when one
+device stands in for several GPUs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ class NormSpec:
 
 
 NormFactory = Callable[[int, NormSpec], nn.Module]
+T = TypeVar("T")
 _REGISTRY: dict[str, NormFactory] = {}
 
 
@@ -55,67 +57,148 @@ def registered_norms() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def interleave(per_gpu: Sequence[Sequence[T]]) -> list[T]:
+    """The rows of a process batch from its modelled GPUs' batches: row j*k + i is item j of GPU i.
+
+    The layout every per-GPU norm reads (split_per_gpu, PerGPUBatchNorm2d): rows are interleaved, so a
+    contiguous (k*b, C, H, W) batch viewed as (b, k*C, H, W) gives each (GPU, channel) pair a channel
+    of its own. The trainer's GlobalBatchSampler lays every process batch out this way.
+    """
+    k = len(per_gpu)
+    b = len(per_gpu[0]) if k else 0
+    if any(len(items) != b for items in per_gpu):
+        raise ValueError(f"modelled GPUs hold different numbers of images: {[len(items) for items in per_gpu]}")
+    return [per_gpu[i][j] for j in range(b) for i in range(k)]
+
+
 def split_per_gpu(x: torch.Tensor, gpus_per_process: int) -> torch.Tensor:
-    """View a process batch as (gpus, batch_per_gpu, ...): chunk i is what modelled GPU i sees."""
-    if x.shape[0] % gpus_per_process:
-        raise ValueError(
-            f"a batch of {x.shape[0]} images cannot be split over {gpus_per_process} modelled GPUs"
-        )
-    return x.view(gpus_per_process, x.shape[0] // gpus_per_process, *x.shape[1:])
+    """View a process batch as (gpus, batch_per_gpu, ...): entry i is what modelled GPU i sees.
+
+    Rows are interleaved (see ``interleave``): modelled GPU i owns rows i, i+k, i+2k, ...
+    """
+    k = gpus_per_process
+    if x.shape[0] % k:
+        raise ValueError(f"a batch of {x.shape[0]} images cannot be split over {k} modelled GPUs")
+    return x.view(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)
 
 
 class PerGPUBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm with statistics per modelled GPU (never synced), as in the paper.
 
-    One process may stand in for several GPUs: its batch is then split into chunks of
-    ``batch_per_gpu`` ("ghost" batches), each normalized with its own mean and variance, exactly as
-    the GPUs would. Running statistics follow ``running_stats``:
+    One process may stand in for k GPUs: each GPU's ``batch_per_gpu`` images ("ghost" batch) are
+    normalized with their own mean and variance, exactly as the GPUs would. The process batch is laid
+    out interleaved (row r belongs to modelled GPU r mod k, see ``interleave``), so a contiguous NCHW
+    batch viewed as (b, k*C, H, W) holds each (GPU, channel) pair in a channel of its own and ONE
+    ``F.batch_norm`` over it, with gamma and beta repeated k times, is per-GPU BN: the same few ops per
+    layer whatever k (a loop over the k chunks issues k times more; the 5-D ``var_mean`` form is as
+    exact but issues more eager ops still; benchmarks/norm_speed.py measures all three). A
+    channels-last batch cannot be viewed so: it is copied to NCHW and the result back to channels-last.
 
-    - ``rank0``: GPU 0's, updated only from its own chunk. Real DDP with PyTorch's default
+    Running statistics follow ``running_stats``:
+
+    - ``rank0``: GPU 0's, updated only from its own images. Real DDP with PyTorch's default
       ``broadcast_buffers=True`` (and Caffe2's broadcast of computed params) does the same: every
       step starts from rank 0's buffers, so rank 0's chain of updates is what gets evaluated and saved.
-    - ``mean``: every GPU updates from its own chunk and the buffers are averaged over GPUs,
-      which equals one update with the mean of the chunk statistics.
+    - ``mean``: every GPU updates from its own images and the buffers are averaged over GPUs, which
+      equals one update with the mean of the GPUs' statistics.
 
-    Across processes the trainer applies the same rule with ``sync_running_stats`` after each step.
+    Each modelled GPU's running statistics are kept in ``gpu_running_mean`` / ``gpu_running_var``
+    (k*C long, updated by that one batch_norm call; not in the state_dict) and the rule is applied
+    lazily: the EMA is linear, so applying it once at the end equals applying it after every step
+    (``rank0`` exactly; ``mean`` to float rounding). ``running_mean`` / ``running_var`` (C long, the
+    state_dict's, as for any BN: checkpoints are unchanged) hold the rule's result, brought up to date
+    by ``fold_running_stats`` when the layer goes to eval mode and when the state_dict is taken, and
+    across processes by ``sync_running_stats``, which the trainer calls before evaluating and before
+    saving. Loading a state_dict sets every modelled GPU's statistics to the loaded ones.
     """
 
     def __init__(self, num_features: int, *, eps: float, momentum: float, gpus_per_process: int, running_stats: str):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.gpus_per_process = gpus_per_process
         self.running_stats = running_stats
+        if gpus_per_process > 1:
+            k = gpus_per_process
+            self.register_buffer("gpu_running_mean", self.running_mean.repeat(k), persistent=False)
+            self.register_buffer("gpu_running_var", self.running_var.repeat(k), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalize each modelled GPU's chunk by its own statistics in training; running stats in eval."""
-        if not self.training or self.gpus_per_process == 1:
+        """Normalize each modelled GPU's images by their own statistics in training; running stats in eval."""
+        k = self.gpus_per_process
+        if not self.training or k == 1:
             return super().forward(x)
+        self._check_input_dim(x)
+        n, c, h, w = x.shape
+        if n % k:
+            raise ValueError(f"a batch of {n} images cannot be split over {k} modelled GPUs")
+        if (n // k) * h * w == 1:
+            raise ValueError(
+                f"per-GPU batch norm needs more than one value per channel on each modelled GPU; got {n // k} image(s) "
+                f"of {h}x{w} per GPU (batch_per_gpu=1 cannot reach a 1x1 feature map in training)"
+            )
         self.num_batches_tracked.add_(1)
-        chunks = split_per_gpu(x, self.gpus_per_process)
-        if self.running_stats == "rank0":
-            outs = [
-                F.batch_norm(
-                    c,
-                    self.running_mean if i == 0 else None,
-                    self.running_var if i == 0 else None,
-                    self.weight,
-                    self.bias,
-                    True,
-                    self.momentum,
-                    self.eps,
-                )
-                for i, c in enumerate(chunks)
-            ]
-        else:
-            means, vars_, outs = [], [], []
-            for c in chunks:
-                rm, rv = self.running_mean.clone(), self.running_var.clone()
-                outs.append(F.batch_norm(c, rm, rv, self.weight, self.bias, True, self.momentum, self.eps))
-                means.append(rm)
-                vars_.append(rv)
-            with torch.no_grad():
-                self.running_mean.copy_(torch.stack(means).mean(0))
-                self.running_var.copy_(torch.stack(vars_).mean(0))
-        return torch.cat(outs)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        fmt = None
+        if not x.is_contiguous():  # channels-last: the view below needs NCHW
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            x = x.contiguous()
+        y = F.batch_norm(
+            x.view(n // k, k * c, h, w),
+            self.gpu_running_mean,
+            self.gpu_running_var,
+            self.weight.repeat(k) if self.weight is not None else None,
+            self.bias.repeat(k) if self.bias is not None else None,
+            True,
+            factor,
+            self.eps,
+        )
+        # Not y.view: the next ReLU is in place, and an in-place op on an autograd view makes the
+        # backward rebuild the base (as_strided, clone, copy_: ~6 more ops per layer). No one else holds
+        # y and batch_norm's backward does not save it, so an alias autograd does not track is safe.
+        y = torch.ops.aten._unsafe_view(y, (n, c, h, w))
+        return y if fmt is None else y.contiguous(memory_format=fmt)
+
+    def _gpu_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every modelled GPU's running (mean, var), k*C long; running_mean/var themselves when k == 1."""
+        if self.gpus_per_process == 1:
+            return self.running_mean, self.running_var
+        return self.gpu_running_mean, self.gpu_running_var
+
+    @torch.no_grad()
+    def fold_running_stats(self) -> None:
+        """running_mean/var := the rule over this process's modelled GPUs (no collective; idempotent)."""
+        k, c = self.gpus_per_process, self.num_features
+        if k == 1 or not self.track_running_stats:
+            return
+        for mine, gpus in zip((self.running_mean, self.running_var), self._gpu_buffers()):
+            mine.copy_(gpus[:c] if self.running_stats == "rank0" else gpus.view(k, c).mean(0))
+
+    def train(self, mode: bool = True) -> "PerGPUBatchNorm2d":
+        """Switch modes; going to eval brings running_mean/var up to date first."""
+        if not mode:
+            self.fold_running_stats()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        self.fold_running_stats()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._spread_running_stats()
+
+    def reset_running_stats(self) -> None:
+        """Reset the running statistics, every modelled GPU's included."""
+        super().reset_running_stats()
+        if hasattr(self, "gpu_running_mean"):  # nn.BatchNorm2d.__init__ calls this before ours exist
+            self._spread_running_stats()
+
+    @torch.no_grad()
+    def _spread_running_stats(self) -> None:
+        """Every modelled GPU starts from running_mean/var (after a load or a reset)."""
+        k, c = self.gpus_per_process, self.num_features
+        if k > 1 and self.track_running_stats:
+            for mine, gpus in zip((self.running_mean, self.running_var), self._gpu_buffers()):
+                gpus.view(k, c).copy_(mine)
 
 
 def _world(group: dist.ProcessGroup | None) -> int:
@@ -258,25 +341,40 @@ def norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
 
 def _running_stat_modules(model: nn.Module) -> Iterator[PerGPUBatchNorm2d]:
     """The per-GPU BN layers whose running statistics must follow the cross-GPU rule."""
-    return (m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d))
+    return (m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d) and m.track_running_stats)
 
 
 @torch.no_grad()
 def sync_running_stats(model: nn.Module) -> None:
-    """Apply each per-GPU BN layer's running-statistics rule across processes (a collective)."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for rule in ("rank0", "mean"):
-        bufs = [b for m in _running_stat_modules(model) if m.running_stats == rule for b in (m.running_mean, m.running_var)]
-        if not bufs:
-            continue
-        flat = torch.cat([b.reshape(-1) for b in bufs])
-        if rule == "rank0":
-            dist.broadcast(flat, src=0)
-        else:
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-        offset = 0
-        for b in bufs:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+    """Apply each per-GPU BN layer's running-statistics rule over every modelled GPU of every process.
+
+    A collective when distributed: every rank must call it, at the same point. Afterwards each layer's
+    running_mean/var are what syncing after every step would have left (``rank0``: global GPU 0's;
+    ``mean``: the average over all GPUs, to float rounding). Cheap enough for every evaluation and
+    checkpoint; the trainer calls it there and not after each step.
+    """
+    layers = list(_running_stat_modules(model))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for rule in ("rank0", "mean"):
+            # rank0: only GPU 0's statistics matter, so rank 0's first C values go to every rank;
+            # mean: every GPU's, summed over processes here and over this process's GPUs by the fold.
+            bufs = [
+                b[: m.num_features] if rule == "rank0" else b
+                for m in layers
+                if m.running_stats == rule
+                for b in m._gpu_buffers()
+            ]
+            if not bufs:
+                continue
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            if rule == "rank0":
+                dist.broadcast(flat, src=0)
+            else:
+                dist.all_reduce(flat)
+                flat /= dist.get_world_size()
+            offset = 0
+            for b in bufs:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+    for m in layers:
+        m.fold_running_stats()

@@ -42,7 +42,7 @@ from ablation.coordination import FailureGuard, StopVote, eval_polls
 from ablation.distributed import DistEnv, setup
 from ablation.errors import AblationError, DataError, DiskFullError
 from ablation.models import create_model
-from ablation.norms import sync_running_stats
+from ablation.norms import interleave, sync_running_stats
 
 log = logging.getLogger("ablation")
 CHECKPOINT_VERSION = 1
@@ -80,12 +80,15 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     """This process's share of every global batch of one epoch, as (epoch, index) pairs.
 
     The global batch of step s is slice s of a per-epoch permutation; modelled GPU g takes the g-th
-    chunk of batch_per_gpu images, and process p stands in for GPUs p*k ... p*k+k-1.
+    chunk of batch_per_gpu images, and process p stands in for GPUs p*k ... p*k+k-1. Its batch holds
+    their images interleaved (ablation.norms.interleave: row j*k + i is image j of its GPU i), the
+    layout per-GPU BN reads; every modelled GPU sees the same images whatever the process count.
     """
 
     def __init__(self, num_images: int, d: Derived, cfg: RunConfig, rank: int, world: int):
         self.num_images, self.d, self.seed = num_images, d, cfg.seed
         self.per_process = d.global_batch // world
+        self.gpus_per_process = cfg.gpus // world
         self.offset = rank * self.per_process
         self.epoch, self.start = 0, 0
 
@@ -98,7 +101,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         perm = torch.randperm(self.num_images, generator=g)
         for s in range(self.start, self.d.steps_per_epoch):
             base = s * self.d.global_batch + self.offset
-            yield [(self.epoch, i) for i in perm[base : base + self.per_process].tolist()]
+            mine = perm[base : base + self.per_process].tolist()
+            b = len(mine) // self.gpus_per_process
+            yield [(self.epoch, i) for i in interleave([mine[g * b : g * b + b] for g in range(self.gpus_per_process)])]
 
     def __len__(self) -> int:
         return self.d.steps_per_epoch - self.start
@@ -182,6 +187,27 @@ def _git_commit() -> dict[str, Any]:
     return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
+def configure_backends(cfg: RunConfig, env: DistEnv) -> None:
+    """On CUDA: cuDNN benchmarks convolution algorithms per shape (faster; not bitwise repeatable across
+    starts, like any cuDNN choice), and TF32 is on or off for float32 convolutions and matmuls as cfg.tf32
+    says (None leaves torch's defaults). Nothing on CPU."""
+    if not env.device.startswith("cuda"):
+        return
+    torch.backends.cudnn.benchmark = True
+    if cfg.tf32 is not None:
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
+def backend_settings() -> dict[str, bool]:
+    """The torch backend flags this start trains with (env.json); they matter on CUDA only."""
+    return {
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
 def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
     """Versions, host, devices and SLURM ids of this start."""
     import timm
@@ -193,6 +219,7 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
         "git": _git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_backends": backend_settings(),
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "platform": platform.platform(),
@@ -329,7 +356,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
     None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
     """
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=env.device)
+    counts, images = torch.zeros(2, dtype=torch.float64, device=env.device), 0
     for i, (x, y) in enumerate(loader):
         faults.hit("eval")
         if vote is not None and i < polls and vote.poll():
@@ -340,9 +367,10 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
             out = model(x)
         top = out.topk(min(5, out.shape[1]), dim=1).indices
         hit = top == y[:, None]
-        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), torch.tensor(len(y), device=env.device)]).double()
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
+        images += len(y)  # a Python int: no tensor built from host values per batch
     model.train()
-    c1, c5, n = _all_sum(counts, env).tolist()
+    c1, c5, n = _all_sum(torch.cat([counts, counts.new_tensor([images])]), env).tolist()
     return 100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n)
 
 
@@ -436,6 +464,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         faults.hit("setup")
         if env.is_main and (rd.final_status() or {}).get("status") == "failed":
             rd.final.unlink()  # a retried failure is running again, not failed (failures.jsonl keeps the count)
+        configure_backends(cfg, env)
         torch.manual_seed(cfg.seed)
         model = create_model(cfg, len(info.classes), gpus_per_process=gpp).to(env.device)
         if cfg.channels_last and env.device != "cpu":
@@ -559,7 +588,7 @@ def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Modu
 
 
 def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP without its own buffer broadcast: the BN running-statistics rule is applied after each step."""
+    """DDP without its own buffer broadcast: the BN running-statistics rule is applied before each evaluation and checkpoint."""
     import inspect
 
     ddp_cls = nn.parallel.DistributedDataParallel
@@ -591,6 +620,8 @@ class _Loop:
         self.last_save = time.monotonic()
         self.accounted = time.monotonic()
         self.kill_at_step = int(os.environ.get(FAULT_KILL_ENV, "0"))
+        self.images = 0  # images trained in this epoch since this start (run_epoch)
+        self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
 
     def account_time(self) -> None:
         """Add the time since the last call to the run's wall and device seconds."""
@@ -601,6 +632,17 @@ class _Loop:
         self.state.epoch_seconds += dt
         if self.env.device != "cpu":
             self.state.device_seconds += dt * self.env.world_size
+
+    def _sums(self, acc: torch.Tensor) -> torch.Tensor:
+        """This rank's [loss x images, correct, images] of the epoch so far: acc plus the images counted since this start."""
+        return acc + acc.new_tensor([0.0, 0.0, float(self.images)])
+
+    def _sync_bn(self) -> None:
+        """Apply the BN running-statistics rule across processes (a collective: every rank calls it at the
+        same step); once per step at most, before evaluating or checkpointing, never after every step."""
+        if self.bn_synced_at != self.state.step:
+            sync_running_stats(self.model)
+            self.bn_synced_at = self.state.step
 
     def _partial_for_rank(self) -> torch.Tensor:
         """This rank's saved partial-epoch sums (a different process count folds them into rank 0)."""
@@ -616,6 +658,7 @@ class _Loop:
         """Train the rest of one epoch, validate, checkpoint; False when stopped early."""
         cfg, d, st, env = self.cfg, self.d, self.state, self.env
         acc = self._partial_for_rank()
+        self.images = 0  # images of this epoch trained since this start; acc[2] holds those before it
         bar = _progress(d.steps_per_epoch, st.step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs}", env)
         for x, y in train_loader:
             lr = lr_at(cfg, d, st.step)
@@ -628,10 +671,12 @@ class _Loop:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            sync_running_stats(self.model)
+            # No host sync per step: sums stay on the device, the image count is a Python int, and BN running
+            # statistics are synced across processes only before evaluation and checkpoints (_sync_bn).
             with torch.no_grad():
                 correct = (out.argmax(1) == y).sum()
-                acc += torch.stack([loss.detach().double() * len(y), correct.double(), torch.tensor(float(len(y)), dtype=torch.float64, device=env.device)])
+                acc[:2] += torch.stack([loss.detach().double() * len(y), correct.double()])
+            self.images += len(y)
             self.losses.append(loss.detach().float())
             st.step += 1
             st.step_in_epoch += 1
@@ -649,8 +694,9 @@ class _Loop:
                     self._checkpoint(acc)
         self._flush(epoch, lr_at(cfg, d, max(st.step - 1, 0)), bar)
         bar.close()
-        train_loss, correct, count = _all_sum(acc.clone(), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
+        train_loss, correct, count = _all_sum(self._sums(acc), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
         self.stage = "eval"
+        self._sync_bn()
         val = evaluate(self.eval_model, val_loader, env, cfg, self.vote, self.eval_polls)
         if val is None:
             return self._stop(acc)
@@ -718,7 +764,9 @@ class _Loop:
     def _checkpoint(self, acc: torch.Tensor | None) -> None:
         """Save the state; acc holds this rank's partial-epoch sums (None at an epoch end)."""
         env, st = self.env, self.state
+        self._sync_bn()
         if acc is not None:
+            acc = self._sums(acc)
             if env.world_size > 1:
                 parts = [torch.zeros_like(acc) for _ in range(env.world_size)]
                 dist.all_gather(parts, acc)

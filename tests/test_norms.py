@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ablation import config
 from ablation.errors import ConfigError, NormError
-from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, registered_norms
+from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, registered_norms, split_per_gpu
 
 
 def spec(name: str, gpus_per_process: int = 1, **norm: object) -> NormSpec:
@@ -79,24 +79,131 @@ def test_bn_does_depend_on_batch_mates() -> None:
     assert not torch.allclose(layer(X[:2])[:1], layer(X[:3])[:1])
 
 
-def test_per_gpu_bn_normalizes_each_chunk_by_its_own_statistics() -> None:
-    layer = randomize_affine(create_norm(16, spec("bn", gpus_per_process=3)))
-    assert isinstance(layer, PerGPUBatchNorm2d)
-    out = layer(X)  # 6 images = 3 modelled GPUs x 2 images
-    ref = randomize_affine(create_norm(16, spec("bn")))
-    for i in range(3):
-        torch.testing.assert_close(out[2 * i : 2 * i + 2], ref(X[2 * i : 2 * i + 2]), rtol=1e-5, atol=1e-5)
+def per_chunk_reference(x: torch.Tensor, layer: PerGPUBatchNorm2d, running: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The per-chunk loop per-GPU BN replaced, kept as the reference: one F.batch_norm per modelled GPU.
+
+    GPU i owns rows i, i+k, ... of the process batch; `running` (C long) is updated in place by the
+    per-step rule: rank0 from GPU 0's images only, mean with the average of every GPU's update.
+    """
+    k = layer.gpus_per_process
+    rows = [torch.arange(i, x.shape[0], k) for i in range(k)]
+    outs, updates = [], []
+    for i, r in enumerate(rows):
+        rm, rv = running[0].clone(), running[1].clone()
+        outs.append(F.batch_norm(x[r], rm, rv, layer.weight, layer.bias, True, layer.momentum, layer.eps))
+        updates.append((rm, rv))
+    with torch.no_grad():
+        for j, buf in enumerate(running):
+            buf.copy_(updates[0][j] if layer.running_stats == "rank0" else torch.stack([u[j] for u in updates]).mean(0))
+    out = torch.empty_like(torch.cat(outs))
+    for r, o in zip(rows, outs):
+        out = out.index_copy(0, r, o)
+    return out
+
+
+def test_split_per_gpu_and_interleave_agree_on_which_rows_a_gpu_owns() -> None:
+    from ablation.norms import interleave, split_per_gpu
+
+    x = torch.arange(12.0).view(12, 1)
+    chunks = split_per_gpu(x, 3)
+    assert chunks.shape == (3, 4, 1) and all(torch.equal(chunks[i], x[i::3]) for i in range(3))
+    per_gpu = [["a0", "a1"], ["b0", "b1"], ["c0", "c1"]]
+    assert interleave(per_gpu) == ["a0", "b0", "c0", "a1", "b1", "c1"]
+    assert [interleave(per_gpu)[i::3] for i in range(3)] == per_gpu
+
+
+@pytest.mark.parametrize("rule", ["rank0", "mean"])
+@pytest.mark.parametrize("b", [1, 2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_per_gpu_bn_equals_the_per_chunk_loop_in_float64(k: int, b: int, rule: str, channels_last: bool) -> None:
+    """Outputs, input and gamma/beta gradients, running statistics after several steps: all to ~1e-15."""
+    g = torch.Generator().manual_seed(100 * k + b)
+    c, h, w = 6, 3, 2
+    layer = randomize_affine(create_norm(c, spec("bn", gpus_per_process=k, running_stats=rule, momentum=0.3))).double()
+    ref_w, ref_b = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    ref_running = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64))
+    tol = {"rtol": 1e-12, "atol": 1e-12}
+    for step in range(4):
+        x = (torch.randn(k * b, c, h, w, generator=g, dtype=torch.float64) * 3 + step).requires_grad_()
+        xin = x.to(memory_format=torch.channels_last) if channels_last else x
+        up = torch.randn(k * b, c, h, w, generator=g, dtype=torch.float64)
+        y = layer(xin)
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        ref_layer = type("Ref", (), {"gpus_per_process": k, "running_stats": rule, "weight": ref_w, "bias": ref_b, "momentum": 0.3, "eps": 1e-5})
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = per_chunk_reference(x_ref, ref_layer, ref_running)
+        torch.testing.assert_close(y, y_ref, **tol)
+        (y * up).sum().backward()
+        (y_ref * up).sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+        torch.testing.assert_close(layer.weight.grad, ref_w.grad, **tol)
+        torch.testing.assert_close(layer.bias.grad, ref_b.grad, **tol)
+        layer.zero_grad()
+        ref_w.grad = ref_b.grad = None
+    layer.eval()  # applies the running-statistics rule over the modelled GPUs
+    torch.testing.assert_close(layer.running_mean, ref_running[0], **tol)
+    torch.testing.assert_close(layer.running_var, ref_running[1], **tol)
+    assert int(layer.num_batches_tracked) == 4
+    torch.testing.assert_close(layer(x.detach()), F.batch_norm(x.detach(), *ref_running, ref_w, ref_b, False, 0.0, 1e-5), **tol)
+
+
+def test_per_gpu_bn_with_one_value_per_channel_is_a_clear_error() -> None:
+    layer = create_norm(4, spec("bn", gpus_per_process=4))
+    with pytest.raises(ValueError, match=r"more than one value per channel on each modelled GPU; got 1 image\(s\) of 1x1"):
+        layer(torch.randn(4, 4, 1, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # the per-chunk loop failed too
+        F.batch_norm(torch.randn(1, 4, 1, 1), None, None, training=True)
+    layer(torch.randn(8, 4, 1, 1))  # two images per GPU are enough
+
+
+def test_per_gpu_bn_state_dict_keeps_plain_bn_keys_and_shapes() -> None:
+    layer = create_norm(16, spec("bn", gpus_per_process=4))
+    plain = torch.nn.BatchNorm2d(16)
+    got, want = layer.state_dict(), plain.state_dict()
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in want.items()}
+    layer(torch.randn(8, 16, 3, 3) * 2 + 1)
+    state = layer.state_dict()  # taken in training mode: the rule is applied first
+    assert not torch.equal(state["running_mean"], torch.zeros(16))
+    plain.load_state_dict(state)  # a checkpoint loads into a plain BN, and the other way round
+    other = create_norm(16, spec("bn", gpus_per_process=2))
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.gpu_running_mean, state["running_mean"].repeat(2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", ["rank0", "mean"])
+def test_per_gpu_bn_resumed_from_its_state_dict_continues_the_rule(rule: str) -> None:
+    """A checkpoint mid-training and a load continue as the uninterrupted layer (rank0 bitwise)."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(8, 5, 3, 3, generator=g) * 2 + 1 for _ in range(6)]
+    whole = create_norm(5, spec("bn", gpus_per_process=4, running_stats=rule))
+    for x in xs:
+        whole(x)
+    first = create_norm(5, spec("bn", gpus_per_process=4, running_stats=rule))
+    for x in xs[:3]:
+        first(x)
+    resumed = create_norm(5, spec("bn", gpus_per_process=4, running_stats=rule))
+    resumed.load_state_dict(first.state_dict())
+    for x in xs[3:]:
+        resumed(x)
+    a, b = whole.state_dict(), resumed.state_dict()
+    # mean: the GPUs' separate chains restart from their average, which differs in the last bits only
+    tol = {"rtol": 0, "atol": 0} if rule == "rank0" else {"rtol": 1e-6, "atol": 1e-7}
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], **tol, msg=key)
 
 
 def test_per_gpu_bn_running_stats_rules() -> None:
-    chunks = X.view(3, 2, 16, 5, 4)
+    chunks = split_per_gpu(X, 3)  # 6 images = 3 modelled GPUs x 2 images
     rank0 = create_norm(16, spec("bn", gpus_per_process=3, running_stats="rank0"))
     rank0(X)
+    rank0.eval()
     m = 0.1
     torch.testing.assert_close(rank0.running_mean, m * chunks[0].mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rank0.running_var, (1 - m) + m * chunks[0].transpose(0, 1).reshape(16, -1).var(1), rtol=1e-5, atol=1e-6)
     mean = create_norm(16, spec("bn", gpus_per_process=3, running_stats="mean"))
     mean(X)
+    mean.eval()
     chunk_means = torch.stack([c.mean(dim=(0, 2, 3)) for c in chunks])
     torch.testing.assert_close(mean.running_mean, m * chunk_means.mean(0), rtol=1e-5, atol=1e-6)
     assert int(mean.num_batches_tracked) == 1
@@ -206,3 +313,63 @@ def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_pa
                 torch.testing.assert_close(g["running_mean"].double(), bn.running_mean, rtol=tol["rtol"], atol=0)
                 torch.testing.assert_close(g["running_var"].double(), bn.running_var, rtol=tol["rtol"], atol=0)
             bn.zero_grad()
+
+
+SYNC_STEPS, SYNC_GPUS_PER_PROCESS, SYNC_BATCH = 5, 2, 2
+
+
+def sync_global_batch(step: int, dtype: torch.dtype) -> torch.Tensor:
+    """Step `step`'s images of 4 modelled GPUs, GPU g owning rows 2g, 2g+1; channel means far from 0."""
+    g = torch.Generator().manual_seed(step)
+    return (torch.randn(4 * SYNC_BATCH, 3, 2, 2, generator=g, dtype=torch.float64) * 2 + torch.tensor([0.0, 5.0, -3.0]).view(3, 1, 1)).to(dtype)
+
+
+def _sync_worker(rank: int, world: int, store: str, out: str) -> None:
+    """One of `world` processes, each standing in for 2 GPUs: train, then sync only at the end."""
+    import torch.distributed as dist
+
+    from ablation.norms import interleave, sync_running_stats
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    k, b, got = SYNC_GPUS_PER_PROCESS, SYNC_BATCH, {}
+    for rule in ("rank0", "mean"):
+        for dtype in (torch.float64, torch.float32):
+            layer = create_norm(3, spec("bn", gpus_per_process=k, running_stats=rule)).to(dtype)
+            for step in range(SYNC_STEPS):
+                x = sync_global_batch(step, dtype)
+                gpus = [list(x[g * b : g * b + b]) for g in range(rank * k, rank * k + k)]
+                layer(torch.stack(interleave(gpus)))
+            sync_running_stats(layer)
+            got[rule, str(dtype)] = (layer.running_mean.clone(), layer.running_var.clone())
+    torch.save(got, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) -> None:
+    """2 processes x 2 modelled GPUs, synced only after the last step, vs syncing after every step.
+
+    rank0 follows one GPU's chain, so it is exact. mean: the per-step rule averages after every step,
+    the lazy one averages four separate chains at the end; the EMA is linear, so they differ only by
+    rounding: each step rounds each chain once (relative 2^-24 in float32) and the rounding errors
+    decay by (1 - momentum) per step, so the difference stays a few ulps of the buffers (~1e-6
+    relative in float32, ~1e-15 in float64): rtol 1e-5 and 1e-12 leave a margin of ten.
+    """
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.spawn(_sync_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for rule in ("rank0", "mean"):
+        for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            ref = type("Ref", (), {"gpus_per_process": 4, "running_stats": rule, "weight": None, "bias": None, "momentum": 0.1, "eps": 1e-5})
+            running = (torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))
+            for step in range(SYNC_STEPS):
+                x = sync_global_batch(step, dtype)
+                per_gpu_rows = x.view(4, SYNC_BATCH, 3, 2, 2).transpose(0, 1).reshape_as(x)  # interleaved over all 4 GPUs
+                per_chunk_reference(per_gpu_rows, ref, running)
+            tol = {"rtol": 0, "atol": 0} if rule == "rank0" else {"rtol": rtol, "atol": 0}
+            for r in ranks:
+                mean, var = r[rule, str(dtype)]
+                torch.testing.assert_close(mean, running[0], **tol, msg=f"{rule} {dtype} running_mean")
+                torch.testing.assert_close(var, running[1], **tol, msg=f"{rule} {dtype} running_var")

@@ -65,6 +65,7 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     env = json.loads((folder / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["processes"] == 1 and env["gpus_per_process"] == 4
     assert env["data"]["train_images"] == 192 and len(env["starts"]) == 1
+    assert set(env["torch_backends"]) == {"cudnn_benchmark", "cudnn_tf32", "matmul_tf32"}
 
     rows = rundir.read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
@@ -222,3 +223,75 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_d
     for a, b in zip(vm, vs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert abs(a["val_err1"] - b["val_err1"]) <= 100 / 32  # at most one of 32 val images flips
+
+
+def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ablation import trainer
+    from ablation.norms import PerGPUBatchNorm2d
+
+    synced_after: list[int] = []  # training steps done at each sync (a BN layer's batch count)
+    real_sync = trainer.sync_running_stats
+
+    def sync(model: torch.nn.Module) -> None:
+        synced_after.append(int(next(m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d)).num_batches_tracked))
+        real_sync(model)
+
+    host_built: list[str] = []  # functions that built a device tensor from host values
+    real_tensor = torch.tensor
+
+    def tensor(*args, **kwargs):  # noqa: ANN002, ANN003
+        if "device" in kwargs:
+            host_built.append(sys._getframe(1).f_code.co_name)
+        return real_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "sync_running_stats", sync)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0", "log_every_steps=1000"])
+    assert train(cfg, tmp_path / "run")["status"] == "ok"
+    # 12 steps per epoch: checkpoints at steps 5, 10, 15, 20; evaluations (then epoch checkpoints) at 12 and 24.
+    assert synced_after == [5, 10, 12, 15, 20, 24]
+    assert not {"run_epoch", "evaluate"} & set(host_built), host_built
+
+
+def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablation.trainer import backend_settings, configure_backends
+
+    for flag in ("benchmark", "allow_tf32"):
+        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))  # restored afterwards
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
+    before = backend_settings()
+    configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cpu"))
+    assert backend_settings() == before  # nothing changes on the CPU
+    configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cuda"))
+    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": True, "matmul_tf32": True}
+    configure_backends(config.load(None, TINY + ["tf32=false"]), DistEnv(device="cuda:0"))
+    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": False, "matmul_tf32": False}
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    configure_backends(config.load(None, TINY), DistEnv(device="cuda"))  # tf32 unset: torch's defaults stay
+    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": True, "matmul_tf32": False}
+
+
+def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
+    from ablation.norms import split_per_gpu
+    from ablation.trainer import GlobalBatchSampler
+
+    cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])
+    d = config.derive(cfg, 200)
+
+    def per_gpu(world: int) -> list[list[list[int]]]:
+        """[step][modelled GPU] -> that GPU's image indices, read the way per-GPU BN reads a process batch."""
+        steps: list[list[list[int]]] = [[] for _ in range(d.steps_per_epoch)]
+        for rank in range(world):
+            sampler = GlobalBatchSampler(200, d, cfg, rank, world)
+            sampler.set_epoch(1)
+            for s, batch in enumerate(sampler):
+                rows = torch.tensor([i for _, i in batch])
+                steps[s] += [chunk.tolist() for chunk in split_per_gpu(rows, 8 // world)]
+        return steps
+
+    real = per_gpu(8)  # one process per GPU
+    assert len(real) == 8 and all(len(gpus) == 8 and all(len(g) == 3 for g in gpus) for gpus in real)
+    for world in (1, 2, 4):
+        assert per_gpu(world) == real
