@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ablation.cluster import core_share
+from ablation.cluster import cpu_budget
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,12 @@ def pick_device(preference: str, local_rank: int) -> str:
 
 
 def cpu_threads(local_world: int) -> int:
-    """Threads for one CPU process: OMP_NUM_THREADS, else SLURM's CPUs per task, else a share of the cores.
+    """Threads for one CPU process: OMP_NUM_THREADS, else the cores it may use (ablation.cluster.usable_cores:
+    SLURM's CPUs per task under SLURM, never divided again; else its share of the affinity mask).
 
     Oversubscribed cores make OpenMP's spin-waits collapse throughput (60x seen with two jobs on two cores).
     """
-    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
-        if os.environ.get(var, "").isdigit():
-            return max(1, int(os.environ[var]))
-    return core_share(local_world)
+    return cpu_budget(local_world, "cpu").threads
 
 
 def setup(preference: str = "auto") -> DistEnv:
@@ -69,8 +67,7 @@ def setup(preference: str = "auto") -> DistEnv:
     device = pick_device(preference, local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(cpu_threads(local_world))
+    torch.set_num_threads(cpu_budget(local_world, device).threads)  # the loader's workers get the rest (trainer._loader)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return DistEnv(rank, world, local_rank, local_world, device)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from ablation import config, rundir, status
-from ablation.cluster import Profile, check_run_fits, core_share, executor_parameters
+from ablation.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, usable_cores
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
 from ablation.errors import AblationError
 from ablation.sweep import Sweep
@@ -272,7 +272,9 @@ def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
 def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
     """Run `ablation train` processes on this machine, `array_parallelism` at a time, in the foreground."""
     parallel = max(1, min(profile.array_parallelism, len(run_ids)))
-    threads = core_share(parallel * profile.processes_per_job)
+    # Every process started here shares this process's cores: each gets its share as threads and as its
+    # CPU budget (ABLATION_CPUS), so a child under SLURM does not take the whole task's CPUs for itself.
+    cores = max(1, usable_cores(1)[0] // (parallel * profile.processes_per_job))
     logs = sweep_dir / "logs"
     logs.mkdir(exist_ok=True)
     # Longest first (most optimizer steps: more epochs, smaller global batch), so no core idles at the end.
@@ -281,7 +283,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     running: list[tuple[subprocess.Popen, threading.Thread, str]] = []
     failed, done, t0 = 0, 0, time.monotonic()
     retried: dict[str, int] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores), CPUS_ENV: str(cores)}
     try:
         while queue or running:
             while queue and len(running) < parallel:

@@ -37,7 +37,7 @@ import ablation
 from ablation import faults, rundir
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, derive, lr_at, normalized, run_id, to_dict
 from ablation.data import DatasetInfo, DatasetScan, SeededImageFolder, finish_on_device, pipeline_transforms, scan_layout
-from ablation.cluster import core_share
+from ablation.cluster import cpu_budget
 from ablation.coordination import FailureGuard, StopVote, eval_polls
 from ablation.distributed import DistEnv, setup
 from ablation.errors import AblationError, DataError, DiskFullError
@@ -142,9 +142,9 @@ def _scan_dataset(root: str, env: DistEnv) -> DatasetScan:
 
 
 def _loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
-    """A DataLoader with the run's worker settings, capped at this process's share of the CPU cores."""
+    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cluster.cpu_budget)."""
     # More workers than cores only adds contention; the images do not depend on the worker count.
-    workers = min(cfg.data.workers, core_share(env.local_world_size))
+    workers = cpu_budget(env.local_world_size, env.device, cfg.data.workers).workers
     return DataLoader(
         ds,
         num_workers=workers,
@@ -227,6 +227,7 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
         "device": env.device,
         "devices": devices,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_budget": cpu_budget(env.local_world_size, env.device, cfg.data.workers).as_dict(),
         "processes": env.world_size,
         "gpus_per_process": cfg.gpus // env.world_size,
         "slurm": {k: os.environ[k] for k in SLURM_KEYS if k in os.environ},
