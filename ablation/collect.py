@@ -6,16 +6,23 @@ unfinished run keeps its row and its status, and its metric stays empty (NaN), n
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
+import multiprocessing
 import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
-import yaml
 
-from ablation import config, rundir
+from ablation import config, rundir, runfiles
 from ablation.errors import ConfigError
 
 log = logging.getLogger("ablation")
@@ -54,48 +61,117 @@ def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in flat.items()}
 
 
+# result_fields by config (less its written keys and seed): 10,000 runs are a few dozen settings times their seeds.
+_FIELDS: dict[str, dict[str, Any] | None] = {}
+_SEEDS = range(2**31)
+
+
+def _fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
+    """result_fields(cfg_doc), computed once per config that differs in more than its seed.
+
+    A config's fields are taken to differ from another seed's in the seed alone only after checking it for
+    seeds 0 and 1 (else that config is computed every time).
+    """
+    seed = cfg_doc.get("seed")
+    if type(seed) is not int or seed not in _SEEDS:
+        return result_fields(cfg_doc)
+    rest = {k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS and k != "seed"}
+    key = repr(rest)
+    if key not in _FIELDS:
+        if len(_FIELDS) > 10_000:
+            _FIELDS.clear()
+        f0, f1 = result_fields({**rest, "seed": 0}), result_fields({**rest, "seed": 1})
+        same = f0.get("seed") == 0 and f1.get("seed") == 1 and f0.keys() == f1.keys() and all(f0[k] == f1[k] for k in f0 if k != "seed")
+        _FIELDS[key] = f0 if same else None
+    base = _FIELDS[key]
+    if base is None:
+        return result_fields(cfg_doc)
+    return {**base, "seed": seed}
+
+
 def find_run_folders(roots: Iterable[str | Path]) -> list[Path]:
-    """Run folders (holding config.yaml and metrics or a final status) under the roots, links followed, each once."""
-    seen: dict[Path, Path] = {}
+    """Run folders (holding config.yaml and metrics or a final status) under the roots, links followed, each once.
+
+    As os.walk(followlinks=True) top-down (the first path to a folder is the one kept), but each folder
+    (by device and inode) is listed once: a sweep's links to 10,000 run folders cost a stat each, not a listing.
+    """
+    seen: dict[tuple[int, int], Path] = {}
+    visited: set[tuple[int, int]] = set()
+    skip = ("slurm", "logs", "configs")
+
+    def walk(top: str, key: tuple[int, int]) -> None:
+        if key in visited:
+            return
+        visited.add(key)
+        try:
+            with os.scandir(top) as it:
+                entries = list(it)
+        except OSError:
+            return
+        dirs, files = [], set()
+        for e in entries:
+            try:
+                is_dir = e.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                dirs.append(e)
+            else:
+                files.add(e.name)
+        if rundir.CONFIG in files and (rundir.METRICS in files or rundir.FINAL in files or rundir.ENV in files):
+            seen.setdefault(key, Path(top))
+            return  # a run folder holds no run folders
+        for e in dirs:
+            if e.name in skip:
+                continue
+            try:
+                st = e.stat()  # through a link: the folder it leads to
+            except OSError:
+                continue
+            walk(os.path.join(top, e.name), (st.st_dev, st.st_ino))
+
     for root in roots:
         root = Path(root)
         if not root.exists():
             from ablation.errors import AblationError
 
             raise AblationError(f"results folder not found: {root}")
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            if rundir.CONFIG in filenames and (rundir.METRICS in filenames or rundir.FINAL in filenames or rundir.ENV in filenames):
-                seen.setdefault(Path(dirpath).resolve(), Path(dirpath))
-                dirnames[:] = []  # a run folder holds no run folders
-            dirnames[:] = [d for d in dirnames if d not in ("slurm", "logs", "configs")]
+        st = root.stat()
+        walk(str(root), (st.st_dev, st.st_ino))
     return sorted(seen.values(), key=lambda p: p.name)
+
+
+def _sweep_index(roots: list[Path]) -> Callable[[str], str]:
+    """name -> names of the sweeps (sweep folders with a manifest) that link to a run folder of that name.
+
+    Each sweep's runs/ folder is listed once (not once per run folder: 10,000 runs, a second each time).
+    """
+    linked: list[tuple[str, set[str]]] = []
+    for root in roots:
+        for manifest in [root / "manifest.json", *root.glob("*/manifest.json")]:
+            runs = manifest.parent / "runs"
+            try:
+                with os.scandir(runs) as it:
+                    names = {e.name for e in it if os.path.exists(e.path)}  # a link to nothing links to no run
+            except OSError:
+                names = set()
+            linked.append((manifest.parent.name, names))
+
+    def sweeps(name: str) -> str:
+        return ",".join(sorted({sweep for sweep, names in linked if name in names}))
+
+    return sweeps
 
 
 def _sweeps_of(folder: Path, roots: list[Path]) -> str:
     """Names of the sweeps (sweep folders with a manifest) that link to this run folder."""
-    names = []
-    for root in roots:
-        for manifest in [root / "manifest.json", *root.glob("*/manifest.json")]:
-            if (manifest.parent / "runs" / folder.name).exists() and manifest.parent.name not in names:
-                names.append(manifest.parent.name)
-    return ",".join(sorted(names))
+    return _sweep_index(roots)(folder.name)
 
 
-def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One run folder as a row of runs.csv and its rows of curves.csv."""
-    rd = rundir.RunDir(folder)
-    cfg = yaml.safe_load(rd.config.read_text()) or {}
-    try:
-        rows = rundir.read_jsonl(rd.metrics)  # a torn last line (a crash, or an append in flight) is left out
-    except rundir.CorruptFile as e:
-        log.warning(f"{e}; the run's epochs are left out")
-        rows = []
-    final = rd.final_status()  # a damaged final.json reads as failed, the file named in the reason
+def _config_part(folder: Path) -> tuple[dict[str, Any], Any]:
+    """The runs.csv fields that come from a run folder's config.yaml (its result fields under `_fields`), and its metric_epochs."""
+    cfg = rundir.read_config(folder / rundir.CONFIG) or {}
     norm = cfg.get("norm", {})
-    status = final["status"] if final else "unfinished"
-    val = [r["val_err1"] for r in rows]
-    metric_epochs = cfg.get("metric_epochs", 5)
-    ok = status == "ok"
     run = {
         "run_id": cfg.get("run_id", folder.name),
         "model": cfg.get("model", {}).get("name"),
@@ -108,40 +184,249 @@ def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         "global_batch": cfg.get("derived", {}).get("global_batch"),
         "seed": cfg.get("seed"),
         "epochs": cfg.get("epochs"),
-        "status": status,
-        "reason": final.get("reason") if final else None,
-        # The paper's metric exists only for a run that finished: anything else stays empty.
-        "val_err1": final.get("val_err1") if ok else None,
-        "val_err5": final.get("val_err5") if ok else None,
-        "best_val_err1": min(val) if val and ok else None,
-        "last_val_err1": rundir.paper_metric(val, metric_epochs),
-        "epochs_done": len(rows),
-        "gpu_hours": final.get("gpu_hours") if final else None,
-        "wall_seconds": final.get("wall_seconds") if final else (rows[-1]["wall_seconds"] if rows else None),
         "config_hash": cfg.get("config_hash"),
+        "_fields": _fields(cfg),
     }
-    curves = [{"run_id": run["run_id"], "variant": run["variant"], "batch_per_gpu": run["batch_per_gpu"], "seed": run["seed"], **r} for r in rows]
-    run["_fields"] = result_fields(cfg)
-    return run, curves
+    return run, cfg.get("metric_epochs", 5)
 
 
-def collect(roots: Iterable[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs, curves) tables of every run folder under the roots."""
+def _curve_rows(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's rows of curves.csv (before its setting is known)."""
+    return [{"run_id": run["run_id"], "variant": run["variant"], "batch_per_gpu": run["batch_per_gpu"], "seed": run["seed"], **r} for r in rows]
+
+
+def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run folder as a row of runs.csv and its rows of curves.csv."""
+    run, metric_epochs = _config_part(folder)
+    chunk = runfiles.read_chunk([str(folder)], keep_rows=True)
+    for w in chunk.warnings:
+        log.warning(w)
+    _add_metrics(run, chunk.runs[0], metric_epochs)
+    return run, _curve_rows(run, chunk.rows[0])  # type: ignore[index]
+
+
+def _add_metrics(run: dict[str, Any], part: dict[str, Any], metric_epochs: Any) -> None:
+    """Complete a run's row with what its metrics and final status gave (runfiles.read_chunk)."""
+    val = part.pop("_val")
+    run.update(part)
+    run["last_val_err1"] = rundir.paper_metric(val, metric_epochs)
+
+
+CURVE_COLUMNS = ["run_id", "variant", "setting", "batch_per_gpu", "seed", *rundir.METRIC_KEYS]
+# From this many run folders on, the metrics are read by worker processes (one per usable core).
+PARALLEL_MIN_FOLDERS = 1000
+_CHUNK = 500  # run folders per piece of work (bounds the memory of the per-epoch values held at once)
+
+
+def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs, curves) tables of every run folder under the roots.
+
+    timings: gets the seconds of each phase (find, read, frames). workers: processes reading the
+    metrics (default: one per usable core from PARALLEL_MIN_FOLDERS run folders on, where this process
+    can fork: a single-threaded process on Linux; 1: this process alone).
+    """
+    runs, curves, _ = collect_with_text(roots, timings, workers)
+    return runs, curves
+
+
+def collect_with_text(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
+    """collect(), and curves.csv's text below its header (pieces to write one after another) where it
+    was made while reading (None: write the table, e.g. with write_csv)."""
     roots = [Path(r) for r in roots]
-    runs, curves = [], []
-    for folder in find_run_folders(roots):
-        run, c = read_run(folder)
-        run["sweeps"] = _sweeps_of(folder, roots)
-        runs.append(run)
-        curves += c
+    clock = _Clock(timings)
+    folders = find_run_folders(roots)
+    clock.lap("find")
+    paths = [str(f) for f in folders]
+    with _reader(_workers(workers, len(folders))) as read:
+        pending = read(paths)  # the metrics are read (by the workers) while the configs are read here
+        sweeps = _sweep_index(roots)
+        runs, metric_epochs = [], []
+        for folder in folders:
+            run, m = _config_part(folder)
+            run["sweeps"] = sweeps(folder.name)
+            runs.append(run)
+            metric_epochs.append(m)
+        chunks = list(pending)
+    for chunk in chunks:
+        for w in chunk.warnings:
+            log.warning(w)
+    for run, part, m in zip(runs, (r for c in chunks for r in c.runs), metric_epochs):
+        _add_metrics(run, part, m)
+    clock.lap("read")
+    every = list(runs)  # every folder's curves count, copies of a run included
     runs = _one_per_run_id(runs)
     _label_settings(runs)
     runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
+    counts = [n for c in chunks for n in c.counts]
+    curves = _curves_from_columns(every, counts, chunks, setting)
+    text = None
+    if curves is None:
+        rows = [r for c in (runfiles.read_chunk(paths[i : i + _CHUNK], keep_rows=True) for i in range(0, len(paths), _CHUNK)) for r in c.rows or []]
+        curves = _curves_from_rows(every, rows, setting)
+    elif all(c.blocks is not None for c in chunks) and _repr_is_numpy_str():
+        blocks = (b for c in chunks for b in c.blocks)  # type: ignore[union-attr]
+        text = [block.replace(runfiles.RUN, _curve_prefix(run, setting)) if block else "" for run, block in zip(every, blocks)]
+    clock.lap("frames")
+    return runs_df, curves, text
+
+
+def _workers(asked: int | None, folders: int) -> int:
+    """Processes to read the metrics with: 1 unless there are many folders (or asked) and this process may fork."""
+    if asked is None:
+        from ablation.cluster import usable_cores
+
+        asked = min(8, usable_cores(1)[0]) if folders >= PARALLEL_MIN_FOLDERS else 1
+    # fork: no re-import in the workers (spawn would run __main__ again); never from a threaded process (Jupyter).
+    can_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+    return max(1, asked) if can_fork else 1
+
+
+@contextmanager
+def _reader(workers: int) -> Iterator[Callable[[list[str]], Iterable[runfiles.Chunk]]]:
+    """A function reading run folders' metrics in pieces (runfiles.read_chunk), in order: lazily here, or
+    started at once in `workers` forked processes (what it returns is then the pieces to come)."""
+    if workers <= 1:
+        yield lambda paths: [runfiles.read_chunk(paths[i : i + _CHUNK]) for i in range(0, len(paths), _CHUNK)]
+        return
+    ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+    def read(paths: list[str]) -> Iterable[runfiles.Chunk]:
+        size = max(50, min(_CHUNK, len(paths) // (workers * 4) or 1))  # several pieces a worker: none waits long for the last
+        return ex.map(runfiles.read_chunk, [paths[i : i + size] for i in range(0, len(paths), size)])
+
+    try:
+        yield read
+    except BaseException:
+        ex.shutdown(wait=True, cancel_futures=True)  # a config that cannot be read: the metrics are not waited for
+        raise
+    ex.shutdown(wait=True)
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def _regular(run: dict[str, Any]) -> bool:
+    """True when the run's columns of curves are strings (run id, variant) and int64 numbers (batch, seed)."""
+    return type(run["run_id"]) is str and type(run["variant"]) is str and all(type(run[k]) is int and run[k] in _INT64 for k in ("batch_per_gpu", "seed"))
+
+
+def _curve_prefix(run: dict[str, Any], settings: dict[Any, str]) -> str | None:
+    """The run's columns at the start of each of its curves.csv lines, or None where not regular."""
+    if not _regular(run):
+        return None
+    fields = _csv_fields([run["run_id"], run["variant"], settings[run["run_id"]]])
+    return ",".join([*fields, str(run["batch_per_gpu"]), str(run["seed"]), ""])
+
+
+def _repr_is_numpy_str() -> bool:
+    """True when numpy writes a float64 as repr() does (its default; not with legacy='1.13' printing)."""
+    return np.get_printoptions().get("legacy") is False and str(np.float64(0.1)) == "0.1" and str(np.array([1e-5]).astype(str)[0]) == repr(1e-5)
+
+
+class _Clock:
+    """Seconds per phase into a dict (or nowhere)."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        self.timings, self.t = timings, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.timings is not None:
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+        self.t = now
+
+
+def _curves_from_rows(runs: list[dict[str, Any]], metrics: list[list[dict[str, Any]]], setting: dict[Any, str]) -> pd.DataFrame:
+    """curves.csv's table from the row dicts (the reference construction)."""
+    curves = [c for run, rows in zip(runs, metrics) for c in _curve_rows(run, rows)]
     for c in curves:
         c["setting"] = setting[c["run_id"]]
-    curve_cols = ["run_id", "variant", "setting", "batch_per_gpu", "seed", *rundir.METRIC_KEYS]
-    return runs_df, pd.DataFrame(curves, columns=curve_cols)
+    return pd.DataFrame(curves, columns=CURVE_COLUMNS)
+
+
+def _curves_from_columns(runs: list[dict[str, Any]], counts: list[int], chunks: list[runfiles.Chunk], setting: dict[Any, str]) -> pd.DataFrame | None:
+    """curves.csv's table from the chunks' columns, the same as _curves_from_rows makes it, or None where that
+    is not sure: no rows at all, a row missing a metric or with a run's key, a column of mixed types, a run
+    whose id or variant is not a string or whose batch or seed is not an int."""
+    with_rows = [(run, n) for run, n in zip(runs, counts) if n]
+    if not with_rows or not all(_regular(run) for run, _ in with_rows):
+        return None
+    out: dict[str, Any] = {}
+    for key in rundir.METRIC_KEYS:
+        kinds = {c.kinds.get(key) for c in chunks} - {"empty"}
+        if kinds == {"float"}:
+            dtype = np.float64
+        elif kinds == {"int"}:
+            dtype = np.int64
+        else:
+            return None
+        out[key] = np.concatenate([np.frombuffer(c.columns[key], dtype=dtype) for c in chunks if len(c.columns[key])])
+    reps = np.array([n for _, n in with_rows])
+    for key in ("run_id", "variant"):
+        out[key] = [x for run, n in with_rows for x in [run[key]] * n]
+    out["setting"] = [x for run, n in with_rows for x in [setting[run["run_id"]]] * n]
+    for key in ("batch_per_gpu", "seed"):
+        out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=np.int64), reps)
+    return pd.DataFrame(out, columns=CURVE_COLUMNS)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """df.to_csv(path, index=False), byte for byte, at several times its speed for int64, float64 and string
+    columns (curves.csv: a million rows for 10,000 runs); any other frame is written by pandas.
+
+    Each column is made text the way pandas makes it (numpy's str() of each number, '' for NaN and
+    missing strings), each distinct string quoted by the csv module with pandas' settings, and the
+    rows joined once.
+    """
+    texts = _csv_columns(df) if len(df.columns) > 1 else None
+    if texts is None:
+        df.to_csv(path, index=False)
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(csv_header([str(c) for c in df.columns]))
+        for start in range(0, len(df), 100_000):  # a bounded amount of text at a time
+            f.write("".join([",".join(row) + os.linesep for row in zip(*(t[start : start + 100_000] for t in texts))]))
+
+
+def csv_header(columns: list[str]) -> str:
+    """The header line to_csv writes for these column names."""
+    return ",".join(_csv_fields(columns)) + os.linesep
+
+
+def _csv_fields(values: list[str]) -> list[str]:
+    """Each string as the csv module writes it as a field with pandas' settings (quoted when it has to be)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=os.linesep, delimiter=",", quoting=csv.QUOTE_MINIMAL, doublequote=True, escapechar=None, quotechar='"')
+    out = []
+    for v in values:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow([v, ""])  # two fields: a lone empty field would be quoted
+        out.append(buf.getvalue()[: -len(os.linesep) - 1])
+    return out
+
+
+def _csv_columns(df: pd.DataFrame) -> list[list[str]] | None:
+    """Each column's cells as pandas' CSV writer makes them, or None for a column of another kind."""
+    out = []
+    for _, col in df.items():
+        values = col.to_numpy()
+        if col.dtype == np.float64:
+            text = values.astype(str)
+            text[np.isnan(values)] = ""
+            out.append(text.tolist())
+        elif col.dtype == np.int64:
+            out.append(values.astype(str).tolist())
+        elif col.dtype == object or isinstance(col.dtype, pd.StringDtype):
+            codes, uniques = pd.factorize(col, use_na_sentinel=True)
+            if not all(type(u) is str for u in uniques):
+                return None
+            cells = np.array([*_csv_fields(list(uniques)), ""], dtype=object)
+            out.append(cells[codes].tolist())  # code -1 (missing): the last, ''
+        else:
+            return None
+    return out
 
 
 def _one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -168,10 +453,15 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
     that differ in anything else (epochs, weight decay, ...) never are.
     """
     keys = sorted({k for r in runs for k in r["_fields"]})
-    varying = [
-        k for k in keys
-        if k not in AXIS_FIELDS and not k.startswith("norm.") and len({json.dumps(r["_fields"].get(k)) for r in runs}) > 1
-    ]
+    text: dict[int, str] = {}  # json.dumps by value object: runs of one setting share their values (collect._fields)
+
+    def dumps(v: Any) -> str:
+        t = text.get(id(v))
+        if t is None:
+            t = text[id(v)] = json.dumps(v)
+        return t
+
+    varying = [k for k in keys if k not in AXIS_FIELDS and not k.startswith("norm.") and len({dumps(r["_fields"].get(k)) for r in runs}) > 1]
     for r in runs:
         fields = r.pop("_fields")
         r["setting"] = ", ".join(f"{k}={fields.get(k)}" for k in varying)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-from ablation.collect import PAPER_NAMES, collect, variant
+from ablation.collect import CURVE_COLUMNS, PAPER_NAMES, collect_with_text, csv_header, variant, write_csv
 
 log = logging.getLogger("ablation")
 
@@ -411,28 +412,48 @@ class Report:
     files: list[Path]
 
 
-def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None) -> Report:
-    """Collect the runs under roots and write tables, figures and CSVs to out."""
+def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None,
+          timings: dict[str, float] | None = None) -> Report:
+    """Collect the runs under roots and write tables, figures and CSVs to out; `timings` gets the seconds of each phase
+    (find, read, frames: ablation.collect; csv, tables, figures)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves = collect(roots)
+    runs, curves, curves_text = collect_with_text(roots, timings)
     if runs.empty:
         from ablation.errors import AblationError
 
         raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + now - t
+        t = now
+
     ref = load_reference(reference_dir(reference))
     bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
     files = []
-    for name, df in (("runs.csv", runs), ("curves.csv", curves)):
-        df.to_csv(out / name, index=False)
-        files.append(out / name)
+    write_csv(runs, out / "runs.csv")
+    if curves_text is None or list(curves.columns) != CURVE_COLUMNS:
+        write_csv(curves, out / "curves.csv")
+    else:  # made while reading the metrics: the same text as the table's
+        with open(out / "curves.csv", "w", encoding="utf-8", newline="") as f:
+            f.write(csv_header(CURVE_COLUMNS))
+            for piece in curves_text:
+                f.write(piece)
+    files += [out / "runs.csv", out / "curves.csv"]
+    lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
-    for t in tables:
-        (out / f"{t.name}.md").write_text(t.markdown())
-        (out / f"{t.name}.tex").write_text(t.latex())
-        t.long().to_csv(out / f"{t.name}.csv", index=False)
-        files += [out / f"{t.name}.{ext}" for ext in ("md", "tex", "csv")]
+    for table in tables:
+        (out / f"{table.name}.md").write_text(table.markdown())
+        (out / f"{table.name}.tex").write_text(table.latex())
+        table.long().to_csv(out / f"{table.name}.csv", index=False)
+        files += [out / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")]
+    lap("tables")
     files += figure_error_vs_batch(runs, ref, out)
     files += figure_curves(runs, curves, out)
     files += figure_delta(runs, bases, out)
+    lap("figures")
     return Report(runs, curves, tables, files)

@@ -1,0 +1,142 @@
+"""The per-epoch half of collecting run folders: metrics.jsonl and final.json into compact pieces.
+
+ablation.collect reads the configs and assembles the tables; the work that grows with epochs (parse
+every metrics line, keep each metric as a column, write each epoch's curves.csv line) is done here,
+chunk by chunk, in this process or in worker processes. Torch-free and pandas-free.
+
+A curves.csv line is made as pandas' to_csv makes it from the curves table: the run's columns (put in
+by the caller for the placeholder RUN) and then each metric, a float as numpy's str() writes a float64
+(which is Python's repr(); '' for NaN), an int as str(). That holds only where the whole column of the
+table is float64 (every value a float) or int64 (every value an int): each chunk says what its values
+were, and the caller uses the text only when every chunk agrees.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+import json
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ablation import rundir
+
+RUN = "\x00"  # stands for a run's own columns at the start of each of its curves.csv lines
+_RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))
+_KEYS = rundir.METRIC_KEYS
+
+
+@dataclass
+class Chunk:
+    """What reading some run folders' metrics and final status gave."""
+
+    runs: list[dict[str, Any]]  # per folder: the runs.csv fields from metrics.jsonl and final.json, and its val_err1 list under "_val"
+    counts: list[int]  # per folder: its epochs (rows of curves.csv)
+    warnings: list[str]  # damaged files, in the order met: the caller logs them
+    rows: list[list[dict[str, Any]]] | None = None  # the metrics rows, when asked for
+    kinds: dict[str, str] = field(default_factory=dict)  # per metric: 'float', 'int' or 'empty' when every value was one; absent: neither
+    columns: dict[str, array.array] = field(default_factory=dict)  # per metric of a kind: its values ('d' or 'q')
+    blocks: list[str] | None = None  # per folder: its curves.csv lines, each starting with RUN; None where the rows are not regular
+
+
+def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
+    """rundir.RunDir.final_status(), its warning appended to `warnings` instead of logged."""
+    try:
+        return rundir.read_json(path)
+    except rundir.CorruptFile as e:
+        warnings.append(f"{e}: the run counts as failed")
+        return {"status": "failed", "reason": f"unreadable final status: {e}", "val_err1": None}
+
+
+def read_chunk(folders: list[str], keep_rows: bool = False) -> Chunk:
+    """Read these run folders' metrics and final status: their run fields, metric columns and curves.csv lines."""
+    warnings: list[str] = []
+    runs, counts, values, kept = [], [], [], []
+    regular, get = True, operator.itemgetter(*_KEYS)
+    for folder in folders:
+        try:
+            rows = rundir.read_jsonl(os.path.join(folder, rundir.METRICS))  # a torn last line (a crash, or an append in flight) is left out
+        except rundir.CorruptFile as e:
+            warnings.append(f"{e}; the run's epochs are left out")
+            rows = []
+        val = [r["val_err1"] for r in rows]
+        last_wall = rows[-1]["wall_seconds"] if rows else None
+        n = len(rows)
+        if keep_rows:
+            kept.append(rows)
+        if regular:
+            if set(map(len, rows)) - {len(_KEYS)} and any(len(r) != len(_KEYS) and r.keys() & _RUN_KEYS for r in rows):
+                regular = False  # a row that would overwrite a run's column
+            else:
+                try:
+                    values += map(get, rows)
+                except KeyError:
+                    regular = False  # a row without a metric: NaN there, and the column's type changes
+        final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
+        status = final["status"] if final else "unfinished"
+        ok = status == "ok"
+        runs.append(
+            {
+                "status": status,
+                "reason": final.get("reason") if final else None,
+                # The paper's metric exists only for a run that finished: anything else stays empty.
+                "val_err1": final.get("val_err1") if ok else None,
+                "val_err5": final.get("val_err5") if ok else None,
+                "best_val_err1": min(val) if val and ok else None,
+                "epochs_done": n,
+                "gpu_hours": final.get("gpu_hours") if final else None,
+                "wall_seconds": final.get("wall_seconds") if final else last_wall,
+                "_val": val,
+            }
+        )
+        counts.append(n)
+    chunk = Chunk(runs, counts, warnings, kept if keep_rows else None)
+    if regular:
+        _columns_and_blocks(chunk, values)
+    return chunk
+
+
+def _columns_and_blocks(chunk: Chunk, values: list[Any]) -> None:
+    """Fill the chunk's kinds and columns from its rows' values, and its blocks where every column has one kind."""
+    flat = list(itertools.chain.from_iterable(values))
+    regular = True
+    for j, key in enumerate(_KEYS):
+        col = flat[j :: len(_KEYS)]
+        types = set(map(type, col))
+        if types == {float}:
+            chunk.kinds[key], chunk.columns[key] = "float", array.array("d", col)
+        elif types == {int}:
+            try:
+                chunk.columns[key] = array.array("q", col)
+                chunk.kinds[key] = "int"
+            except OverflowError:
+                regular = False
+        elif not types:
+            chunk.kinds[key], chunk.columns[key] = "empty", array.array("d")
+        else:
+            regular = False
+    if not regular:
+        return
+    lines = _metric_text(values)
+    end, blocks, i = os.linesep, [], 0
+    for n in chunk.counts:
+        blocks.append(RUN + (end + RUN).join(lines[i : i + n]) + end if n else "")
+        i += n
+    chunk.blocks = blocks
+
+
+def _metric_text(values: list[Any]) -> list[str]:
+    """Each row's metrics as curves.csv writes them: floats as repr() (numpy's str() of a float64), ints as str(),
+    NaN as nothing, infinities as inf and -inf.
+
+    json.dumps writes floats and ints exactly so (float.__repr__, int.__repr__), all rows in one call; its
+    only other tokens for numbers, NaN, Infinity and -Infinity, are swapped for pandas' ones.
+    """
+    if not values:
+        return []
+    text = json.dumps(values)[2:-2].replace(", ", ",")
+    if "N" in text or "I" in text:
+        text = text.replace("NaN", "").replace("Infinity", "inf")
+    return text.split("],[")
