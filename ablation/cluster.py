@@ -40,10 +40,22 @@ class Profile:
     max_requeues: int = 5  # bound on time-limit requeues per job
     retries: int = 2  # a run that fails (set-up or training error) is started again this many times, then stays failed
     setup: tuple[str, ...] = ()  # shell lines run before each job (module load, conda activate)
-    throughput_images_per_s: float | None = None  # per-GPU training throughput for GPU-hour estimates
+    # Training images/s per GPU for GPU-hour estimates: one number for every batch size, or a table by
+    # per-GPU batch size ({32: 400, 2: 150}; interpolated in log batch between sizes). See throughput_at.
+    throughput_images_per_s: float | Mapping[int, float] | None = None
+    gpu: str | None = None  # the GPU model the jobs run on (e.g. A100): estimates use the GPU benchmark's records of that device
     stand_in: bool = False  # a job may run fewer processes than the run's modelled GPUs
     processes_per_job: int = 1  # with stand_in: processes (tasks) per job, each standing in for gpus/processes GPUs
     additional: Mapping[str, Any] = field(default_factory=dict)  # extra sbatch parameters, passed as they are
+
+    def throughput_at(self, batch: int) -> tuple[float, str] | None:
+        """(images/s per GPU, how: '' | 'interpolated' | 'extrapolated') at this per-GPU batch, or None without a figure."""
+        thr = self.throughput_images_per_s
+        if thr is None:
+            return None
+        if isinstance(thr, Mapping):
+            return interpolate(thr, batch)
+        return float(thr), ""
 
     def processes(self, cfg: RunConfig) -> int:
         """Processes (SLURM tasks) one run's job uses."""
@@ -60,13 +72,66 @@ class Profile:
         return math.ceil(procs / per_node), per_node
 
 
+def interpolate(table: Mapping[int, float], batch: int) -> tuple[float, str]:
+    """A throughput at `batch` from a table by batch size, and how it was found ('' when the table has it).
+
+    Between two sizes: linear in log batch ('interpolated'). Outside ('extrapolated'): above the largest
+    size, the largest's figure (a step of more images takes at least as long per image); below the
+    smallest, the smallest's figure times batch/smallest (a step takes at least as long as the smallest
+    measured step): both err towards more hours, never fewer.
+    """
+    sizes = sorted(table)
+    if batch in table:
+        return float(table[batch]), ""
+    if batch > sizes[-1]:
+        return float(table[sizes[-1]]), "extrapolated"
+    if batch < sizes[0]:
+        return float(table[sizes[0]]) * batch / sizes[0], "extrapolated"
+    hi = next(b for b in sizes if b > batch)
+    lo = sizes[sizes.index(hi) - 1]
+    f = (math.log(batch) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return float(table[lo]) + f * (float(table[hi]) - float(table[lo])), "interpolated"
+
+
+def _throughput(value: Any, where: str) -> float | dict[int, float] | None:
+    """The profile's throughput_images_per_s: None, a positive number, or a table {per-GPU batch: images/s}."""
+    key = f"{where}: throughput_images_per_s"
+
+    def number(v: Any, what: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise ConfigError(f"{key}{what}: expected a positive number of images/s, got {v!r}")
+        try:
+            f = float(v)
+        except ValueError:
+            raise ConfigError(f"{key}{what}: expected a positive number of images/s, got {v!r}") from None
+        if not f > 0 or math.isinf(f):
+            raise ConfigError(f"{key}{what}: expected a positive number of images/s, got {v!r}")
+        return f
+
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        return None
+    if not isinstance(value, Mapping):
+        return number(value, "")
+    if not value:
+        raise ConfigError(f"{key}: an empty table; give images/s by per-GPU batch size, e.g. {{32: 400, 2: 150}}, or one number")
+    table = {}
+    for b, v in value.items():
+        batch = int(b) if not isinstance(b, bool) and str(b).strip().isdigit() else 0
+        if batch < 1:
+            raise ConfigError(f"{key}: table keys are per-GPU batch sizes (integers >= 1), got {b!r}")
+        table[batch] = number(v, f"[{batch}]")
+    return dict(sorted(table.items()))
+
+
 def load_profile(path: str | Path | None, executor: str | None = None) -> Profile:
     """A profile from YAML (strict keys), or the built-in default; `executor` overrides the file's."""
-    data = config.load_yaml(path) if path else {}
+    data = dict(config.load_yaml(path)) if path else {}
+    throughput = _throughput(data.pop("throughput_images_per_s", None), str(path or "profile"))
     try:
         profile = config.build_dataclass(Profile, data, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    profile = Profile(**{**profile.__dict__, "throughput_images_per_s": throughput})
     if executor:
         profile = Profile(**{**profile.__dict__, "executor": executor})
     if profile.executor not in EXECUTORS:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ablation import config, rundir, status, sweep
 from ablation.config import ConfigError
@@ -111,10 +112,11 @@ def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cl
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("10 runs: 10 to submit") and "8 GPU(s) per job (1 node(s) x 8 task(s))" in last
-    # 100 epochs x 1,281,167 images at the profile's per-GPU throughput, for each of 10 runs
-    thr = float(next(line.split(":")[1] for line in profile.read_text().splitlines() if line.startswith("throughput_images_per_s")).split("#")[0])
-    hours = 10 * 100 * 1_281_167 / thr / 3600
+    # 100 epochs x 1,281,167 images at the profile's per-GPU throughput for the run's images per GPU, BN and GN at each
+    table = yaml.safe_load(profile.read_text())["throughput_images_per_s"]
+    hours = sum(2 * 100 * 1_281_167 / table[b] / 3600 for b in (32, 16, 8, 4, 2))
     assert f"~{hours:.1f} GPU-hours" in last
+    assert "32: 400, 16: 380, 8: 330, 4: 250, 2: 150 (profile example-cluster's table)" in last  # each batch's figure and its source
     assert not any(tmp_path.iterdir())
 
 
