@@ -156,7 +156,7 @@ class DatasetScan:
     """What one walk of the dataset found: the summary and every split's file list.
 
     The trainer walks the folders once per start, on rank 0, and hands the lists to the other ranks
-    (trainer._scan_dataset), instead of every rank walking them twice (check_layout, then ImageFolder).
+    (loaders.scan_dataset), instead of every rank walking them twice (check_layout, then ImageFolder).
     """
 
     info: DatasetInfo

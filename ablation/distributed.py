@@ -67,7 +67,7 @@ def setup(preference: str = "auto") -> DistEnv:
     device = pick_device(preference, local_rank)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    torch.set_num_threads(cpu_budget(local_world, device).threads)  # the loader's workers get the rest (trainer._loader)
+    torch.set_num_threads(cpu_budget(local_world, device).threads)  # the loader's workers get the rest (loaders.make_loader)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return DistEnv(rank, world, local_rank, local_world, device)

@@ -75,23 +75,23 @@ def test_compact_cpu_lists() -> None:
 
 
 def test_threads_and_loader_workers_follow_the_budget(node) -> None:
-    from ablation import config, trainer
+    from ablation import bookkeeping, config, loaders
     from ablation.distributed import DistEnv, cpu_threads
 
     node(range(10), **SLURM_TASK)
     assert cpu_threads(8) == 10
     cfg = config.load(None, ["data.workers=8"])
-    loader = trainer._loader(list(range(4)), cfg, DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"), batch_size=2)
+    loader = loaders.make_loader(list(range(4)), cfg, DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"), batch_size=2)
     assert loader.num_workers == 8  # was 10 // 8 = 1
 
 
 def test_env_json_records_the_cpu_budget(node) -> None:
-    from ablation import config, trainer
+    from ablation import bookkeeping, config, loaders
     from ablation.distributed import DistEnv
 
     node(range(10), **SLURM_TASK)
     cfg = config.load(None, ["data.workers=8"])
-    info = trainer.environment(DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"), cfg)
+    info = bookkeeping.environment(DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"), cfg)
     assert info["cpu_budget"] == {"cores_usable": 10, "workers": 8, "threads": 10, "affinity": "0-9",
                                   "source": cluster.cpu_budget(8, "cpu", 8).source}
 

@@ -112,7 +112,7 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
     from ablation.models import create_model
-    from ablation.trainer import build_optimizer
+    from ablation.loop import build_optimizer
 
     cfg = config.load(None, TINY)
     model = create_model(cfg, 4)
@@ -228,11 +228,11 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_d
 def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ablation import trainer
+    from ablation import loop
     from ablation.norms import PerGPUBatchNorm2d
 
     synced_after: list[int] = []  # training steps done at each sync (a BN layer's batch count)
-    real_sync = trainer.sync_running_stats
+    real_sync = loop.sync_running_stats
 
     def sync(model: torch.nn.Module) -> None:
         synced_after.append(int(next(m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d)).num_batches_tracked))
@@ -246,7 +246,7 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
             host_built.append(sys._getframe(1).f_code.co_name)
         return real_tensor(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "sync_running_stats", sync)
+    monkeypatch.setattr(loop, "sync_running_stats", sync)
     monkeypatch.setattr(torch, "tensor", tensor)
     cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0", "log_every_steps=1000"])
     assert train(cfg, tmp_path / "run")["status"] == "ok"
@@ -256,7 +256,7 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
 
 
 def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablation.trainer import backend_settings, configure_backends
+    from ablation.bookkeeping import backend_settings, configure_backends
 
     for flag in ("benchmark", "allow_tf32"):
         monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))  # restored afterwards
@@ -275,7 +275,7 @@ def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.Mo
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
     from ablation.norms import split_per_gpu
-    from ablation.trainer import GlobalBatchSampler
+    from ablation.loaders import GlobalBatchSampler
 
     cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])
     d = config.derive(cfg, 200)

@@ -1,0 +1,122 @@
+"""The data side of one run: which images each process gets at each step, loaders, and batches on the device.
+
+The data a modelled GPU sees depends only on (seed, epoch, step), never on the process count, the
+loader workers or where a run was resumed: every global batch is a fixed slice of a per-epoch permutation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ablation.cluster import cpu_budget
+from ablation.config import Derived, RunConfig
+from ablation.data import DatasetScan, SeededImageFolder, finish_on_device, scan_layout
+from ablation.distributed import DistEnv
+from ablation.errors import DataError
+from ablation.norms import interleave
+
+log = logging.getLogger("ablation")
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This process's share of every global batch of one epoch, as (epoch, index) pairs.
+
+    The global batch of step s is slice s of a per-epoch permutation; modelled GPU g takes the g-th
+    chunk of batch_per_gpu images, and process p stands in for GPUs p*k ... p*k+k-1. Its batch holds
+    their images interleaved (ablation.norms.interleave: row j*k + i is image j of its GPU i), the
+    layout per-GPU BN reads; every modelled GPU sees the same images whatever the process count.
+    """
+
+    def __init__(self, num_images: int, d: Derived, cfg: RunConfig, rank: int, world: int):
+        self.num_images, self.d, self.seed = num_images, d, cfg.seed
+        self.per_process = d.global_batch // world
+        self.gpus_per_process = cfg.gpus // world
+        self.offset = rank * self.per_process
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch and the first step to yield (a resumed epoch skips what was done)."""
+        self.epoch, self.start = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(self.num_images, generator=g)
+        for s in range(self.start, self.d.steps_per_epoch):
+            base = s * self.d.global_batch + self.offset
+            mine = perm[base : base + self.per_process].tolist()
+            b = len(mine) // self.gpus_per_process
+            yield [(self.epoch, i) for i in interleave([mine[g * b : g * b + b] for g in range(self.gpus_per_process)])]
+
+    def __len__(self) -> int:
+        return self.d.steps_per_epoch - self.start
+
+
+class EpochIndexed(Dataset):
+    """Takes (epoch, index) keys so persistent workers see the epoch that seeds the augmentation."""
+
+    def __init__(self, ds: SeededImageFolder):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        self.ds.set_epoch(epoch)
+        return self.ds[index]
+
+
+def scan_dataset(root: str, env: DistEnv) -> DatasetScan:
+    """Check the dataset and list its files once per start: rank 0 walks the folders, the other ranks
+    receive the lists (1.3M ImageNet paths walked once, not twice on every rank)."""
+    if env.world_size == 1:
+        return scan_layout(root)
+    box: list[Any] = [None]
+    if env.is_main:
+        try:
+            box[0] = scan_layout(root)
+        except DataError as e:
+            box[0] = str(e)  # every rank raises it: none is left waiting for a list that never comes
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise DataError(box[0])
+    return box[0]
+
+
+def make_loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
+    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cluster.cpu_budget)."""
+    # More workers than cores only adds contention; the images do not depend on the worker count.
+    workers = cpu_budget(env.local_world_size, env.device, cfg.data.workers).workers
+    return DataLoader(
+        ds,
+        num_workers=workers,
+        pin_memory=env.device.startswith("cuda"),
+        persistent_workers=workers > 0,
+        **kw,
+    )
+
+
+def to_device(x: torch.Tensor | Any, y: torch.Tensor, env: DistEnv, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to the device (channels-last on GPU when asked).
+
+    A data.pipeline=split batch (uint8 pixels, with their augmentation parameters when training) gets
+    its photometric steps there, batched: the float batch the reference pipeline would have made.
+    """
+    fmt = torch.channels_last if cfg.channels_last and env.device != "cpu" else torch.contiguous_format
+    if not isinstance(x, torch.Tensor) or x.dtype == torch.uint8:
+        return finish_on_device(x, cfg.data, env.device, fmt), y.to(env.device, non_blocking=True)
+    if env.device == "cpu":
+        return x, y
+    return x.to(env.device, non_blocking=True, memory_format=fmt), y.to(env.device, non_blocking=True)
+
+
+def eval_data_cfg(cfg: RunConfig, d: Derived) -> Any:
+    """The data config with the derived eval resize filled in."""
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, eval_resize=d.eval_resize)

@@ -1,0 +1,289 @@
+"""The step/epoch loop: train steps, divergence checks, evaluation, checkpoints at boundaries, stops.
+
+A checkpoint holds the partial-epoch sums, so a resumed run continues the same arithmetic, and
+metrics.jsonl is rewritten from the checkpointed history, so a line is never written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ablation import faults, rundir
+from ablation.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
+from ablation.config import RunConfig, lr_at
+from ablation.coordination import StopVote
+from ablation.distributed import DistEnv
+from ablation.errors import DiskFullError
+from ablation.loaders import to_device
+from ablation.norms import sync_running_stats
+
+log = logging.getLogger("ablation")
+
+
+FAULT_KILL_ENV = "ABLATION_FAULT_KILL_AT_STEP"
+
+
+class Diverged(Exception):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step: int, epoch: int, value: float):
+        super().__init__(f"loss is {value} at step {step} (epoch {epoch + 1})")
+        self.step, self.epoch = step, epoch
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov by default) with decay on every parameter, or not on 1-D ones if asked."""
+    o = cfg.optim
+    params = list(model.parameters())
+    if o.no_decay_1d:
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    else:
+        groups = [{"params": params, "weight_decay": o.weight_decay}]
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
+def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum a tensor over processes (identity in one process)."""
+    if env.world_size > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig, vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
+    """Top-1 and top-5 error (%) over the whole validation set (each process a shard).
+
+    None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
+    """
+    model.eval()
+    counts, images = torch.zeros(2, dtype=torch.float64, device=env.device), 0
+    for i, (x, y) in enumerate(loader):
+        faults.hit("eval")
+        if vote is not None and i < polls and vote.poll():
+            model.train()
+            return None
+        x, y = to_device(x, y, env, cfg)
+        with autocast(cfg, env):
+            out = model(x)
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        hit = top == y[:, None]
+        counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
+        images += len(y)  # a Python int: no tensor built from host values per batch
+    model.train()
+    c1, c5, n = all_sum(torch.cat([counts, counts.new_tensor([images])]), env).tolist()
+    return 100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n)
+
+
+def autocast(cfg: RunConfig, env: DistEnv) -> Any:
+    """bfloat16 autocast on GPU when amp is on; nothing on CPU."""
+    if cfg.amp and env.device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _progress(total: int, initial: int, desc: str, env: DistEnv) -> Any:
+    """A progress bar on a terminal (rank 0), nothing in logs."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not (env.is_main and sys.stderr.isatty()))
+
+
+class EpochLoop:
+    """One run's training loop; holds the per-epoch accumulators between steps."""
+
+    def __init__(self, cfg, rd, env, d, ddp, model, opt, state: TrainState, meta, should_stop, eval_polls: int):
+        self.cfg, self.rd, self.env, self.d = cfg, rd, env, d
+        self.ddp, self.model, self.opt, self.state, self.meta = ddp, model, opt, state, meta
+        self.should_stop = should_stop or (lambda: False)
+        self.vote = StopVote(env, self.should_stop)  # polled after every step and evaluation batch
+        self.eval_polls = eval_polls
+        self.stage = "train"  # train | eval | checkpoint: what a failure interrupted
+        self.eval_model: nn.Module = model  # the compiled model when cfg.compile is on
+        self.losses: list[torch.Tensor] = []  # per-step losses not yet checked (kept on device: no sync per step)
+        self.session_start = time.monotonic()
+        self.last_save = time.monotonic()
+        self.accounted = time.monotonic()
+        self.kill_at_step = int(os.environ.get(FAULT_KILL_ENV, "0"))
+        self.images = 0  # images trained in this epoch since this start (run_epoch)
+        self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
+
+    def account_time(self) -> None:
+        """Add the time since the last call to the run's wall and device seconds."""
+        now = time.monotonic()
+        dt = now - self.accounted
+        self.accounted = now
+        self.state.wall_seconds += dt
+        self.state.epoch_seconds += dt
+        if self.env.device != "cpu":
+            self.state.device_seconds += dt * self.env.world_size
+
+    def _sums(self, acc: torch.Tensor) -> torch.Tensor:
+        """This rank's [loss x images, correct, images] of the epoch so far: acc plus the images counted since this start."""
+        return acc + acc.new_tensor([0.0, 0.0, float(self.images)])
+
+    def _sync_bn(self) -> None:
+        """Apply the BN running-statistics rule across processes (a collective: every rank calls it at the
+        same step); once per step at most, before evaluating or checkpointing, never after every step."""
+        if self.bn_synced_at != self.state.step:
+            sync_running_stats(self.model)
+            self.bn_synced_at = self.state.step
+
+    def _partial_for_rank(self) -> torch.Tensor:
+        """This rank's saved partial-epoch sums (a different process count folds them into rank 0)."""
+        acc = torch.zeros(3, dtype=torch.float64, device=self.env.device)
+        p = self.state.partial
+        if len(p) == self.env.world_size:
+            acc += torch.tensor(p[self.env.rank], dtype=torch.float64, device=self.env.device)
+        elif p and self.env.is_main:
+            acc += torch.tensor([sum(col) for col in zip(*p)], dtype=torch.float64, device=self.env.device)
+        return acc
+
+    def run_epoch(self, epoch: int, train_loader: DataLoader, val_loader: DataLoader) -> bool:
+        """Train the rest of one epoch, validate, checkpoint; False when stopped early."""
+        cfg, d, st, env = self.cfg, self.d, self.state, self.env
+        acc = self._partial_for_rank()
+        self.images = 0  # images of this epoch trained since this start; acc[2] holds those before it
+        bar = _progress(d.steps_per_epoch, st.step_in_epoch, f"epoch {epoch + 1}/{cfg.epochs}", env)
+        for x, y in train_loader:
+            lr = lr_at(cfg, d, st.step)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            x, y = to_device(x, y, env, cfg)
+            with autocast(cfg, env):
+                out = self.ddp(x)
+                loss = F.cross_entropy(out, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            # No host sync per step: sums stay on the device, the image count is a Python int, and BN running
+            # statistics are synced across processes only before evaluation and checkpoints (_sync_bn).
+            with torch.no_grad():
+                correct = (out.argmax(1) == y).sum()
+                acc[:2] += torch.stack([loss.detach().double() * len(y), correct.double()])
+            self.images += len(y)
+            self.losses.append(loss.detach().float())
+            st.step += 1
+            st.step_in_epoch += 1
+            if st.step == self.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            faults.hit("step", st.step)
+            if self.vote.poll():
+                self._flush(epoch, lr, bar)
+                bar.close()
+                return self._stop(acc)
+            every = cfg.checkpoint_every_steps
+            due_ckpt = bool(every) and st.step % every == 0 and st.step_in_epoch < d.steps_per_epoch
+            if st.step % cfg.log_every_steps == 0 or due_ckpt:
+                if self._flush(epoch, lr, bar) or due_ckpt:
+                    self._checkpoint(acc)
+        self._flush(epoch, lr_at(cfg, d, max(st.step - 1, 0)), bar)
+        bar.close()
+        train_loss, correct, count = all_sum(self._sums(acc), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
+        self.stage = "eval"
+        self._sync_bn()
+        val = evaluate(self.eval_model, val_loader, env, cfg, self.vote, self.eval_polls)
+        if val is None:
+            return self._stop(acc)
+        val1, val5 = val
+        self.stage = "train"
+        self.account_time()
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr_at(cfg, d, st.step - 1),
+            "train_loss": train_loss / count,
+            "train_err1": 100.0 * (1 - correct / count),
+            "val_err1": val1,
+            "val_err5": val5,
+            "images_per_s": d.global_batch * d.steps_per_epoch / max(st.epoch_seconds, 1e-9),
+            "epoch_seconds": st.epoch_seconds,
+            "wall_seconds": st.wall_seconds,
+        }
+        st.history.append({k: row[k] for k in rundir.METRIC_KEYS})
+        st.epoch, st.step_in_epoch, st.partial, st.epoch_seconds = epoch + 1, 0, [], 0.0
+        self._checkpoint(None)
+        if env.is_main:
+            rundir.write_jsonl(self.rd.metrics, st.history)
+        log.info(
+            f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} err {row['train_err1']:.2f}%  "
+            f"val err {val1:.2f}% (top-5 {val5:.2f}%)  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+        )
+        return True
+
+    def _flush(self, epoch: int, lr: float, bar: Any) -> bool:
+        """Check the buffered losses for divergence, log them; return whether a timed checkpoint is due."""
+        env, st = self.env, self.state
+        if not self.losses:
+            return False
+        losses = torch.stack(self.losses)
+        timed = bool(self.cfg.checkpoint_every_minutes) and time.monotonic() - self.last_save > 60 * self.cfg.checkpoint_every_minutes
+        flags = torch.tensor([float(timed and env.is_main)], device=losses.device)  # rank 0's clock decides for all
+        packed = all_sum(torch.cat([losses, flags]), env)
+        losses = (packed[:-1] / env.world_size).tolist()
+        timed = packed[-1].item() > 0
+        first = st.step - len(losses)
+        self.losses = []
+        bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+        if env.is_main and self.cfg.log_steps:
+            # One write of whole lines: a kill leaves at most a torn last line, which readers and the resume drop.
+            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v} for i, v in enumerate(losses)]
+            rundir.append_jsonl(self.rd.steps, rows)
+        if bad is not None:
+            raise Diverged(first + bad, epoch, losses[bad])
+        bar.update(len(losses))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.3g}")
+        return timed
+
+    def _stop(self, acc: torch.Tensor) -> bool:
+        """Checkpoint where every process agreed to stop, log how long that took since the signal; False."""
+        st = self.state
+        self._checkpoint(acc)
+        at, sig = getattr(self.should_stop, "at", None), getattr(self.should_stop, "name", None)
+        took = time.monotonic() - at if at is not None else None
+        after = f" {took:.2f}s after {sig}" if took is not None else ""
+        log.info(f"{self.meta['run_id']}: stopped at step {st.step} ({self.stage}); checkpoint written{after}, will resume from here")
+        if self.env.is_main:
+            note_stop(self.rd, {"stopped_at_step": st.step, "stopped_in": self.stage, "stop_signal": sig, "signal_to_checkpoint_s": None if took is None else round(took, 3)})
+        return False
+
+    def _checkpoint(self, acc: torch.Tensor | None) -> None:
+        """Save the state; acc holds this rank's partial-epoch sums (None at an epoch end)."""
+        env, st = self.env, self.state
+        self._sync_bn()
+        if acc is not None:
+            acc = self._sums(acc)
+            if env.world_size > 1:
+                parts = [torch.zeros_like(acc) for _ in range(env.world_size)]
+                dist.all_gather(parts, acc)
+            else:
+                parts = [acc]
+            st.partial = [p.tolist() for p in parts]
+            self.account_time()
+        if env.is_main:
+            stage, self.stage = self.stage, "checkpoint"
+            try:
+                save_checkpoint(self.rd, self.model, self.opt, st, self.meta)
+            except OSError as e:
+                if e.errno in DISK_FULL:  # the temporary file is gone; the previous checkpoint is untouched
+                    raise DiskFullError(
+                        f"{self.rd.checkpoint}: disk full writing the checkpoint of step {st.step} ({e.strerror}); "
+                        "the previous checkpoint is intact: free space and start the run again to resume"
+                    ) from None
+                raise
+            self.stage = stage
+        self.last_save = time.monotonic()
