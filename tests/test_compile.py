@@ -81,3 +81,8 @@ def test_a_compiled_run_matches_eager_within_float_tolerance(tiny_data: Path, tm
     ea, eb = (json.loads((f / "final.json").read_text())["val_err1"] for f in (eager, compiled))
     assert abs(ea - eb) <= 100 / 32  # at most one of 32 val images flips
     assert statistics.fmean(a.tolist()) == pytest.approx(statistics.fmean(b.tolist()), rel=1e-4)
+
+
+def test_compile_off_is_read_as_the_word_not_a_yaml_boolean() -> None:
+    assert config.load(None, ["compile=off"]).compile == "off"  # YAML 1.1 would make it False
+    assert config.load(None, ["compile=aot_eager"]).compile == "aot_eager"
