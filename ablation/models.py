@@ -9,7 +9,7 @@ from torch import nn
 
 from ablation.config import RunConfig
 from ablation.errors import ConfigError, NormError
-from ablation.norms import NormSpec, norm_layer
+from ablation.norms import NormSpec, norm_layer, share_affine_repeats
 
 
 def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) -> nn.Module:
@@ -36,7 +36,7 @@ def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) ->
     if m.stem == "small":
         _small_stem(model, m.stem_stride)
     init_weights(model, cfg)
-    return model
+    return share_affine_repeats(model)  # per-GPU BN: gamma/beta repeated for all layers in a few ops
 
 
 def _small_stem(model: ResNet, stride: int) -> None:

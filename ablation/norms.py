@@ -91,7 +91,8 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
     batch viewed as (b, k*C, H, W) holds each (GPU, channel) pair in a channel of its own and ONE
     ``F.batch_norm`` over it, with gamma and beta repeated k times, is per-GPU BN: the same few ops per
     layer whatever k (a loop over the k chunks issues k times more; the 5-D ``var_mean`` form is as
-    exact but issues more eager ops still; benchmarks/norm_speed.py measures all three). A
+    exact but issues more eager ops still; benchmarks/norm_speed.py measures all three). In a model
+    built by create_model, ``share_affine_repeats`` repeats gamma and beta of all layers at once. A
     channels-last batch cannot be viewed so: it is copied to NCHW and the result back to channels-last.
 
     Running statistics follow ``running_stats``:
@@ -141,21 +142,19 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
         if not x.is_contiguous():  # channels-last: the view below needs NCHW
             fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
             x = x.contiguous()
-        y = F.batch_norm(
-            x.view(n // k, k * c, h, w),
-            self.gpu_running_mean,
-            self.gpu_running_var,
-            self.weight.repeat(k) if self.weight is not None else None,
-            self.bias.repeat(k) if self.bias is not None else None,
-            True,
-            factor,
-            self.eps,
-        )
+        shared = None if torch.compiler.is_compiling() else self.__dict__.pop("_affine_repeats", None)
+        weight, bias = shared or self._repeat_affine()
+        y = F.batch_norm(x.view(n // k, k * c, h, w), self.gpu_running_mean, self.gpu_running_var, weight, bias, True, factor, self.eps)
         # Not y.view: the next ReLU is in place, and an in-place op on an autograd view makes the
         # backward rebuild the base (as_strided, clone, copy_: ~6 more ops per layer). No one else holds
         # y and batch_norm's backward does not save it, so an alias autograd does not track is safe.
         y = torch.ops.aten._unsafe_view(y, (n, c, h, w))
         return y if fmt is None else y.contiguous(memory_format=fmt)
+
+    def _repeat_affine(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """gamma and beta repeated once per modelled GPU (share_affine_repeats does it for a whole model at once)."""
+        k = self.gpus_per_process
+        return (self.weight.repeat(k), self.bias.repeat(k)) if self.affine else (None, None)
 
     def _gpu_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every modelled GPU's running (mean, var), k*C long; running_mean/var themselves when k == 1."""
@@ -199,6 +198,52 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
         if k > 1 and self.track_running_stats:
             for mine, gpus in zip((self.running_mean, self.running_var), self._gpu_buffers()):
                 gpus.view(k, c).copy_(mine)
+
+
+_AFFINE_GROUPS = "_per_gpu_affine_groups"
+
+
+def share_affine_repeats(model: nn.Module) -> nn.Module:
+    """Repeat the gamma and beta of every per-GPU BN layer of `model` in a few ops per training forward.
+
+    Each layer would repeat its own (2 ops forward, 2 reductions backward, per layer: on a GPU at small
+    batches, ~200 small kernels per ResNet-50 step). Here a forward pre-hook on `model` stacks the
+    parameters of all layers of one width, repeats them in one copy and hands each layer its pair for
+    this forward (gradients reach every parameter through the stack, deterministically); a forward
+    hook drops what a layer left unused. Under torch.compile the hook stands aside: the compiler fuses
+    the per-layer repeats anyway. Returns `model`.
+    """
+    groups: dict[tuple[int, int], list[PerGPUBatchNorm2d]] = {}
+    for m in model.modules():
+        if isinstance(m, PerGPUBatchNorm2d) and m.gpus_per_process > 1 and m.affine:
+            groups.setdefault((m.num_features, m.gpus_per_process), []).append(m)
+    if not groups or hasattr(model, _AFFINE_GROUPS):
+        return model
+    setattr(model, _AFFINE_GROUPS, list(groups.values()))  # on the module: a deepcopy's hook finds its own layers
+    model.register_forward_pre_hook(_hand_out_affine_repeats)
+    model.register_forward_hook(_drop_affine_repeats)
+    return model
+
+
+def _hand_out_affine_repeats(model: nn.Module, args: object) -> None:
+    """Forward pre-hook: every per-GPU BN layer's repeated (gamma, beta) for this training forward."""
+    if not model.training or torch.compiler.is_compiling():
+        return
+    for layers in getattr(model, _AFFINE_GROUPS):
+        k = layers[0].gpus_per_process
+        stacked = torch.stack([p for m in layers for p in (m.weight, m.bias)])  # (2n, C)
+        repeated = stacked.unsqueeze(1).expand(-1, k, -1).reshape(len(stacked), -1).unbind()  # 2n x (k*C,)
+        for i, m in enumerate(layers):
+            m.__dict__["_affine_repeats"] = (repeated[2 * i], repeated[2 * i + 1])
+
+
+def _drop_affine_repeats(model: nn.Module, args: object, output: object) -> None:
+    """Forward hook: a layer this forward did not call keeps no repeats of parameters that will change."""
+    if torch.compiler.is_compiling():
+        return
+    for layers in getattr(model, _AFFINE_GROUPS):
+        for m in layers:
+            m.__dict__.pop("_affine_repeats", None)
 
 
 def _world(group: dist.ProcessGroup | None) -> int:

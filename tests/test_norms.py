@@ -373,3 +373,45 @@ def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) 
                 mean, var = r[rule, str(dtype)]
                 torch.testing.assert_close(mean, running[0], **tol, msg=f"{rule} {dtype} running_mean")
                 torch.testing.assert_close(var, running[1], **tol, msg=f"{rule} {dtype} running_var")
+
+
+def test_shared_affine_repeats_change_nothing_but_the_op_count() -> None:
+    """A model whose per-GPU BN layers get gamma/beta repeated by the model-level hook trains exactly like
+    one whose layers repeat their own (float64: outputs, every gradient, parameters after SGD steps)."""
+    from ablation.models import create_model
+    from conftest import TINY
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(create_model(config.load(None, TINY + ["gpus=4", "batch_per_gpu=2"]), 4, gpus_per_process=4).double())
+    shared, own = models
+    assert shared._forward_pre_hooks and shared._forward_hooks
+    for m in shared.modules():
+        if isinstance(m, PerGPUBatchNorm2d):
+            m._repeat_affine = lambda: pytest.fail("a layer repeated its own gamma and beta")
+    own._forward_pre_hooks.clear()
+    own._forward_hooks.clear()
+    with torch.no_grad():  # give every gamma and beta its own value
+        for a, b in zip(shared.modules(), own.modules()):
+            if isinstance(a, PerGPUBatchNorm2d):
+                for pa, pb in ((a.weight, b.weight), (a.bias, b.bias)):
+                    pb.copy_(pa.copy_(torch.randn_like(pa)))
+    g = torch.Generator().manual_seed(0)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (shared, own)]
+    for _ in range(3):
+        x = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 4, (8,), generator=g)
+        outs = []
+        for model, opt in zip((shared, own), opts):
+            opt.zero_grad()
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        for (name, pa), pb in zip(shared.named_parameters(), own.parameters()):
+            torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-12, atol=1e-12, msg=name)
+        for opt in opts:
+            opt.step()
+    assert not any("_affine_repeats" in m.__dict__ for m in shared.modules())  # nothing left for a later call
+    torch.testing.assert_close(shared.state_dict(), own.state_dict(), rtol=1e-12, atol=1e-12)
