@@ -36,10 +36,15 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def cli_env() -> dict[str, str]:
+def subprocess_env() -> dict[str, str]:
     """Environment for subprocesses: the repo and tests on the path, one thread, no torchrun leftovers."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture
+def cli_env() -> dict[str, str]:
+    """subprocess_env() for one test."""
+    return subprocess_env()

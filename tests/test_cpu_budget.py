@@ -75,7 +75,7 @@ def test_compact_cpu_lists() -> None:
 
 
 def test_threads_and_loader_workers_follow_the_budget(node) -> None:
-    from ablation import bookkeeping, config, loaders
+    from ablation import config, loaders
     from ablation.distributed import DistEnv, cpu_threads
 
     node(range(10), **SLURM_TASK)
@@ -86,7 +86,7 @@ def test_threads_and_loader_workers_follow_the_budget(node) -> None:
 
 
 def test_env_json_records_the_cpu_budget(node) -> None:
-    from ablation import bookkeeping, config, loaders
+    from ablation import bookkeeping, config
     from ablation.distributed import DistEnv
 
     node(range(10), **SLURM_TASK)

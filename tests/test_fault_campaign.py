@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_faults import ARGS
+from test_trainer import assert_same_run
 
 from ablation import collect, config, faults, rundir, status
 from ablation.distributed import DistEnv
 from ablation.report import build
-from test_faults import ARGS, assert_same_run
 
 CFG_ARGS = [a for a in ARGS[1:]] + ["checkpoint_every_steps=4"]  # 36 steps, a checkpoint every 4
 TOTAL_STEPS, EPOCHS = 36, 3

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY, subprocess_env
+from test_trainer import RUN, assert_same_run, cli, run_folder
 
 from ablation import config, rundir
 from ablation.faults import FAULT_ENV, FAULT_RANK_ENV
-from conftest import ROOT, TINY
-from test_trainer import RUN, cli, metrics_without_time, run_folder, weights
 
 # 3 epochs of 12 steps, a checkpoint every 5 steps, one line per step: every kind of resume point.
 ARGS = ["train", *RUN, "epochs=3", "checkpoint_every_steps=5", "log_steps=true"]
@@ -26,17 +26,7 @@ ARGS = ["train", *RUN, "epochs=3", "checkpoint_every_steps=5", "log_steps=true"]
 @pytest.fixture(scope="module")
 def whole(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted run every interrupted one must equal, bit for bit."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
-    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], env))
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Metrics (less timings), per-step losses and every tensor of the final checkpoint are equal."""
-    assert metrics_without_time(a) == metrics_without_time(b)
-    assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
 
 
 def final(folder: Path) -> dict:

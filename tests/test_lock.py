@@ -11,14 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import subprocess_env
+from test_trainer import RUN, assert_same_run, cli, run_folder
 
 from ablation import lock, rundir
 from ablation.errors import AblationError
 from ablation.trainer import FAULT_KILL_ENV
-from conftest import ROOT
-from test_trainer import RUN, cli, metrics_without_time, run_folder, weights
-
 
 ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=true"]
 
@@ -26,9 +24,7 @@ ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the run below, never killed."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
-    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], env))
+    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
 
 
 @pytest.mark.slow
@@ -60,10 +56,7 @@ def test_a_killed_trainer_with_loader_workers_restarts_at_once_and_resumes_bitwi
 
     starts = json.loads((resumed / "env.json").read_text())["starts"]
     assert [s["resumed_from_step"] for s in starts] == [0, 15]
-    assert metrics_without_time(resumed) == metrics_without_time(whole)
-    assert rundir.read_jsonl(resumed / "steps.jsonl") == rundir.read_jsonl(whole / "steps.jsonl")
-    a, b = weights(whole), weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(whole, resumed)
 
 
 # ---------------------------------------------------------------- the lock module, both kinds

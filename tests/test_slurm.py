@@ -127,6 +127,22 @@ def test_ddp_over_two_slurm_tasks(tiny_data: Path, tmp_path: Path, cli_env: dict
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
+def assert_stopped_requeued_and_as_if_uninterrupted(link: Path, signal: str, spec_path: Path, tmp_path: Path, env: dict[str, str]) -> None:
+    """The run stopped on `signal` (its checkpoint timed), resumed where it stopped, ended ok and equals an uninterrupted run."""
+    starts = json.loads((link / "env.json").read_text())["starts"]
+    assert len(starts) >= 2 and all(s["resumed_from_step"] > 0 for s in starts[1:])
+    assert starts[0]["stop_signal"] == signal and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"]
+    print(f"\n{signal} -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
+    assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
+    assert json.loads((link / "final.json").read_text())["status"] == "ok"
+    ablation(["sweep", str(spec_path), "--results", str(tmp_path / "whole"), "--executor", "debug"], env)
+    whole = tmp_path / "whole" / "runs" / link.name
+    assert metrics(link) == metrics(whole)
+    a = torch.load(link / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     # 60 epochs take ~30 s; a 1-minute limit with the signal 45 s early stops each start after ~15 s.
     s = spec(tmp_path, "requeue", tiny_data, epochs=60)
@@ -134,20 +150,8 @@ def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Pat
     ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
     seen = wait_for(tmp_path / "slurm" / "requeue", cli_env, 480, hurry_requeues=True)
     (link,) = (tmp_path / "slurm" / "requeue" / "runs").iterdir()
-    starts = json.loads((link / "env.json").read_text())["starts"]
-    assert len(starts) >= 2, f"no requeue happened: {seen}"
-    assert all(s["resumed_from_step"] > 0 for s in starts[1:])
-    assert starts[0]["stop_signal"] == "SIGUSR2" and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"]
-    print(f"\nSIGUSR2 -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
-    assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
-    assert json.loads((link / "final.json").read_text())["status"] == "ok"
-
-    ablation(["sweep", str(s), "--results", str(tmp_path / "whole"), "--executor", "debug"], cli_env)
-    whole = tmp_path / "whole" / "runs" / link.name
-    assert metrics(link) == metrics(whole)
-    a = torch.load(link / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(json.loads((link / "env.json").read_text())["starts"]) >= 2, f"no requeue happened: {seen}"
+    assert_stopped_requeued_and_as_if_uninterrupted(link, "SIGUSR2", s, tmp_path, cli_env)
 
 
 def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -163,18 +167,7 @@ def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterr
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=TERM", job], check=True)  # signal the job's steps; nothing is cancelled
     wait_for(sweep_dir, cli_env, 480, hurry_requeues=True)
-    starts = json.loads((link / "env.json").read_text())["starts"]
-    assert len(starts) >= 2 and starts[0]["stop_signal"] == "SIGTERM" and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"] > 0
-    print(f"\nSIGTERM -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
-    assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
-    assert json.loads((link / "final.json").read_text())["status"] == "ok"
-
-    ablation(["sweep", str(s), "--results", str(tmp_path / "whole"), "--executor", "debug"], cli_env)
-    whole = tmp_path / "whole" / "runs" / link.name
-    assert metrics(link) == metrics(whole)
-    a = torch.load(link / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_stopped_requeued_and_as_if_uninterrupted(link, "SIGTERM", s, tmp_path, cli_env)
 
 
 def test_a_failing_run_is_requeued_retries_times_then_stays_failed(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY
 
 from ablation import config, rundir
 from ablation.distributed import DistEnv
 from ablation.trainer import FAULT_KILL_ENV, train
-from conftest import TINY
 
 # 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
 RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
@@ -45,6 +45,14 @@ def metrics_without_time(folder: Path) -> list[dict]:
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     """The model state (weights and BN running statistics) in a run's checkpoint."""
     return torch.load(folder / rundir.CHECKPOINT, weights_only=False)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Metrics (less timings), per-step losses and every tensor of the final checkpoint are equal."""
+    assert metrics_without_time(a) == metrics_without_time(b)
+    assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -111,8 +119,8 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
 
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
-    from ablation.models import create_model
     from ablation.loop import build_optimizer
+    from ablation.models import create_model
 
     cfg = config.load(None, TINY)
     model = create_model(cfg, 4)
@@ -192,10 +200,7 @@ def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline:
 
     starts = json.loads((resumed / "env.json").read_text())["starts"]
     assert [s["resumed_from_step"] for s in starts] == [0, 15]
-    assert metrics_without_time(resumed) == metrics_without_time(whole)
-    assert rundir.read_jsonl(resumed / "steps.jsonl") == rundir.read_jsonl(whole / "steps.jsonl")
-    a, b = weights(whole), weights(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(whole, resumed)
     fa, fb = (json.loads((f / "final.json").read_text()) for f in (whole, resumed))
     assert (fa["val_err1"], fa["steps"]) == (fb["val_err1"], fb["steps"])
 
@@ -274,8 +279,8 @@ def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.Mo
 
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
-    from ablation.norms import split_per_gpu
     from ablation.loaders import GlobalBatchSampler
+    from ablation.norms import split_per_gpu
 
     cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])
     d = config.derive(cfg, 200)
