@@ -6,13 +6,16 @@ metrics.jsonl rewrite (at start and at each epoch end), inside the env.json, con
 writes, and right after the folder lock. After every kill the folder must read cleanly through
 `status` and the report's collector (every 5th kill the whole report), with no epoch line twice; at the end of each chain the run must
 equal an uninterrupted one bit for bit. Starts are forked from this process (torch imported once),
-so 50+ kills take about a minute on 2 cores.
+so 50+ kills take about a minute on 2 cores. The test runs the campaign in a fresh interpreter,
+which never runs autograd itself (autograd refuses to work in a child forked after it did).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -83,16 +86,16 @@ def check_readable(folder: Path, root: Path) -> None:
     assert len(runs) <= len(list(root.iterdir()))
 
 
-@pytest.mark.slow
-def test_kill_anywhere_and_resume_loses_nothing(tiny_data: Path, tmp_path: Path) -> None:
-    cfg = config.load(None, CFG_ARGS + [f"data.root={tiny_data}"])
-    whole = tmp_path / "whole" / config.run_id(cfg)
+def campaign(data_root: Path, work: Path) -> dict:
+    """Run the campaign in this process (which must not have run autograd: the starts are forked)."""
+    cfg = config.load(None, CFG_ARGS + [f"data.root={data_root}"])
+    whole = work / "whole" / config.run_id(cfg)
     assert start(cfg, whole, None) == 0
 
     rng = random.Random(0)
     tried: Counter[str] = Counter()
     unreached, lost, chains = 0, 0, 0
-    root = tmp_path / "chains"
+    root = work / "chains"
     while sum(tried.values()) < MIN_KILLS or len(tried) < 7:
         chains += 1
         folder = root / f"chain{chains:02d}" / config.run_id(cfg)
@@ -106,17 +109,31 @@ def test_kill_anywhere_and_resume_loses_nothing(tiny_data: Path, tmp_path: Path)
             tried[kind] += 1
             check_readable(folder, root)
             if sum(tried.values()) % 5 == 0:  # the whole report too (figures take a second, so not every time)
-                assert len(build([root], tmp_path / "report").runs) == 1
+                assert len(build([root], work / "report").runs) == 1
         else:
-            pytest.fail(f"chain {chains} never finished")
+            raise AssertionError(f"chain {chains} never finished")
         assert rundir.RunDir(folder).final_status()["status"] == "ok"
         try:
             assert_same_run(whole, folder)
         except AssertionError:
             lost += 1
-    report = build([root], tmp_path / "report")  # every chain is the same run id: one row, ok
+    report = build([root], work / "report")  # every chain is the same run id: one row, ok
     assert list(report.runs["status"]) == ["ok"]
-    kills = sum(tried.values())
-    print(f"\nfault campaign: {kills} kill points tried in {chains} runs ({dict(sorted(tried.items()))}), "
-          f"{unreached} starts ran to the end, runs lost = {lost}", file=sys.stderr)
-    assert kills >= MIN_KILLS and lost == 0
+    return {"kills": sum(tried.values()), "by_kind": dict(sorted(tried.items())), "runs": chains, "unreached": unreached, "lost": lost}
+
+
+@pytest.mark.slow
+def test_kill_anywhere_and_resume_loses_nothing(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # A fresh interpreter drives it: forking this pytest process, where other tests ran autograd's
+    # threads, is refused by autograd in the children.
+    proc = subprocess.run([sys.executable, __file__, str(tiny_data), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\nfault campaign: {result['kills']} kill points tried in {result['runs']} runs ({result['by_kind']}), "
+          f"{result['unreached']} starts ran to the end, runs lost = {result['lost']}", file=sys.stderr)
+    assert result["kills"] >= MIN_KILLS and result["lost"] == 0 and len(result["by_kind"]) >= 7
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    print(json.dumps(campaign(Path(sys.argv[1]), Path(sys.argv[2]))))
