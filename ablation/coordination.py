@@ -125,7 +125,7 @@ class FailureGuard:
 
         Returns (failing rank, its reason): a peer's earlier failure wins over a collective error it caused here.
         """
-        self._note(reason)
+        self.note(reason)
         rank, why = self.env.rank, reason
         # A collective that lost a peer fails here too; give the peer's own note a moment to appear.
         note = self.peer_failure(wait_s=3.0 if self.env.world_size > 1 else 0.0)
@@ -135,7 +135,7 @@ class FailureGuard:
             self._record_once(why, rank)
         return rank, why
 
-    def _note(self, reason: str) -> None:
+    def note(self, reason: str) -> None:
         """Create the abort note unless another rank already did (first failure wins)."""
         if self.env.world_size == 1:
             return

@@ -169,7 +169,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             loop.account_time()
         full = disk_full_error(e, rd, state)
         if full:
-            guard._note(str(full))  # the peers stop too; a full disk is not the run's failure
+            guard.note(str(full))  # the peers stop too; a full disk is not the run's failure
             guard.close()
             raise full from None
         guard.failed(_reason(e))

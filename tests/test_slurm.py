@@ -144,8 +144,9 @@ def assert_stopped_requeued_and_as_if_uninterrupted(link: Path, signal: str, spe
 
 
 def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    # 60 epochs take ~30 s; a 1-minute limit with the signal 45 s early stops each start after ~15 s.
-    s = spec(tmp_path, "requeue", tiny_data, epochs=60)
+    # A 1-minute limit with the signal 45 s early stops each start after ~15 s; 200 epochs take longer
+    # than that on any machine (about 40 s here: 60 epochs, once enough, now fit in one start).
+    s = spec(tmp_path, "requeue", tiny_data, epochs=200)
     prof = profile(tmp_path, time_min=1, signal_delay_s=45, max_requeues=12)
     ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
     seen = wait_for(tmp_path / "slurm" / "requeue", cli_env, 480, hurry_requeues=True)
