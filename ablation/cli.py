@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from ablation.errors import AblationError
+from ablation.errors import AblationError, last_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 DEFAULT_RUNS = "results/runs"
@@ -337,9 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception as one line (a DataLoader worker's error arrives wrapped in a traceback)."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
+    """An exception as one line: its message's last line, else its type."""
+    return last_line(e) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

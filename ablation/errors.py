@@ -23,3 +23,9 @@ class DiskFullError(AblationError):
     """The disk (or quota) filled up while writing the run folder: the run stopped, its last checkpoint intact."""
 
     exit_code = 75  # EX_TEMPFAIL: try again once there is space; not a failure of the run
+
+
+def last_line(e: BaseException) -> str:
+    """The last non-empty line of an exception's message ("" if none): a DataLoader worker's error arrives wrapped in a traceback."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else ""

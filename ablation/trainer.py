@@ -43,6 +43,7 @@ from ablation.config import ConfigError, RunConfig, config_hash, derive, normali
 from ablation.coordination import FailureGuard, eval_polls
 from ablation.data import DatasetScan, SeededImageFolder, pipeline_transforms
 from ablation.distributed import DistEnv, setup
+from ablation.errors import last_line
 from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
 from ablation.loop import FAULT_KILL_ENV, Diverged, EpochLoop, build_optimizer
 from ablation.models import create_model
@@ -156,11 +157,9 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             sampler.set_epoch(epoch, state.step_in_epoch)
             if not loop.run_epoch(epoch, train_loader, val_loader):
                 loop.vote.close()
-                guard.close()
                 return {"status": "interrupted", "step": state.step}
         loop.vote.close()
     except Diverged as e:
-        guard.close()
         loop.account_time()
         log.warning(f"{meta['run_id']}: diverged: {e}")
         return write_final(rd, cfg, state, "diverged", str(e), diverged_step=e.step) if env.is_main else {"status": "diverged"}
@@ -170,22 +169,15 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         full = disk_full_error(e, rd, state)
         if full:
             guard.note(str(full))  # the peers stop too; a full disk is not the run's failure
-            guard.close()
             raise full from None
-        guard.failed(_reason(e))
-        guard.close()
+        guard.failed(f"{type(e).__name__}: {last_line(e)}")
         raise
-    guard.close()
+    finally:
+        guard.close()
     final = write_final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     if env.is_main:
         log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
     return final
-
-
-def _reason(e: BaseException) -> str:
-    """'Type: last line of the message' (a DataLoader worker's error arrives wrapped in a traceback)."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
 def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
