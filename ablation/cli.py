@@ -243,6 +243,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_norms(args: argparse.Namespace) -> int:
+    """List the norm registry: every built-in name, what it is, and the norm.* fields it takes."""
+    from ablation.norms import registry
+
+    print(f"{'name':<12} {'batch':<9} {'fields':<48} what")
+    for info in registry.entries():
+        batch = "per-GPU" if info.per_gpu_stats else ("global" if info.batch_dependent else "no")
+        fields = ", ".join(("eps", *info.params))
+        print(f"{info.name:<12} {batch:<9} {fields:<48} {info.summary}")
+    print("or a user factory: norm.name=package.module:function (norm.options are passed to it); see README, 'Your own norm'")
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that, made with intermixed=True, takes its positionals (key=value overrides)
     before, between and after its options, as hydra, pycls and torchrun users expect.
@@ -326,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", default="bn,gn", help="baselines for the Δ columns and figure (default bn,gn)")
     r.add_argument("--reference", help="folder of reference CSVs, one per paper (default results/reference)")
     r.set_defaults(func=cmd_report)
+
+    nr = sub.add_parser("norms", help="list the built-in norms (the registry), their batch dependence and norm.* fields")
+    nr.set_defaults(func=cmd_norms)
 
     m = sub.add_parser("demo", help="the embedded default: BN vs GN over per-GPU batch sizes on this CPU, with the figure")
     m.add_argument("--out", default="demo", help="folder for the demo's data, runs and report (default ./demo)")

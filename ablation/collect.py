@@ -24,6 +24,7 @@ import pandas as pd
 
 from ablation import config, rundir, runfiles
 from ablation.errors import ConfigError
+from ablation.norms import registry
 
 log = logging.getLogger("ablation")
 
@@ -35,7 +36,6 @@ RUN_COLUMNS = [
     "global_batch", "seed", "epochs", "status", "reason", "val_err1", "val_err5", "best_val_err1", "last_val_err1",
     "epochs_done", "gpu_hours", "wall_seconds", "config_hash",
 ]
-PAPER_NAMES = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN", "none": "none"}
 
 
 def variant(norm: dict[str, Any]) -> str:
@@ -45,7 +45,7 @@ def variant(norm: dict[str, Any]) -> str:
         if norm.get("channels_per_group"):
             return f"GN ({norm['channels_per_group']} ch/group)"
         return f"GN (G={norm.get('groups') or 32})"
-    label = PAPER_NAMES.get(name, name)
+    label = registry.label(name)
     if name == "bn" and norm.get("running_stats", "rank0") != "rank0":
         label += f" ({norm['running_stats']} running stats)"
     return label

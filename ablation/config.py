@@ -27,15 +27,13 @@ from typing import Any, Mapping
 import yaml
 
 from ablation.errors import ConfigError
+from ablation.norms import registry
+from ablation.norms.registry import RUNNING_STATS_RULES, check_channels, resolved_groups  # noqa: F401 (re-exported)
 
 # Bump only with a deliberate break of every run id (documented in the README's changelog).
 HASH_VERSION = 1
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
-BN_LIKE = ("bn", "syncbn")
-GROUP_NORMS = ("gn", "ln", "in")
-BUILTIN_NORMS = ("bn", "syncbn", "gn", "ln", "in", "none")
-RUNNING_STATS_RULES = ("rank0", "mean")
 SCHEDULES = ("step", "cosine")
 PIPELINES = ("reference", "split")
 # Keys the trainer writes into config.yaml beside the config; reading one back ignores them.
@@ -52,16 +50,21 @@ def _f(default: Any, help: str, *, hash: bool = True, omit_if_default: bool = Fa
 
 @dataclass(frozen=True)
 class NormConfig:
-    """Which normalization layer goes in every norm position of the network."""
+    """Which normalization layer goes in every norm position of the network (names: ablation.norms.registry)."""
 
-    name: str = _f("bn", "bn | syncbn | gn | ln | in | none, or a user factory 'package.module:function'")
+    name: str = _f("bn", "a registry name (`ablation norms` lists them: bn, syncbn, gn, ln, in, ...) or a user factory 'package.module:function'")
     groups: int | None = _f(None, "gn: number of groups G in every layer (32 when neither groups nor channels_per_group is set)")
     channels_per_group: int | None = _f(None, "gn: channels per group instead of a fixed G (so G varies by layer)")
-    eps: float = _f(1e-5, "epsilon added to the variance")
+    # None resolves to the norm's paper default (registry.NormInfo.eps) in normalized(), so every run
+    # made when this was a plain 1e-5 keeps its id.
+    eps: float | None = _f(None, "epsilon of the norm (null = the norm's paper default: 1e-5 for most)")
     momentum: float = _f(0.1, "BN running-average momentum (PyTorch convention; Caffe2's 0.9 = 0.1 here)")
     running_stats: str = _f(
         "rank0",
         "BN running statistics across GPUs: rank0 (GPU 0's, as PyTorch DDP and Caffe2 broadcast) | mean (averaged over GPUs)",
+    )
+    precise_bn_images: int = _f(
+        0, "PreciseBN: before each evaluation, recompute population statistics over this many training images (0 = off)", omit_if_default=True
     )
     options: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}),
@@ -350,36 +353,6 @@ def replace(cfg: RunConfig, **changes: Any) -> RunConfig:
 # ---------------------------------------------------------------- validation and resolution
 
 
-def resolved_groups(norm: NormConfig, channels: int) -> int:
-    """Number of groups a group-style norm uses in a layer with this many channels."""
-    if norm.name == "ln":
-        return 1
-    if norm.name == "in":
-        return channels
-    if norm.channels_per_group is not None:
-        return channels // norm.channels_per_group
-    return norm.groups if norm.groups is not None else 32
-
-
-def check_channels(norm: NormConfig, channels: int, where: str = "") -> None:
-    """Raise ConfigError if this norm cannot divide a layer of this many channels into groups."""
-    at = f" ({where})" if where else ""
-    if norm.name != "gn":
-        return
-    if norm.channels_per_group is not None:
-        if channels % norm.channels_per_group:
-            raise ConfigError(
-                f"norm.channels_per_group={norm.channels_per_group} does not divide a layer's {channels} channels{at}; "
-                "use a divisor of every layer width (e.g. 1, 2, 4, 8, 16)"
-            )
-        return
-    g = resolved_groups(norm, channels)
-    if channels % g:
-        raise ConfigError(
-            f"norm.groups={g} does not divide a layer's {channels} channels{at}; use a divisor of every layer width (e.g. 1, 2, 4, 8, 16, 32)"
-        )
-
-
 def _positive(value: float, key: str, *, allow_zero: bool = False) -> None:
     """Raise ConfigError unless value > 0 (or >= 0)."""
     if value < 0 or (value == 0 and not allow_zero) or (isinstance(value, float) and not math.isfinite(value)):
@@ -398,26 +371,18 @@ def validate(cfg: RunConfig) -> None:
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda; got {cfg.device!r}")
     n = cfg.norm
-    if n.name not in BUILTIN_NORMS and ":" not in n.name:
-        close = difflib.get_close_matches(n.name, BUILTIN_NORMS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"norm.name: unknown norm '{n.name}'{hint}; valid: {', '.join(BUILTIN_NORMS)} or 'package.module:factory'"
-        )
+    registry.lookup(n.name)  # an unknown name: one line with the valid ones
     if n.running_stats not in RUNNING_STATS_RULES:
         raise ConfigError(f"norm.running_stats must be one of {', '.join(RUNNING_STATS_RULES)}; got {n.running_stats!r}")
-    if n.name in ("gn",):
-        if n.groups is not None and n.channels_per_group is not None:
-            raise ConfigError("norm: set either norm.groups or norm.channels_per_group for gn, not both")
-    elif n.name in BUILTIN_NORMS and (n.groups is not None or n.channels_per_group is not None):
-        raise ConfigError(
-            f"norm.groups / norm.channels_per_group apply to gn only, not '{n.name}' (ln is G=1, in is one channel per group)"
-        )
+    optional = [f.name for f in dataclasses.fields(NormConfig) if f.default in (None, 0) and f.default is not False]
+    registry.check_fields(n, [key for key in optional if getattr(n, key) not in (None, 0)])
     if n.groups is not None:
         _positive(n.groups, "norm.groups")
     if n.channels_per_group is not None:
         _positive(n.channels_per_group, "norm.channels_per_group")
-    _positive(n.eps, "norm.eps")
+    if n.eps is not None:
+        _positive(n.eps, "norm.eps")
+    _positive(n.precise_bn_images, "norm.precise_bn_images", allow_zero=True)
     if not 0 <= n.momentum <= 1:
         raise ConfigError(f"norm.momentum must be in [0, 1], got {n.momentum}")
     m = cfg.model
@@ -549,19 +514,22 @@ def config_hash(cfg: RunConfig) -> str:
 def normalized(cfg: RunConfig) -> RunConfig:
     """The config with equivalent spellings made equal, so they share a run id.
 
-    gn without G means G=32; gn with G=1 is the paper's LN and gn with one channel per group its IN
-    (the same layers exactly), so Table 3's G=1 and C/G=1 rows reuse Table 1's LN and IN runs.
+    Unset norm fields take the norm's paper defaults (the registry's: eps, brn's r_max ...). gn without
+    G means G=32; gn with G=1 is the paper's LN and gn with one channel per group its IN (the same
+    layers exactly), so Table 3's G=1 and C/G=1 rows reuse Table 1's LN and IN runs.
     """
     n = cfg.norm
-    if n.name != "gn":
-        return cfg
-    if n.groups == 1:
-        n = dataclasses.replace(n, name="ln", groups=None)
-    elif n.channels_per_group == 1:
-        n = dataclasses.replace(n, name="in", channels_per_group=None)
-    elif n.groups is None and n.channels_per_group is None:
-        n = dataclasses.replace(n, groups=32)
-    return dataclasses.replace(cfg, norm=n)
+    if n.name == "gn":
+        if n.groups == 1:
+            n = dataclasses.replace(n, name="ln", groups=None)
+        elif n.channels_per_group == 1:
+            n = dataclasses.replace(n, name="in", channels_per_group=None)
+        elif n.groups is None and n.channels_per_group is None:
+            n = dataclasses.replace(n, groups=32)
+    filled = registry.resolved_defaults(n)
+    if filled:
+        n = dataclasses.replace(n, **filled)
+    return cfg if n == cfg.norm else dataclasses.replace(cfg, norm=n)
 
 
 def norm_label(norm: NormConfig) -> str:

@@ -7,7 +7,7 @@ import torch
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from ablation.config import RunConfig
+from ablation.config import RunConfig, normalized
 from ablation.errors import ConfigError, NormError
 from ablation.norms import NormSpec, norm_layer, share_affine_repeats
 
@@ -22,7 +22,7 @@ def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) ->
         kwargs["stem_width"] = m.stem_width
     if m.layers is not None:
         kwargs["layers"] = m.layers
-    spec = NormSpec(cfg.norm, gpus_per_process)
+    spec = NormSpec(normalized(cfg).norm, gpus_per_process)  # factories see every default resolved
     try:
         model = timm.create_model(
             m.name, pretrained=False, num_classes=num_classes, norm_layer=norm_layer(spec), **kwargs

@@ -19,7 +19,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from ablation.collect import CURVE_COLUMNS, PAPER_NAMES, collect_with_text, csv_header, variant, write_csv
+from ablation.norms import registry
+from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
 
 log = logging.getLogger("ablation")
 
@@ -56,7 +57,7 @@ def _num(v: Any) -> float | None:
 def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None) -> tuple[float | None, bool]:
     """(the paper's error for this setting, is it secondary) from the given tables, or (None, False)."""
     paper_model = PAPER_MODELS.get(str(model), "ResNet-50")  # small models are compared by shape to ResNet-50
-    label = PAPER_NAMES.get(norm, norm)
+    label = registry.label(norm)
     rows = ref[(ref["table"].isin(tables)) & (ref["norm"] == label) & (ref["batch_per_gpu"] == batch)]
     rows = rows[rows["model"] == paper_model] if (rows["model"] == paper_model).any() else rows[rows["model"] == "ResNet-50"]
     if norm == "gn":
@@ -212,7 +213,7 @@ def baseline_variants(names: list[str]) -> list[str]:
         n = n.strip()
         if n.startswith("gn") and n[2:].isdigit():
             out.append(variant({"name": "gn", "groups": int(n[2:])}))
-        elif n in PAPER_NAMES:
+        elif n in registry.names():
             out.append(variant({"name": n}))
         else:
             out.append(n)

@@ -16,7 +16,8 @@ def test_defaults_are_the_papers_recipe() -> None:
     cfg = RunConfig()
     assert (cfg.gpus, cfg.batch_per_gpu, cfg.epochs) == (8, 32, 100)
     assert (cfg.model.name, cfg.model.zero_init_last, cfg.model.fc_init_std) == ("resnet50", True, 0.01)
-    assert (cfg.norm.name, cfg.norm.eps, cfg.norm.momentum) == ("bn", 1e-5, 0.1)
+    assert (cfg.norm.name, cfg.norm.eps, cfg.norm.momentum) == ("bn", None, 0.1)
+    assert config.normalized(cfg).norm.eps == 1e-5  # the paper default, resolved by the registry
     o = cfg.optim
     assert (o.lr, o.reference_batch, o.momentum, o.nesterov, o.weight_decay, o.no_decay_1d) == (0.1, 256, 0.9, True, 1e-4, False)
     assert (o.schedule, o.milestones, o.gamma, o.warmup_epochs) == ("step", (0.3, 0.6, 0.9), 0.1, 0.0)
@@ -83,7 +84,7 @@ def test_yaml_file_plus_overrides(tmp_path) -> None:
         (["epochs=ten"], "epochs: expected int, got 'ten'"),
         (["amp=2"], "amp: expected bool"),
         (["norm.name=groupnorm"], "norm.name: unknown norm 'groupnorm'.*valid: bn, syncbn, gn, ln, in, none"),
-        (["norm.name=bn", "norm.groups=4"], "apply to gn only"),
+        (["norm.name=bn", "norm.groups=4"], r"norm.groups applies to gn, not .bn."),
         (["norm.name=gn", "norm.groups=4", "norm.channels_per_group=4"], "either norm.groups or norm.channels_per_group"),
         (["norm.running_stats=sum"], "norm.running_stats must be one of rank0, mean"),
         (["optim.milestones=[0.6,0.3]"], "optim.milestones must be increasing"),

@@ -1,60 +1,22 @@
-"""Norm registry: every norm position of the network is filled by name, like timm's create_norm.
+"""Batch statistics per modelled GPU (bn), over the global batch (syncbn), and their running statistics.
 
-A user's own norm plugs in as ``norm.name=package.module:factory`` with no edit here. The factory is
-called once per norm position::
-
-    def factory(num_channels: int, spec: ablation.norms.NormSpec) -> torch.nn.Module
-
-``spec.cfg`` is the run's ``NormConfig`` (``eps``, ``momentum``, ``groups``, ``options`` ...) and
-``spec.gpus_per_process`` says how many modelled GPUs this process stands in for: a norm that uses
-batch statistics must compute them per modelled GPU's ``batch_per_gpu`` images (``split_per_gpu`` gives
-them; rows are interleaved, see ``interleave``), or it silently becomes a different experiment when one
-device stands in for several GPUs.
+One process may stand in for k GPUs (``gpus_per_process``): every norm here that uses batch
+statistics computes them per modelled GPU's ``batch_per_gpu`` images, never over the process batch.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import GroupNorm
 from torch import nn
 
-from ablation.config import NormConfig, check_channels, resolved_groups
-from ablation.errors import NormError
+from ablation.norms.factory import NormSpec
 
-
-@dataclass(frozen=True)
-class NormSpec:
-    """What a norm factory is told: the run's norm config and how many GPUs this process models."""
-
-    cfg: NormConfig
-    gpus_per_process: int = 1
-
-
-NormFactory = Callable[[int, NormSpec], nn.Module]
 T = TypeVar("T")
-_REGISTRY: dict[str, NormFactory] = {}
-
-
-def register_norm(name: str) -> Callable[[NormFactory], NormFactory]:
-    """Decorator adding a factory to the registry under `name`."""
-
-    def add(factory: NormFactory) -> NormFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return add
-
-
-def registered_norms() -> tuple[str, ...]:
-    """Names in the registry."""
-    return tuple(_REGISTRY)
 
 
 def interleave(per_gpu: Sequence[Sequence[T]]) -> list[T]:
@@ -313,77 +275,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-@register_norm("bn")
-def _bn(num_channels: int, spec: NormSpec) -> nn.Module:
-    """BatchNorm, statistics per modelled GPU."""
-    c = spec.cfg
-    return PerGPUBatchNorm2d(
-        num_channels,
-        eps=c.eps,
-        momentum=c.momentum,
-        gpus_per_process=spec.gpus_per_process,
-        running_stats=c.running_stats,
-    )
-
-
-@register_norm("syncbn")
-def _syncbn(num_channels: int, spec: NormSpec) -> nn.Module:
-    """BatchNorm, statistics over the global batch: torch's nn.SyncBatchNorm on GPUs (NCCL), our own on CPUs.
-
-    The model is built after the process group is set up, so its backend says where the model will run.
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return nn.SyncBatchNorm(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)
-    return SyncBatchNorm2d(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)
-
-
-def _group_norm(num_channels: int, spec: NormSpec) -> nn.Module:
-    """GroupNorm with per-channel affine: gn (G or channels per group), ln (G=1), in (G=C)."""
-    check_channels(spec.cfg, num_channels)
-    return GroupNorm(num_channels, num_groups=resolved_groups(spec.cfg, num_channels), eps=spec.cfg.eps, affine=True)
-
-
-for _name in ("gn", "ln", "in"):
-    register_norm(_name)(_group_norm)
-
-
-@register_norm("none")
-def _none(num_channels: int, spec: NormSpec) -> nn.Module:
-    """No normalization."""
-    return nn.Identity()
-
-
-@functools.lru_cache(maxsize=None)
-def resolve_factory(name: str) -> NormFactory:
-    """The factory for a registry name or a 'package.module:function' import path."""
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    if ":" not in name:
-        raise NormError(f"norm.name: unknown norm '{name}'; valid: {', '.join(_REGISTRY)} or 'package.module:factory'")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise NormError(f"norm.name: cannot import module '{module_name}' ({e}); is it installed or on PYTHONPATH?") from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise NormError(f"norm.name: module '{module_name}' has no callable '{attr}'")
-    return factory
-
-
-def create_norm(num_channels: int, spec: NormSpec, **_factory_kwargs: object) -> nn.Module:
-    """One norm layer for a position with num_channels channels (timm's device/dtype kwargs are ignored)."""
-    layer = resolve_factory(spec.cfg.name)(num_channels, spec)
-    if not isinstance(layer, nn.Module):
-        raise NormError(f"norm.name: factory '{spec.cfg.name}' returned {type(layer).__name__}, not a torch.nn.Module")
-    return layer
-
-
-def norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
-    """A timm-compatible norm_layer (a partial, which timm's get_norm_layer accepts)."""
-    return functools.partial(create_norm, spec=spec)
-
-
 def _running_stat_modules(model: nn.Module) -> Iterator[PerGPUBatchNorm2d]:
     """The per-GPU BN layers whose running statistics must follow the cross-GPU rule."""
     return (m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d) and m.track_running_stats)
@@ -423,3 +314,28 @@ def sync_running_stats(model: nn.Module) -> None:
                 offset += b.numel()
     for m in layers:
         m.fold_running_stats()
+
+
+# ---------------------------------------------------------------- factories (registry: bn, syncbn)
+
+
+def make_bn(num_channels: int, spec: NormSpec) -> nn.Module:
+    """BatchNorm, statistics per modelled GPU."""
+    c = spec.cfg
+    return PerGPUBatchNorm2d(
+        num_channels,
+        eps=c.eps,
+        momentum=c.momentum,
+        gpus_per_process=spec.gpus_per_process,
+        running_stats=c.running_stats,
+    )
+
+
+def make_syncbn(num_channels: int, spec: NormSpec) -> nn.Module:
+    """BatchNorm, statistics over the global batch: torch's nn.SyncBatchNorm on GPUs (NCCL), our own on CPUs.
+
+    The model is built after the process group is set up, so its backend says where the model will run.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)
+    return SyncBatchNorm2d(num_channels, eps=spec.cfg.eps, momentum=spec.cfg.momentum)

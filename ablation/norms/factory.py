@@ -1,0 +1,80 @@
+"""Building norm layers: a registry name or a user's 'package.module:factory', called once per position.
+
+A user's own norm plugs in as ``norm.name=package.module:factory`` with no edit to the package. The
+factory is called once per norm position::
+
+    def factory(num_channels: int, spec: ablation.norms.NormSpec) -> torch.nn.Module
+
+``spec.cfg`` is the run's ``NormConfig`` with every default resolved (``eps``, ``momentum``, ``groups``,
+``options`` ...) and ``spec.gpus_per_process`` says how many modelled GPUs this process stands in for:
+a norm that uses batch statistics must compute them per modelled GPU's ``batch_per_gpu`` images
+(``ablation.norms.split_per_gpu`` gives them; rows are interleaved, see ``interleave``), or it silently
+becomes a different experiment when one device stands in for several GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from ablation.config import NormConfig
+from ablation.errors import NormError
+from ablation.norms import registry
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What a norm factory is told: the run's norm config and how many GPUs this process models."""
+
+    cfg: NormConfig
+    gpus_per_process: int = 1
+
+    def __post_init__(self) -> None:
+        # Factories always see resolved values (eps, brn's r_max ...), however the spec was made.
+        filled = registry.resolved_defaults(self.cfg)
+        if filled:
+            object.__setattr__(self, "cfg", dataclasses.replace(self.cfg, **filled))
+
+
+NormFactory = Callable[[int, NormSpec], nn.Module]
+
+
+def _import(path: str, what: str) -> NormFactory:
+    """The callable at 'package.module:function', or a one-line NormError naming what is wrong."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise NormError(f"{what}: cannot import module '{module_name}' ({e}); is it installed or on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise NormError(f"{what}: module '{module_name}' has no callable '{attr}'")
+    return factory
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_factory(name: str) -> NormFactory:
+    """The factory for a registry name or a 'package.module:function' import path."""
+    try:
+        info = registry.lookup(name)
+    except Exception as e:  # ConfigError: an unknown name
+        raise NormError(str(e)) from None
+    return _import(info.factory if info else name, "norm.name")
+
+
+def create_norm(num_channels: int, spec: NormSpec, **_factory_kwargs: object) -> nn.Module:
+    """One norm layer for a position with num_channels channels (timm's device/dtype kwargs are ignored)."""
+    layer = resolve_factory(spec.cfg.name)(num_channels, spec)
+    if not isinstance(layer, nn.Module):
+        raise NormError(f"norm.name: factory '{spec.cfg.name}' returned {type(layer).__name__}, not a torch.nn.Module")
+    return layer
+
+
+def norm_layer(spec: NormSpec) -> Callable[..., nn.Module]:
+    """A timm-compatible norm_layer (a partial, which timm's get_norm_layer accepts)."""
+    return functools.partial(create_norm, spec=spec)
