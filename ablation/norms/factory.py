@@ -33,6 +33,10 @@ class NormSpec:
 
     cfg: NormConfig
     gpus_per_process: int = 1
+    # For norm+activation layers (registry: replaces_activation): True where the position is followed by
+    # the network's activation, which the layer then replaces (FRN's TLU, EvoNorm's nonlinearity); False
+    # where the position stays linear (a block's last norm before the residual add, the downsample).
+    apply_act: bool = False
 
     def __post_init__(self) -> None:
         # Factories always see resolved values (eps, brn's r_max ...), however the spec was made.
