@@ -35,7 +35,7 @@ HASH_VERSION = 1
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 SCHEDULES = ("step", "cosine")
-PIPELINES = ("reference", "split")
+PIPELINES = ("reference", "split", "device-decode")
 # Keys the trainer writes into config.yaml beside the config; reading one back ignores them.
 WRITTEN_KEYS = ("run_id", "config_hash", "derived")
 
@@ -53,7 +53,7 @@ class NormConfig:
     """Which normalization layer goes in every norm position of the network (names: ablation.norms.registry)."""
 
     name: str = _f("bn", "a registry name (`ablation norms` lists them: bn, syncbn, gn, ln, in, ...) or a user factory 'package.module:function'")
-    groups: int | None = _f(None, "gn: number of groups G in every layer (32 when neither groups nor channels_per_group is set)")
+    groups: int | None = _f(None, "gn, evonorm_s0: number of groups G in every layer (32 when neither groups nor channels_per_group is set)")
     channels_per_group: int | None = _f(None, "gn: channels per group instead of a fixed G (so G varies by layer)")
     # None resolves to the norm's paper default (registry.NormInfo.eps) in normalized(), so every run
     # made when this was a plain 1e-5 keeps its id.
@@ -65,6 +65,12 @@ class NormConfig:
     )
     precise_bn_images: int = _f(
         0, "PreciseBN: before each evaluation, recompute population statistics over this many training images (0 = off)", omit_if_default=True
+    )
+    # brn only (registry params); null = the registry's default, the GN paper's BR setting (r_max 1.5, d_max 0.5, no warm-up).
+    r_max: float | None = _f(None, "brn: r = clip(sigma_B/sigma, 1/r_max, r_max) (null = 1.5)", omit_if_default=True)
+    d_max: float | None = _f(None, "brn: d = clip((mu_B - mu)/sigma, -d_max, d_max) (null = 0.5)", omit_if_default=True)
+    renorm_warmup_steps: int | None = _f(
+        None, "brn: ramp the limits linearly from plain BN (r_max 1, d_max 0) over this many training steps (null = 0, none)", omit_if_default=True
     )
     options: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}),
@@ -84,6 +90,10 @@ class ModelConfig:
     layers: tuple[int, ...] | None = _f(None, "residual blocks per stage overriding timm's, e.g. [1, 1, 1, 1]", omit_if_default=True)
     zero_init_last: bool = _f(True, "zero-init gamma of each residual block's last norm (paper, after Goyal et al.)")
     fc_init_std: float = _f(0.01, "std of the normal init of the final fully-connected layer")
+    # Weight Standardization (ablation/norms/weight_std.py): the official code's definition, unbiased std + 1e-5.
+    weight_std: bool = _f(
+        False, "Weight Standardization of every conv (stem, blocks, downsample; not the FC), with any norm (GN+WS: Qiao et al.)", omit_if_default=True
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,8 @@ class DataConfig:
     # fast path is opt-in (README, "The data path").
     pipeline: str = _f(
         "reference",
-        "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; jitter, lighting, normalize, flip batched on the device)",
+        "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; jitter, lighting, normalize, flip batched on the device) "
+        "| device-decode (loader only reads files and draws parameters; JPEG decode (nvJPEG on GPUs), crop, resize and the rest on the device)",
         omit_if_default=True,
     )
     workers: int = _f(8, "data-loading worker processes per training process", hash=False)
@@ -383,6 +394,12 @@ def validate(cfg: RunConfig) -> None:
     if n.eps is not None:
         _positive(n.eps, "norm.eps")
     _positive(n.precise_bn_images, "norm.precise_bn_images", allow_zero=True)
+    if n.r_max is not None and not (math.isfinite(n.r_max) and n.r_max >= 1):
+        raise ConfigError(f"norm.r_max must be >= 1 (1 = no rescaling), got {n.r_max}")
+    if n.d_max is not None:
+        _positive(n.d_max, "norm.d_max", allow_zero=True)
+    if n.renorm_warmup_steps is not None:
+        _positive(n.renorm_warmup_steps, "norm.renorm_warmup_steps", allow_zero=True)
     if not 0 <= n.momentum <= 1:
         raise ConfigError(f"norm.momentum must be in [0, 1], got {n.momentum}")
     m = cfg.model

@@ -404,6 +404,91 @@ class SplitTrainTransform:
         )
 
 
+class EncodedSample(NamedTuple):
+    """A training image of the device-decode pipeline: the JPEG file's bytes and its parameters.
+
+    Batched by ``collate`` (``encoded`` and ``pixels`` stay lists: their sizes differ per image).
+    """
+
+    encoded: torch.Tensor  # uint8 (bytes,): the JPEG file; empty where `pixels` holds the loader's crop
+    pixels: torch.Tensor  # uint8 (H, W, 3): a file the device decoder cannot take (not a baseline RGB JPEG); else empty
+    box: torch.Tensor  # int64 (4,): crop (left, top, right, bottom) in full-size pixels
+    jitter: torch.Tensor
+    order: torch.Tensor
+    alpha: torch.Tensor
+    flip: torch.Tensor
+
+
+class DeviceDecodeTrainTransform(SplitTrainTransform):
+    """The loader half of the device-decode pipeline: read the file, draw its parameters, ship the bytes.
+
+    The same parameters as the split pipeline (the same make_params draws from the header's size); the
+    JPEG is decoded, cropped and resized on the training device by ``decode_on_device`` -- batched
+    nvJPEG through torchvision.io.decode_jpeg on a GPU -- so a loader core only reads files. Files
+    that are not RGB JPEGs (PNG, grayscale or CMYK JPEGs: a few dozen in ImageNet) are decoded,
+    cropped and resized here, as the split pipeline does.
+    """
+
+    def __call__(self, path: str) -> EncodedSample:  # type: ignore[override]
+        data = Path(path).read_bytes()
+        empty = torch.empty(0, dtype=torch.uint8)
+        with Image.open(io.BytesIO(data)) as img:
+            p = self.params(*img.size)  # from the header: nothing decoded here
+            if _tv_decode_jpeg is not None and img.format == "JPEG" and img.mode == "RGB":
+                encoded, pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8), empty
+            else:
+                encoded, pixels = empty, read_crop(img, p.box, self.size, data)[0]
+        self.images += 1
+        return EncodedSample(
+            encoded,
+            pixels,
+            torch.tensor(p.box, dtype=torch.int64),
+            torch.tensor(p.jitter or (1.0, 1.0, 1.0), dtype=torch.float64),
+            torch.tensor(p.order or (0, 1, 2, 3), dtype=torch.int64),
+            p.alpha if p.alpha is not None else torch.zeros(3),
+            torch.tensor(p.flip),
+        )
+
+
+def collate(batch: list[Any]) -> Any:
+    """torch's default_collate, but a device-decode batch keeps its variable-size bytes and pixels as lists."""
+    first = batch[0][0] if batch and isinstance(batch[0], tuple) and len(batch[0]) == 2 else None
+    if not isinstance(first, EncodedSample):
+        return torch.utils.data.default_collate(batch)
+    samples = [x for x, _ in batch]
+    fixed = torch.utils.data.default_collate([tuple(s[2:]) for s in samples])
+    x = EncodedSample([s.encoded for s in samples], [s.pixels for s in samples], *fixed)
+    return x, torch.tensor([y for _, y in batch], dtype=torch.int64)
+
+
+def decode_on_device(x: EncodedSample, size: tuple[int, int], device: str | torch.device) -> torch.Tensor:
+    """A device-decode batch's uint8 (N, H, W, 3) crops on `device`: decode, crop, resize, as read_crop does at full size.
+
+    On a GPU torchvision decodes the whole batch's JPEGs in one nvJPEG call; on the CPU it is the split
+    pipeline's libjpeg-turbo decode and resize, so the pixels are the split pipeline's exactly (at full
+    scale). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two.
+    """
+    if _tv_decode_jpeg is None:
+        raise DataError("data.pipeline=device-decode needs torchvision.io.decode_jpeg, which this torchvision lacks; use data.pipeline=split")
+    out_h, out_w = size
+    out = torch.empty((len(x.encoded), out_h, out_w, 3), dtype=torch.uint8, device=device)
+    rows = [i for i, e in enumerate(x.encoded) if e.numel()]
+    if rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = _tv_decode_jpeg([x.encoded[i] for i in rows], mode=ImageReadMode.RGB, device=device)
+        for i, chw, box in zip(rows, decoded, x.box[rows].tolist()):
+            left, top, right, bottom = box
+            crop = chw[:, top:bottom, left:right]
+            if tuple(crop.shape[1:]) != (out_h, out_w):
+                crop = v2.functional.resize(crop, [out_h, out_w], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+            out[i] = crop.permute(1, 2, 0)
+    for i, pixels in enumerate(x.pixels):
+        if pixels.numel():
+            out[i] = pixels.to(device, non_blocking=True)
+    return out
+
+
 class SplitEvalTransform:
     """eval_transform's resize and centre crop on the loader, to uint8 (H, W, 3); normalize runs on the device.
 
@@ -419,8 +504,11 @@ class SplitEvalTransform:
 
 def pipeline_transforms(cfg: Any) -> tuple[Transform, Transform]:
     """(train, eval) transforms of cfg.pipeline; cfg is a DataConfig with eval_resize filled in."""
-    if getattr(cfg, "pipeline", "reference") == "split":
+    pipeline = getattr(cfg, "pipeline", "reference")
+    if pipeline == "split":
         return SplitTrainTransform(cfg), SplitEvalTransform(cfg)
+    if pipeline == "device-decode":  # evaluation as the split pipeline's: the reference's pixels exactly
+        return DeviceDecodeTrainTransform(cfg), SplitEvalTransform(cfg)
     return train_transform(cfg), eval_transform(cfg)
 
 
@@ -475,11 +563,15 @@ def finish_on_device(x: SplitSample | torch.Tensor, cfg: Any, device: str | torc
                      memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A split-pipeline batch -> the float (N, 3, H, W) batch train_transform / eval_transform would give.
 
-    x is a batched SplitSample (training: flip, jitter, lighting, normalize) or a uint8 (N, H, W, 3)
-    tensor (evaluation: normalize). cfg is the DataConfig.
+    x is a batched SplitSample (training: flip, jitter, lighting, normalize), a batched EncodedSample
+    (device-decode: decode_on_device first) or a uint8 (N, H, W, 3) tensor (evaluation: normalize).
+    cfg is the DataConfig.
     """
-    pixels, params = (x, None) if isinstance(x, torch.Tensor) else (x.pixels, x)
-    pixels = pixels.to(device, non_blocking=True)
+    if isinstance(x, EncodedSample):
+        pixels, params = decode_on_device(x, (cfg.image_size, cfg.image_size), device), x
+    else:
+        pixels, params = (x, None) if isinstance(x, torch.Tensor) else (x.pixels, x)
+        pixels = pixels.to(device, non_blocking=True)
     if params is not None and cfg.hflip and bool(params.flip.any()):
         # Flipped first, on uint8 (a quarter of the bytes): every later step treats all pixels alike,
         # so this equals train_transform's flip at the end (but for the order of the contrast mean's sum).

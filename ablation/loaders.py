@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ablation.cluster import cpu_budget
 from ablation.config import Derived, RunConfig
-from ablation.data import DatasetScan, SeededImageFolder, finish_on_device, scan_layout
+from ablation.data import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
 from ablation.distributed import DistEnv
 from ablation.errors import DataError
 from ablation.norms import interleave
@@ -97,6 +97,7 @@ def make_loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoa
         num_workers=workers,
         pin_memory=env.device.startswith("cuda"),
         persistent_workers=workers > 0,
+        collate_fn=collate,  # default_collate, but device-decode batches keep their JPEG bytes as lists
         **kw,
     )
 

@@ -603,6 +603,53 @@ def test_split_pipeline_names_an_unreadable_file(copy_root: Path) -> None:
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
 
 
+def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixels(split_root: Path) -> None:
+    from ablation.data import DeviceDecodeTrainTransform, EncodedSample, collate
+
+    cfg = split_cfg(pipeline="device-decode")
+    split_ds = SeededImageFolder(split_root, "train", SplitTrainTransform(cfg), seed=3)
+    dev_ds = SeededImageFolder(split_root, "train", DeviceDecodeTrainTransform(cfg), seed=3)
+    ref_ds = SeededImageFolder(split_root, "train", train_transform(cfg), seed=3)
+    n = len(dev_ds)
+    loaded = list(torch.utils.data.DataLoader(dev_ds, batch_size=n, num_workers=2, collate_fn=collate))
+    (batch, y), = loaded
+    assert isinstance(batch, EncodedSample) and len(batch.encoded) == n and all(e.numel() for e in batch.encoded)
+    assert y.tolist() == [t for _, t in dev_ds.samples]
+    split = torch.utils.data.default_collate([split_ds[i][0] for i in range(n)])
+    for name in ("jitter", "order", "alpha", "flip"):  # the very draws the split (and reference) pipeline makes
+        assert torch.equal(getattr(batch, name), getattr(split, name)), name
+    got = finish_on_device(batch, cfg, "cpu")
+    assert got.shape == (n, 3, 24, 24) and got.dtype == torch.float32
+    reduced = 0
+    for i, (path, _) in enumerate(dev_ds.samples):
+        left, top, right, bottom = batch.box[i].tolist()
+        scale = draft_scale(right - left, bottom - top, 24, 24)
+        reduced += scale > 1
+        if scale == 1:  # the split pipeline decoded at full size too: the same decoder and resize, the same pixels
+            assert torch.equal(got[i], finish_on_device(torch.utils.data.default_collate([split_ds[i][0]]), cfg, "cpu")[0])
+        # Always a full-size decode: within one uint8 level of the reference's pixels, magnified by jitter and std.
+        assert (got[i] - ref_ds[i][0]).abs().max() <= 1.4**3 / 255 / 0.224 + 1e-5, i
+    assert reduced  # the data holds crops the split pipeline decodes at reduced scale
+
+
+def test_device_decode_takes_non_jpeg_files_on_the_loader(copy_root: Path) -> None:
+    from ablation.data import DeviceDecodeTrainTransform, collate
+
+    jpeg = copy_root / "train" / "01_ring" / "01_ring_00002.JPEG"
+    png = jpeg.with_suffix(".png")
+    load_rgb(str(jpeg)).save(png)
+    cfg = make_cfg(pipeline="device-decode", image_size=24)
+    ds = SeededImageFolder(copy_root, "train", DeviceDecodeTrainTransform(cfg), seed=0)
+    paths = [p for p, _ in ds.samples]
+    rows = [paths.index(str(png)), paths.index(str(jpeg))]
+    x, _ = collate([ds[i] for i in rows])
+    assert x.encoded[0].numel() == 0 and x.pixels[0].shape == (24, 24, 3)  # the PNG: cropped on the loader
+    assert x.encoded[1].numel() > 0 and x.pixels[1].numel() == 0  # the JPEG: bytes for the device
+    split = SeededImageFolder(copy_root, "train", SplitTrainTransform(make_cfg(pipeline="split", image_size=24)), seed=0)
+    want = finish_on_device(torch.utils.data.default_collate([split[i][0] for i in rows]), cfg, "cpu")
+    torch.testing.assert_close(finish_on_device(x, cfg, "cpu"), want, rtol=0, atol=1.4**3 / 255 / 0.224 + 1e-5)
+
+
 def test_split_samples_do_not_depend_on_workers(split_root: Path) -> None:
     ds = SeededImageFolder(split_root, "train", SplitTrainTransform(split_cfg()), seed=4)
     ds.set_epoch(2)

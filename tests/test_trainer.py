@@ -173,13 +173,15 @@ def test_missing_dataset_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str
     assert list(tmp_path.iterdir()) == [] and proc.stdout == ""  # no run folder for a run that never started
 
 
-def test_split_pipeline_trains_end_to_end(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    # Loader workers ship uint8 pixels with their parameters; the photometric steps run in the trainer.
-    args = ["train", *RUN, f"data.root={tiny_data}", "data.pipeline=split", "data.workers=2"]
+@pytest.mark.parametrize("pipeline", ["split", "device-decode"])
+def test_split_pipelines_train_end_to_end(pipeline: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # Loader workers ship uint8 pixels (split) or JPEG bytes (device-decode) with their parameters;
+    # decoding (device-decode) and the photometric steps run in the trainer.
+    args = ["train", *RUN, f"data.root={tiny_data}", f"data.pipeline={pipeline}", "data.workers=2"]
     folder = run_folder(cli([*args, "--results", str(tmp_path)], cli_env))
-    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "data.pipeline=split"])
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}", f"data.pipeline={pipeline}"])
     assert folder.name == config.run_id(cfg) != config.run_id(config.load(None, RUN + [f"data.root={tiny_data}"]))
-    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["pipeline"] == "split"
+    assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["pipeline"] == pipeline
     rows = rundir.read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and all(0 < r["train_loss"] < 10 and 0 <= r["val_err1"] <= 100 for r in rows)
     assert json.loads((folder / "final.json").read_text())["status"] == "ok"
