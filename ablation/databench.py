@@ -2,8 +2,9 @@
 
 It times, on one core, what a DataLoader worker does per training image: decoding alone (PIL at full
 size, the reference pipeline's first step), the reference pipeline (the whole augmentation in float)
-and the split pipeline (parameters, decode at the scale the crop needs, crop, resize to uint8; the
-photometric steps it leaves to the GPU are not CPU work). Figures are images per CPU-second of this
+the split pipeline (parameters, decode at the scale the crop needs, crop, resize to uint8; the
+photometric steps it leaves to the GPU are not CPU work) and the device-decode pipeline (read the file,
+draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures). Figures are images per CPU-second of this
 process with one torch thread, so a busy machine slows the wall clock more than the figure; the files
 are read once beforehand, so disk or network speed is not part of it. A DataLoader adds its own
 overhead (collate, inter-process transfer: ~150 KB per uint8 224-px image, 4x that in float).
@@ -25,6 +26,7 @@ import torch
 from ablation.data import (DatasetInfo, DatasetScan, SeededImageFolder, _class_dirs, _image_files, _walk_order,
                            check_splits, load_rgb, open_image, pipeline_transforms)
 from ablation.errors import DataError
+from ablation.config import PIPELINES
 
 # ResNet-50 training at 224 px in bfloat16 on one H100: ~2,500 images/s (the speed issue: an 8 x H100
 # node needs ~20,000). A guess to size the loader against; pass --gpu-images-per-s with your own figure.
@@ -93,7 +95,7 @@ def run(root: str | Path, data_cfg: Any, images: int, seed: int = 0, repeats: in
             sizes.append(img.size)
     paths: dict[str, Callable[[int], Any]] = {"decode": lambda i: load_rgb(samples[i][0])}
     split = None
-    for pipeline in ("reference", "split"):
+    for pipeline in PIPELINES:
         cfg = dataclasses.replace(data_cfg, pipeline=pipeline, eval_resize=data_cfg.eval_resize or data_cfg.image_size)
         tf, _ = pipeline_transforms(cfg)
         paths[pipeline] = SeededImageFolder(scan.info.root, "train", tf, seed, scan=scan).__getitem__
@@ -121,6 +123,7 @@ def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_i
     def cores_for(name: str) -> int:
         return math.ceil(need / r[name])
 
+    alternative = "split" if pipeline == "reference" else "reference"
     lines = [
         f"data bench: {result.images} training images of {result.root} ({result.classes} classes, median "
         f"{result.median_size[0]}x{result.median_size[1]} px), crops to {image_size} px, one core (CPU time), files cached",
@@ -128,11 +131,13 @@ def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_i
         f"  reference pipeline            {r['reference']:8.1f} images/s per core",
         f"  split pipeline                {r['split']:8.1f} images/s per core "
         f"({100 * result.reduced:.0f}% of images decoded at reduced JPEG scale)",
+        f"  device-decode pipeline        {r['device-decode']:8.1f} images/s per core "
+        "(loader side only: the JPEG decode, crop and resize run on the GPU)",
         f"feeding {gpus} GPU(s) x {gpu_images_per_s:,.0f} images/s = {need:,.0f} images/s takes {cores_for(pipeline)} loader "
-        f"cores with the {pipeline} pipeline ({cores_for('split' if pipeline == 'reference' else 'reference')} with "
-        f"{'split' if pipeline == 'reference' else 'reference'}); this machine has {cores}",
+        f"cores with the {pipeline} pipeline ({cores_for(alternative)} with {alternative}); this machine has {cores}",
     ]
-    if pipeline == "reference" and r["split"] > r["reference"]:
-        lines.append(f"data.pipeline=split would need {r['split'] / r['reference']:.1f}x fewer cores (it changes the run id)")
+    best = max(("split", "device-decode"), key=lambda name: r[name])
+    if pipeline != best and r[best] > r[pipeline]:
+        lines.append(f"data.pipeline={best} would need {r[best] / r[pipeline]:.1f}x fewer loader cores (it changes the run id)")
     lines.append(f"{pipeline} pipeline: {r[pipeline]:.1f} images/s per core")
     return lines

@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model at 32 px, 1+2 steps: a smoke test that keeps this script working")
     p.add_argument("--steps", type=int, help="timed steps per case (default 30; tiny 3)")
     p.add_argument("--compile-backend", help="backend of the compiled cases (default inductor; tiny: aot_eager, which compiles in seconds)")
-    p.add_argument("--pipeline", default="split", choices=["reference", "split"], help="data.pipeline of the data-included cases")
+    p.add_argument("--pipeline", default="split", choices=list(config.PIPELINES), help="data.pipeline of the data-included cases")
     p.add_argument("--out", type=Path, default=OUT, help=f"JSON-lines record (default {OUT})")
     args = p.parse_args()
     steps = args.steps or (2 if args.tiny else 30)

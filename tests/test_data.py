@@ -678,6 +678,7 @@ def test_data_bench_reports_images_per_second_per_core(tiny_data: Path, cli_env:
     assert re.fullmatch(r"split pipeline: \d+\.\d images/s per core", lines[-1]), lines[-1]
     assert "12 training images" in lines[0]
     assert any(line.strip().startswith("decode only") and line.endswith("images/s per core") for line in lines)
+    assert any(line.strip().startswith("device-decode pipeline") and "loader side only" in line for line in lines)
     assert any("feeding 2 GPU(s) x 2,500 images/s = 5,000 images/s takes" in line for line in lines)
 
 

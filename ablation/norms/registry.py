@@ -100,9 +100,9 @@ def resolved_groups(norm: Any, channels: int) -> int:
 
 
 def check_channels(norm: Any, channels: int, where: str = "") -> None:
-    """Raise ConfigError if gn cannot divide a layer of this many channels into groups."""
+    """Raise ConfigError if gn (or evonorm_s0, same rule) cannot divide a layer of this many channels into groups."""
     at = f" ({where})" if where else ""
-    if norm.name != "gn":
+    if norm.name not in ("gn", "evonorm_s0"):
         return
     if norm.channels_per_group is not None:
         if channels % norm.channels_per_group:
@@ -166,3 +166,13 @@ register(NormInfo(
 register(NormInfo("ln", "ablation.norms.group:make_group_norm", "LayerNorm over (C, H, W): GN with G=1", "LN", batch_dependent=False))
 register(NormInfo("in", "ablation.norms.group:make_group_norm", "InstanceNorm: GN with one channel per group", "IN", batch_dependent=False))
 register(NormInfo("none", "ablation.norms.group:make_identity", "no normalization", "none", batch_dependent=False))
+register(NormInfo(
+    "frn", "ablation.norms.response:make_frn",
+    "Filter Response Normalization + TLU (Singh & Krishnan): x/sqrt(mean_HW(x^2)+eps), affine, max(y, tau); per image",
+    "FRN", batch_dependent=False, replaces_activation=True, eps=1e-6,
+))
+register(NormInfo(
+    "evonorm_s0", "ablation.norms.evonorm:make_evonorm_s0",
+    "EvoNorm-S0 (Liu et al.): x*sigmoid(v*x)/group_std(x), affine; G groups as gn; per image",
+    "EvoNorm-S0", batch_dependent=False, replaces_activation=True, params=("groups",), defaults=(("groups", 32),),
+))
