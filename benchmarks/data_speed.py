@@ -1,14 +1,17 @@
-"""Training data path speed: the split pipeline vs the reference pipeline vs decoding alone.
+"""Training data path speed: the split and device-decode pipelines vs the reference pipeline vs decoding alone.
 
 Prints a table and appends one JSON record (figures plus the machine they ran on) to
 benchmarks/results/data_speed.jsonl. Run:  python benchmarks/data_speed.py [--size 448 --size 896] [--quick]
 
 Questions it answers, per source image size (synthetic JPEGs from ablation.synth, the paper's
 augmentation at 224 px):
-- images/s per core of a loader worker: decode only (PIL, full size), reference, split;
+- images/s per core of a loader worker: decode only (PIL, full size), reference, split, device-decode
+  (whose worker only reads the file and draws the parameters);
 - how often the split pipeline decodes at reduced JPEG scale (draft mode), which only pays when a
   crop is at least twice the output on both sides;
-- what the split pipeline's photometric steps cost on the training device, per image.
+- what the split pipeline's photometric steps cost on the training device, per image, and what the
+  device-decode pipeline's decode + crop + resize + photometric steps cost there (on a GPU: batched
+  nvJPEG; on a CPU the same libjpeg-turbo decode a worker would do, so only the loader side is a gain).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torchvision
 from PIL import features
 
 from ablation import config, databench
-from ablation.data import SplitTrainTransform, SeededImageFolder, finish_on_device
+from ablation.data import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
 from ablation.synth import SynthSpec, write_synth
 
 OUT = Path(__file__).resolve().parent / "results" / "data_speed.jsonl"
@@ -42,12 +45,14 @@ def dataset(size: int, images: int, noise: float, quality: int, classes: int = 1
     return root
 
 
-def device_cost(root: Path, data_cfg: config.DataConfig, device: str, batch: int, repeats: int) -> float:
-    """Milliseconds per image of finish_on_device (jitter, lighting, normalize, flip) on `device`."""
-    ds = SeededImageFolder(root, "train", SplitTrainTransform(data_cfg), seed=0)
-    x = torch.utils.data.default_collate([ds[i % len(ds)][0] for i in range(batch)])
+def device_cost(root: Path, data_cfg: config.DataConfig, device: str, batch: int, repeats: int, decode: bool = False) -> float:
+    """Milliseconds per image of finish_on_device (jitter, lighting, normalize, flip) on `device`;
+    with `decode`, the device-decode pipeline's (JPEG decode, crop and resize first)."""
+    tf = DeviceDecodeTrainTransform(data_cfg) if decode else SplitTrainTransform(data_cfg)
+    ds = SeededImageFolder(root, "train", tf, seed=0)
+    x, _ = collate([(ds[i % len(ds)][0], 0) for i in range(batch)])
     if device.startswith("cuda"):
-        x = type(x)(*(t.pin_memory() for t in x))
+        x = torch.utils.data._utils.pin_memory.pin_memory(x)
     times = []
     for _ in range(repeats + 1):
         if device.startswith("cuda"):
@@ -100,14 +105,17 @@ def main() -> None:
             "source_px": size, "output_px": data_cfg.image_size, "noise": args.noise, "quality": args.quality, "bits_per_px": bits, "images": r.images, "repeats": repeats,
             "decode_per_core": r.rates["decode"], "reference_per_core": r.rates["reference"], "split_per_core": r.rates["split"],
             "split_vs_reference": r.rates["split"] / r.rates["reference"], "split_vs_decode": r.rates["split"] / r.rates["decode"],
+            "device_decode_per_core": r.rates["device-decode"], "device_decode_vs_reference": r.rates["device-decode"] / r.rates["reference"],
             "reduced_scale_fraction": r.reduced,
             "device_ms_per_image": device_cost(root, data_cfg, args.device, 64, max(repeats, 3)),
+            "device_decode_device_ms_per_image": device_cost(root, data_cfg, args.device, 64, max(repeats, 3), decode=True),
         })
-    print(f"{'source':>7s} {'bits/px':>7s} {'decode':>8s} {'reference':>10s} {'split':>8s} {'split/ref':>10s} {'split/dec':>10s} {'reduced':>8s} {args.device + ' ms/img':>12s}")
+    print(f"{'source':>7s} {'bits/px':>7s} {'decode':>8s} {'reference':>10s} {'split':>8s} {'split/ref':>10s} {'split/dec':>10s} {'reduced':>8s} {args.device + ' ms/img':>12s} {'dev-dec':>8s} {'dev-dec/ref':>11s} {'dd ' + args.device + ' ms/img':>15s}")
     for row in rows:
         print(f"{row['source_px']:5d}px {row['bits_per_px']:7.2f} {row['decode_per_core']:8.1f} {row['reference_per_core']:10.1f} {row['split_per_core']:8.1f} "
               f"{row['split_vs_reference']:9.2f}x {row['split_vs_decode']:9.2f}x {100 * row['reduced_scale_fraction']:7.0f}% "
-              f"{row['device_ms_per_image']:12.3f}")
+              f"{row['device_ms_per_image']:12.3f} {row['device_decode_per_core']:8.1f} {row['device_decode_vs_reference']:10.1f}x "
+              f"{row['device_decode_device_ms_per_image']:15.3f}")
     print("images/s per core (CPU time of one process, one torch thread, files in the page cache)")
     OUT.parent.mkdir(exist_ok=True)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(args.device), "note": args.note, "rows": rows}
