@@ -256,6 +256,16 @@ def cmd_norms(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Measure each norm's batch dependence and train/eval gap per images per GPU on a small ResNet (seconds, CPU)."""
+    from ablation import probe
+
+    path, overrides = _split_config_args(args.items)
+    settings = probe.Settings(probe.parse_batches(args.batches), args.draws, args.probes, args.warmup, args.gpus)
+    probe.main(path, overrides, args.out, args.norms, settings, args.threads)
+    return EXIT_OK
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that, made with intermixed=True, takes its positionals (key=value overrides)
     before, between and after its options, as hydra, pycls and torchrun users expect.
@@ -342,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     nr = sub.add_parser("norms", help="list the built-in norms (the registry), their batch dependence and norm.* fields")
     nr.set_defaults(func=cmd_norms)
+
+    pr = sub.add_parser("probe", intermixed=True, help="measure each norm's batch dependence and train/eval gap per images per GPU (seconds, CPU)")
+    pr.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="config and overrides over the probe's small ResNet, e.g. norm.name=gn or norm.name=pkg.mod:factory")
+    pr.add_argument("--out", default="probe", help="folder for probe.csv and probe.png (default ./probe)")
+    pr.add_argument("--norms", help="comma-separated norms when norm.name is not given (default: every registry norm but none)")
+    pr.add_argument("--batches", default="32,16,8,4,2", help="images per GPU to probe (default 32,16,8,4,2)")
+    pr.add_argument("--draws", type=int, default=4, help="batches (draws of batch mates) per probe image (default 4)")
+    pr.add_argument("--probes", type=int, default=4, help="probe images per batch size (default 4)")
+    pr.add_argument("--warmup", type=int, default=40, help="train-mode passes that bring running statistics to the data (default 40)")
+    pr.add_argument("--gpus", type=int, default=1, help="modelled GPUs per probe batch: GPUs x b images in one process, as a stand-in run (default 1)")
+    pr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the probe's forwards are small)")
+    pr.set_defaults(func=cmd_probe)
 
     m = sub.add_parser("demo", help="the embedded default: BN vs GN over per-GPU batch sizes on this CPU, with the figure")
     m.add_argument("--out", default="demo", help="folder for the demo's data, runs and report (default ./demo)")
