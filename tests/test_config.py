@@ -84,7 +84,7 @@ def test_yaml_file_plus_overrides(tmp_path) -> None:
         (["epochs=ten"], "epochs: expected int, got 'ten'"),
         (["amp=2"], "amp: expected bool"),
         (["norm.name=groupnorm"], "norm.name: unknown norm 'groupnorm'.*valid: bn, syncbn, gn, ln, in, none"),
-        (["norm.name=bn", "norm.groups=4"], r"norm.groups applies to gn, not .bn."),
+        (["norm.name=bn", "norm.groups=4"], r"norm.groups applies to gn, evonorm_s0, not .bn."),
         (["norm.name=gn", "norm.groups=4", "norm.channels_per_group=4"], "either norm.groups or norm.channels_per_group"),
         (["norm.running_stats=sum"], "norm.running_stats must be one of rank0, mean"),
         (["optim.milestones=[0.6,0.3]"], "optim.milestones must be increasing"),
