@@ -6,6 +6,7 @@ metrics.jsonl is rewritten from the checkpointed history, so a line is never wri
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from ablation.distributed import DistEnv
 from ablation.errors import DiskFullError
 from ablation.loaders import to_device
 from ablation.norms import sync_running_stats
+from ablation.norms.precise import precise_bn
 
 log = logging.getLogger("ablation")
 
@@ -144,6 +146,27 @@ class EpochLoop:
             sync_running_stats(self.model)
             self.bn_synced_at = self.state.step
 
+    def _precise_bn(self, epoch: int, train_loader: DataLoader) -> None:
+        """PreciseBN (norm.precise_bn_images = N; ablation.norms.precise): population statistics over N training images.
+
+        The images are the first ceil(N / global batch) global batches of this epoch's order (at most the
+        whole epoch), with this epoch's augmentation: the training loader's own images, sampler layout and
+        transforms, chosen by (seed, epoch) alone, so a resumed run recomputes the same numbers. Each
+        modelled GPU's batch_per_gpu images are one batch. Under no_grad, off the optimizer, every rank
+        in step (a collective)."""
+        n = self.cfg.norm.precise_bn_images
+        if not n:
+            return
+        d, sampler = self.d, train_loader.batch_sampler
+        steps = min(-(-n // d.global_batch), d.steps_per_epoch)
+        where = (sampler.epoch, sampler.start)
+        sampler.set_epoch(epoch, 0)
+        try:
+            with autocast(self.cfg, self.env):
+                precise_bn(self.model, (to_device(x, y, self.env, self.cfg)[0] for x, y in itertools.islice(train_loader, steps)))
+        finally:
+            sampler.set_epoch(*where)
+
     def _partial_for_rank(self) -> torch.Tensor:
         """This rank's saved partial-epoch sums (a different process count folds them into rank 0)."""
         acc = torch.zeros(3, dtype=torch.float64, device=self.env.device)
@@ -197,6 +220,7 @@ class EpochLoop:
         train_loss, correct, count = all_sum(self._sums(acc), env).tolist()  # acc stays this rank's: a stop in evaluation saves it
         self.stage = "eval"
         self._sync_bn()
+        self._precise_bn(epoch, train_loader)
         val = evaluate(self.eval_model, val_loader, env, cfg, self.vote, self.eval_polls)
         if val is None:
             return self._stop(acc)

@@ -44,7 +44,69 @@ def split_per_gpu(x: torch.Tensor, gpus_per_process: int) -> torch.Tensor:
     return x.view(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)
 
 
-class PerGPUBatchNorm2d(nn.BatchNorm2d):
+class PerGPURunningStats:
+    """Mixin: running statistics kept per modelled GPU and combined by the ``running_stats`` rule (rank0 | mean).
+
+    For layers whose training forward updates population statistics from each modelled GPU's batch
+    statistics and never reads them back (per-GPU BN; EvoNorm-B0's running variance), so the rule can be
+    applied lazily (see PerGPUBatchNorm2d). For each name in ``running_buffers`` the layer has ``<name>``
+    (C long, in the state_dict: the rule's result) and, when it stands in for k > 1 GPUs, ``gpu_<name>``
+    (k*C long, not in the state_dict: every modelled GPU's own chain). ``fold_running_stats`` brings the
+    C-long buffers up to date (on going to eval mode and when the state_dict is taken),
+    ``sync_running_stats`` across processes; loading a state_dict spreads the loaded values to every
+    modelled GPU. The layer sets ``num_features``, ``gpus_per_process``, ``running_stats`` and
+    ``track_running_stats``. (Batch Renormalization reads its running statistics in training, so it
+    cannot fold lazily: it applies the rule every step and needs none of this, see renorm.py.)
+    """
+
+    running_buffers: tuple[str, ...] = ("running_mean", "running_var")
+
+    def _register_gpu_buffers(self) -> None:
+        """Every modelled GPU's chain, starting from the layer's own buffers (none when k == 1)."""
+        k = self.gpus_per_process
+        if k > 1:
+            for name in self.running_buffers:
+                self.register_buffer(f"gpu_{name}", getattr(self, name).repeat(k), persistent=False)
+
+    def _gpu_buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every modelled GPU's running statistics, k*C long; the state_dict's buffers themselves when k == 1."""
+        if self.gpus_per_process == 1:
+            return tuple(getattr(self, name) for name in self.running_buffers)
+        return tuple(getattr(self, f"gpu_{name}") for name in self.running_buffers)
+
+    @torch.no_grad()
+    def fold_running_stats(self) -> None:
+        """The state_dict's buffers := the rule over this process's modelled GPUs (no collective; idempotent)."""
+        k, c = self.gpus_per_process, self.num_features
+        if k == 1 or not self.track_running_stats:
+            return
+        for name, gpus in zip(self.running_buffers, self._gpu_buffers()):
+            getattr(self, name).copy_(gpus[:c] if self.running_stats == "rank0" else gpus.view(k, c).mean(0))
+
+    def train(self, mode: bool = True):  # noqa: ANN201
+        """Switch modes; going to eval brings the running statistics up to date first."""
+        if not mode:
+            self.fold_running_stats()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        self.fold_running_stats()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._spread_running_stats()
+
+    @torch.no_grad()
+    def _spread_running_stats(self) -> None:
+        """Every modelled GPU starts from the state_dict's buffers (after a load, a reset or PreciseBN)."""
+        k, c = self.gpus_per_process, self.num_features
+        if k > 1 and self.track_running_stats:
+            for name, gpus in zip(self.running_buffers, self._gpu_buffers()):
+                gpus.view(k, c).copy_(getattr(self, name))
+
+
+class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
     """BatchNorm with statistics per modelled GPU (never synced), as in the paper.
 
     One process may stand in for k GPUs: each GPU's ``batch_per_gpu`` images ("ghost" batch) are
@@ -79,10 +141,7 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.gpus_per_process = gpus_per_process
         self.running_stats = running_stats
-        if gpus_per_process > 1:
-            k = gpus_per_process
-            self.register_buffer("gpu_running_mean", self.running_mean.repeat(k), persistent=False)
-            self.register_buffer("gpu_running_var", self.running_var.repeat(k), persistent=False)
+        self._register_gpu_buffers()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize each modelled GPU's images by their own statistics in training; running stats in eval."""
@@ -118,48 +177,11 @@ class PerGPUBatchNorm2d(nn.BatchNorm2d):
         k = self.gpus_per_process
         return (self.weight.repeat(k), self.bias.repeat(k)) if self.affine else (None, None)
 
-    def _gpu_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every modelled GPU's running (mean, var), k*C long; running_mean/var themselves when k == 1."""
-        if self.gpus_per_process == 1:
-            return self.running_mean, self.running_var
-        return self.gpu_running_mean, self.gpu_running_var
-
-    @torch.no_grad()
-    def fold_running_stats(self) -> None:
-        """running_mean/var := the rule over this process's modelled GPUs (no collective; idempotent)."""
-        k, c = self.gpus_per_process, self.num_features
-        if k == 1 or not self.track_running_stats:
-            return
-        for mine, gpus in zip((self.running_mean, self.running_var), self._gpu_buffers()):
-            mine.copy_(gpus[:c] if self.running_stats == "rank0" else gpus.view(k, c).mean(0))
-
-    def train(self, mode: bool = True) -> "PerGPUBatchNorm2d":
-        """Switch modes; going to eval brings running_mean/var up to date first."""
-        if not mode:
-            self.fold_running_stats()
-        return super().train(mode)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
-        self.fold_running_stats()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._spread_running_stats()
-
     def reset_running_stats(self) -> None:
         """Reset the running statistics, every modelled GPU's included."""
         super().reset_running_stats()
         if hasattr(self, "gpu_running_mean"):  # nn.BatchNorm2d.__init__ calls this before ours exist
             self._spread_running_stats()
-
-    @torch.no_grad()
-    def _spread_running_stats(self) -> None:
-        """Every modelled GPU starts from running_mean/var (after a load or a reset)."""
-        k, c = self.gpus_per_process, self.num_features
-        if k > 1 and self.track_running_stats:
-            for mine, gpus in zip((self.running_mean, self.running_var), self._gpu_buffers()):
-                gpus.view(k, c).copy_(mine)
 
 
 _AFFINE_GROUPS = "_per_gpu_affine_groups"
@@ -275,9 +297,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
-def _running_stat_modules(model: nn.Module) -> Iterator[PerGPUBatchNorm2d]:
-    """The per-GPU BN layers whose running statistics must follow the cross-GPU rule."""
-    return (m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d) and m.track_running_stats)
+def _running_stat_modules(model: nn.Module) -> Iterator[PerGPURunningStats]:
+    """The layers whose per-GPU running statistics must follow the cross-GPU rule (per-GPU BN, EvoNorm-B0)."""
+    return (m for m in model.modules() if isinstance(m, PerGPURunningStats) and m.track_running_stats)
 
 
 @torch.no_grad()

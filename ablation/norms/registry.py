@@ -149,7 +149,7 @@ def resolved_defaults(norm: Any) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- built-in entries
 
-_BN_PARAMS = ("momentum", "running_stats")
+_BN_PARAMS = ("momentum", "running_stats", "precise_bn_images")
 
 register(NormInfo(
     "bn", "ablation.norms.batch:make_bn", "BatchNorm, statistics per modelled GPU (never synced), as in the paper",
@@ -157,7 +157,7 @@ register(NormInfo(
 ))
 register(NormInfo(
     "syncbn", "ablation.norms.batch:make_syncbn", "BatchNorm, statistics over the global batch (all GPUs)",
-    "SyncBN", batch_dependent=True, running_stats=True, params=("momentum",),
+    "SyncBN", batch_dependent=True, running_stats=True, params=("momentum", "precise_bn_images"),
 ))
 register(NormInfo(
     "gn", "ablation.norms.group:make_group_norm", "GroupNorm (Wu & He): G groups of channels per image",
@@ -175,4 +175,16 @@ register(NormInfo(
     "evonorm_s0", "ablation.norms.evonorm:make_evonorm_s0",
     "EvoNorm-S0 (Liu et al.): x*sigmoid(v*x)/group_std(x), affine; G groups as gn; per image",
     "EvoNorm-S0", batch_dependent=False, replaces_activation=True, params=("groups",), defaults=(("groups", 32),),
+))
+register(NormInfo(
+    "brn", "ablation.norms.renorm:make_brn",
+    "Batch Renormalization (Ioffe): per-GPU batch statistics corrected by r, d towards moving mean and std",
+    "BRN", batch_dependent=True, running_stats=True, per_gpu_stats=True,
+    params=(*_BN_PARAMS, "r_max", "d_max", "renorm_warmup_steps"),
+    defaults=(("r_max", 1.5), ("d_max", 0.5), ("renorm_warmup_steps", 0)),  # the GN paper's BR setting, no warm-up
+))
+register(NormInfo(
+    "evonorm_b0", "ablation.norms.evonorm_b0:make_evonorm_b0",
+    "EvoNorm-B0 (Liu et al.): x/max(sqrt(var_NHW+eps), v*x+sqrt(var_HW+eps)), affine; batch variance per GPU",
+    "EvoNorm-B0", batch_dependent=True, running_stats=True, per_gpu_stats=True, replaces_activation=True, params=_BN_PARAMS,
 ))
