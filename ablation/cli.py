@@ -261,8 +261,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from ablation import probe
 
     path, overrides = _split_config_args(args.items)
-    settings = probe.Settings(probe.parse_batches(args.batches), args.draws, args.probes, args.warmup, args.gpus)
-    probe.main(path, overrides, args.out, args.norms, settings, args.threads)
+    settings = probe.Settings(probe.parse_batches(args.batches), args.draws, args.probes, args.warmup, args.gpus, args.threads)
+    probe.main(path, overrides, args.out, args.norms, settings)
     return EXIT_OK
 
 

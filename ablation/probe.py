@@ -84,6 +84,7 @@ class Settings:
     probes: int = 4
     warmup: int = 40
     gpus: int = 1  # modelled GPUs one probe batch stands for: gpus x b images in one process
+    threads: int = 1  # torch threads while measuring: the forwards are small, where threads cost more than they give
 
     def __post_init__(self) -> None:
         if not self.batches or min(self.batches) < 1:
@@ -96,6 +97,8 @@ class Settings:
             raise ConfigError(f"--warmup must be at least 1, got {self.warmup}")
         if self.gpus < 1:
             raise ConfigError(f"--gpus must be at least 1, got {self.gpus}")
+        if self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
 
 
 def parse_list(text: str, what: str) -> list[str]:
@@ -275,6 +278,19 @@ def run(cfgs: Sequence[config.RunConfig], s: Settings) -> pd.DataFrame:
     pool = max(MIN_POOL, 4 * s.gpus * max(s.batches))
     x = images(cfgs[0], pool)  # the probe changes only norm.*: one set of images for every norm
     plans = {b: draws(cfgs[0].seed, b, pool, s) for b in s.batches}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(s.threads)
+    try:
+        rows = _rows(cfgs, s, x, plans)
+    finally:
+        torch.set_num_threads(threads)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _rows(cfgs: Sequence[config.RunConfig], s: Settings, x: torch.Tensor, plans: dict[int, Draws]) -> list[dict[str, Any]]:
+    """Measure every norm at every batch size (no gradients)."""
+    import torch
+
     rows = []
     with torch.no_grad():
         for cfg in cfgs:
@@ -287,7 +303,7 @@ def run(cfgs: Sequence[config.RunConfig], s: Settings) -> pd.DataFrame:
                 except Exception as e:  # noqa: BLE001 - a norm that cannot run at this batch size (or a user norm's bug): one line
                     raise NormError(f"norm '{name}' at batch_per_gpu={b}: {type(e).__name__}: {e}") from None
                 rows.append({"norm": name, "label": registry.label(name), "batch_per_gpu": b, "gpus": s.gpus, **got, **_facts(name)})
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return rows
 
 
 # ---------------------------------------------------------------- output
@@ -362,21 +378,14 @@ def write(df: pd.DataFrame, out: Path) -> list[Path]:
     return [csv, png]
 
 
-def main(path: str | None, overrides: Sequence[str], out: str | Path, norms: str | None, s: Settings, threads: int = 1) -> list[Path]:
+def main(path: str | None, overrides: Sequence[str], out: str | Path, norms: str | None, s: Settings) -> list[Path]:
     """The `ablation probe` command: check everything, measure, write the files, print the table."""
-    import torch
-
     t0 = time.monotonic()
     cfgs = configs(path, overrides, parse_list(norms, "--norms") if norms is not None else None)
     check_models(cfgs)
     out = Path(out)
     check_out(out)
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads))
-    try:
-        df = run(cfgs, s)
-    finally:
-        torch.set_num_threads(before)
+    df = run(cfgs, s)
     files = write(df, out)
     print(format_table(df))
     seconds = time.monotonic() - t0
