@@ -30,35 +30,139 @@ log = logging.getLogger("ablation")
 
 # Config fields that are table axes of their own, so they never split a row.
 AXIS_FIELDS = ("seed", "batch_per_gpu", "model.name")
+# Config fields the variant's name shows (variant()), so they are not repeated in the setting.
+VARIANT_FIELDS = ("model.weight_std",)
 
 RUN_COLUMNS = [
-    "run_id", "sweeps", "model", "norm", "variant", "setting", "groups", "channels_per_group", "gpus", "batch_per_gpu",
-    "global_batch", "seed", "epochs", "status", "reason", "val_err1", "val_err5", "best_val_err1", "last_val_err1",
-    "epochs_done", "gpu_hours", "wall_seconds", "config_hash",
+    "run_id", "sweeps", "model", "norm", "variant", "setting", "groups", "channels_per_group", "weight_std", "r_max", "d_max",
+    "gpus", "batch_per_gpu", "global_batch", "seed", "epochs", "train_images", "paper_setting", "unlike_paper",
+    "status", "reason", "val_err1", "val_err5", "best_val_err1", "last_val_err1", "epochs_done", "gpu_hours", "wall_seconds", "config_hash",
 ]
 
+# The paper's setting (Wu & He §4.1): ImageNet-1k's 1,281,167 training images, a ResNet-50 (or -101) of
+# timm's own shape, 224-px crops. Only runs in it are compared with the paper's numbers level for level.
+PAPER_MODELS = ("resnet50", "resnet101")
+PAPER_IMAGE_SIZE = 224
+IMAGENET_TOLERANCE = 0.01  # an ImageNet copy missing a few images is still ImageNet; a 10 % subset is not
 
-def variant(norm: dict[str, Any]) -> str:
-    """A display name for a norm and its parameters: BN, GN (G=32), GN (16 ch/group), LN, mypkg.norms:f."""
+
+def norm_value(norm: dict[str, Any], key: str) -> Any:
+    """A norm field from config.yaml, else the registry's paper default for that norm (None where neither)."""
+    value = norm.get(key)
+    if value is not None:
+        return value
+    try:
+        info = registry.lookup(norm.get("name", "bn"))
+    except ConfigError:
+        return None
+    return dict(info.defaults).get(key) if info else None
+
+
+def _takes(name: str, key: str) -> bool:
+    """True where the registry says this built-in norm takes the norm.<key> field."""
+    try:
+        info = registry.lookup(name)
+    except ConfigError:
+        return False
+    return info is not None and key in info.params
+
+
+def variant_norm_keys(name: str) -> tuple[str, ...]:
+    """The norm.* fields that variant() shows for a norm of this name."""
+    if name == "gn":
+        return ("norm.name", "norm.groups", "norm.channels_per_group")
+    if name == "bn":
+        return ("norm.name", "norm.running_stats")
+    return ("norm.name", *(f"norm.{k}" for k in ("groups", "r_max", "d_max") if _takes(name, k) or (name == "brn" and k != "groups")))
+
+
+def variant(norm: dict[str, Any], model: dict[str, Any] | None = None) -> str:
+    """A display name for a norm, its parameters and the model fields that go with it:
+    BN, GN (G=32), GN (16 ch/group), GN+WS (G=32), BRN (r_max=1.5, d_max=0.5), LN, mypkg.norms:f."""
     name = norm.get("name", "bn")
+    ws = "+WS" if (model or {}).get("weight_std") else ""
     if name == "gn":
         if norm.get("channels_per_group"):
-            return f"GN ({norm['channels_per_group']} ch/group)"
-        return f"GN (G={norm.get('groups') or 32})"
-    label = registry.label(name)
+            return f"GN{ws} ({norm['channels_per_group']} ch/group)"
+        return f"GN{ws} (G={norm.get('groups') or 32})"
+    label = registry.label(name) + ws
     if name == "bn" and norm.get("running_stats", "rank0") != "rank0":
         label += f" ({norm['running_stats']} running stats)"
+    shown = [f"{k.split('.', 1)[1]}={norm_value(norm, k.split('.', 1)[1])}" for k in variant_norm_keys(name)[1:] if norm_value(norm, k.split(".", 1)[1]) is not None]
+    if name != "bn" and shown:
+        label += f" ({', '.join(s.replace('groups=', 'G=') for s in shown)})"
     return label
 
 
+def unlike_paper(cfg: dict[str, Any]) -> str:
+    """How a run's config.yaml differs from the paper's setting (dataset, model, image size); '' where it does not.
+
+    The dataset is known by its size, which the trainer records in config.yaml (derived.train_images, from
+    the folders it scanned): ImageNet-1k has 1,281,167 training images; no other dataset in use has within
+    1 % of that. The class count is not in config.yaml and is not read (env.json) for this.
+    """
+    out = []
+    images = (cfg.get("derived") or {}).get("train_images")
+    if not isinstance(images, int) or isinstance(images, bool):
+        out.append("dataset size not recorded")
+    elif abs(images - config.IMAGENET_TRAIN_IMAGES) > IMAGENET_TOLERANCE * config.IMAGENET_TRAIN_IMAGES:
+        out.append(f"{images:,} train images, not ImageNet's {config.IMAGENET_TRAIN_IMAGES:,}")
+    model = cfg.get("model") or {}
+    name = model.get("name", "resnet50")
+    if name not in PAPER_MODELS:
+        out.append(f"model {name}")
+    else:
+        resized = [k for k in ("widths", "stem_width", "layers") if model.get(k) is not None] + (["stem"] if model.get("stem", "default") != "default" else [])
+        if resized:
+            out.append(f"{name} with its own {', '.join(resized)}")
+    size = (cfg.get("data") or {}).get("image_size", PAPER_IMAGE_SIZE)
+    if size != PAPER_IMAGE_SIZE:
+        out.append(f"{size}-px images")
+    return "; ".join(out)
+
+
 def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
-    """The result-affecting fields of a run's config.yaml, flattened (empty if it no longer parses)."""
+    """The result-affecting fields of a run's config.yaml, flattened. A config this version cannot validate
+    (a norm or a field it does not know) gives its written values instead (_written_fields)."""
     try:
         cfg = config.normalized(config.from_dict(cfg_doc))
     except ConfigError:
-        return {}
-    flat = config.flatten(config._canonical(config._hash_view(cfg)))
+        flat = _written_fields(cfg_doc)
+    else:
+        flat = config.flatten(config._canonical(config._hash_view(cfg)))
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in flat.items()}
+
+
+def _written_fields(cfg_doc: Any) -> dict[str, Any]:
+    """A config.yaml's values as result_fields would give them, without validating it: written keys,
+    fields that are not hashed and optional fields at their default are left out; unknown keys are kept."""
+    if not isinstance(cfg_doc, dict):
+        return {}
+    flat = config.flatten(config._canonical({k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS}))
+    out = {}
+    for key, value in flat.items():
+        f = _field(key)
+        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config._canonical(f.default))):
+            continue
+        out[key] = value
+    return out
+
+
+def _field(key: str) -> Any:
+    """The dataclass field of RunConfig behind a dotted key, or None."""
+    import dataclasses
+    import typing
+
+    cls: Any = config.RunConfig
+    f = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        f = next((x for x in dataclasses.fields(cls) if x.name == part), None)
+        if f is None:
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+    return f
 
 
 # result_fields by config (less its written keys and seed): 10,000 runs are a few dozen settings times their seeds.
@@ -172,18 +276,27 @@ def _config_part(folder: Path) -> tuple[dict[str, Any], Any]:
     """The runs.csv fields that come from a run folder's config.yaml (its result fields under `_fields`), and its metric_epochs."""
     cfg = rundir.read_config(folder / rundir.CONFIG) or {}
     norm = cfg.get("norm", {})
+    model = cfg.get("model", {})
+    unlike = unlike_paper(cfg)
+    brn = norm.get("name") == "brn"
     run = {
         "run_id": cfg.get("run_id", folder.name),
-        "model": cfg.get("model", {}).get("name"),
+        "model": model.get("name"),
         "norm": norm.get("name"),
-        "variant": variant(norm),
+        "variant": variant(norm, model),
         "groups": norm.get("groups") if norm.get("name") == "gn" else None,
         "channels_per_group": norm.get("channels_per_group"),
+        "weight_std": bool(model.get("weight_std", False)),
+        "r_max": norm_value(norm, "r_max") if brn else None,
+        "d_max": norm_value(norm, "d_max") if brn else None,
         "gpus": cfg.get("gpus"),
         "batch_per_gpu": cfg.get("batch_per_gpu"),
         "global_batch": cfg.get("derived", {}).get("global_batch"),
         "seed": cfg.get("seed"),
         "epochs": cfg.get("epochs"),
+        "train_images": cfg.get("derived", {}).get("train_images"),
+        "paper_setting": not unlike,
+        "unlike_paper": unlike,
         "config_hash": cfg.get("config_hash"),
         "_fields": _fields(cfg),
     }
@@ -450,7 +563,10 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
     """Set each run's `setting`: the result-affecting fields (besides its axes) that vary across the runs.
 
     Runs that differ only in seed share a setting and are pooled as seeds of one table cell; runs
-    that differ in anything else (epochs, weight decay, ...) never are.
+    that differ in anything else (epochs, weight decay, ...) never are. A norm's own fields are in its
+    variant's name (G, r_max ...) or, where they vary among runs of that norm (norm.momentum,
+    norm.options, ...), in the setting; a field that only differs between norms (each norm's paper ε)
+    sets nothing apart.
     """
     keys = sorted({k for r in runs for k in r["_fields"]})
     text: dict[int, str] = {}  # json.dumps by value object: runs of one setting share their values (collect._fields)
@@ -461,7 +577,15 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
             t = text[id(v)] = json.dumps(v)
         return t
 
-    varying = [k for k in keys if k not in AXIS_FIELDS and not k.startswith("norm.") and len({dumps(r["_fields"].get(k)) for r in runs}) > 1]
+    varying = {k for k in keys if k not in AXIS_FIELDS and k not in VARIANT_FIELDS and not k.startswith("norm.") and len({dumps(r["_fields"].get(k)) for r in runs}) > 1}
+    by_norm: dict[Any, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_norm.setdefault(r["norm"], []).append(r)
+    norm_varying = {
+        name: {k for k in keys if k.startswith("norm.") and k not in variant_norm_keys(str(name)) and len({dumps(r["_fields"].get(k)) for r in group}) > 1}
+        for name, group in by_norm.items()
+    }
     for r in runs:
         fields = r.pop("_fields")
-        r["setting"] = ", ".join(f"{k}={fields.get(k)}" for k in varying)
+        mine = varying | norm_varying[r["norm"]]
+        r["setting"] = ", ".join(f"{k}={fields.get(k)}" for k in keys if k in mine)

@@ -3,13 +3,24 @@
 Torch-free. Every number comes from runs.csv / curves.csv (ablation.collect), which come from run
 folders; the paper's numbers come from results/reference/*.csv, one file per paper.
 
-Cells read "ours (paper, Δ)" with Δ = ours − paper; ours is "mean ± std (n=k)" when several seeds
-finished; a paper number marked † is secondary (a third-party transcription). A cell whose runs did
-not finish says so (diverged, failed, unfinished k/n) instead of showing a number.
+Two ways to put the paper beside a row, chosen per row and said in each table's caption:
+
+- a row in the paper's setting (collect's ``paper_setting``: ImageNet-size data, the paper's ResNet-50
+  or -101, 224 px) reads "ours (paper, Δ)" with Δ = ours − paper;
+- any other row (synthetic data, a small model) cannot be compared level for level: its cells read
+  "ours (rise, paper rise)", the rise being ours minus the row's base (its first column with a number:
+  the largest images per GPU, the largest G) and the paper's rise its number minus its number at the
+  same base. The base cell reads "ours (base)".
+
+ours is "mean ± std (n=k)" when several seeds finished; a paper number marked † is secondary (a
+third-party transcription), ‡ comes from another recipe (another schedule or batch; the reference
+file's ``recipe`` says which). A cell whose runs did not finish says so (diverged, failed, unfinished
+k/n) instead of showing a number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +37,14 @@ log = logging.getLogger("ablation")
 
 REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[1] / "results" / "reference")
 PAPER_MODELS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101"}
+REFERENCE_COLUMNS = ["paper", "table", "model", "norm", "batch_per_gpu", "groups", "channels_per_group", "val_error_pct", "status"]
+# Optional columns of a reference file: `fields` (config fields the run must match, "norm.r_max=1.5;
+# model.weight_std=true"; a row without model.weight_std is a run without WS), `recipe` (empty: the GN
+# paper's recipe; else how it differs, shown as ‡), `source` (where the number was read).
+REFERENCE_OPTIONAL = ["fields", "recipe", "source"]
+SECONDARY, OTHER_RECIPE = "†", "‡"
+BATCH_TABLES = ("table2_batch_size", "resnet101", "batch_renorm", "weight_standardization")
+NORM_TABLES = ("table1_norm_methods", "footnote3_weightnorm", "table2_batch_size", "batch_renorm", "resnet101", "weight_standardization")
 
 
 # ---------------------------------------------------------------- reference numbers
@@ -40,9 +59,15 @@ def reference_dir(explicit: str | Path | None = None) -> Path:
 
 def load_reference(folder: Path) -> pd.DataFrame:
     """All reference CSVs of a folder, each file one paper (its name in the `paper` column)."""
-    frames = [pd.read_csv(f).assign(paper=f.stem) for f in sorted(folder.glob("*.csv"))]
-    cols = ["paper", "table", "model", "norm", "batch_per_gpu", "groups", "channels_per_group", "val_error_pct", "status"]
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+    cols = REFERENCE_COLUMNS + REFERENCE_OPTIONAL
+    frames = [pd.read_csv(f, keep_default_na=False, na_values={"batch_per_gpu": [""], "groups": [""], "channels_per_group": [""], "val_error_pct": [""]}).assign(paper=f.stem)
+              for f in sorted(folder.glob("*.csv"))]
+    if not frames:
+        return pd.DataFrame(columns=cols)
+    ref = pd.concat(frames, ignore_index=True)
+    for c in REFERENCE_OPTIONAL:
+        ref[c] = ref[c].fillna("").astype(str) if c in ref else ""
+    return ref[cols]
 
 
 def _num(v: Any) -> float | None:
@@ -54,29 +79,125 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
-def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None) -> tuple[float | None, bool]:
-    """(the paper's error for this setting, is it secondary) from the given tables, or (None, False)."""
-    paper_model = PAPER_MODELS.get(str(model), "ResNet-50")  # small models are compared by shape to ResNet-50
-    label = registry.label(norm)
-    rows = ref[(ref["table"].isin(tables)) & (ref["norm"] == label) & (ref["batch_per_gpu"] == batch)]
-    rows = rows[rows["model"] == paper_model] if (rows["model"] == paper_model).any() else rows[rows["model"] == "ResNet-50"]
+def _fields(text: str) -> dict[str, str]:
+    """A reference row's `fields`: 'norm.r_max=1.5; model.weight_std=true' -> {key: value text}."""
+    out = {}
+    for item in str(text or "").split(";"):
+        if "=" in item:
+            k, v = item.split("=", 1)
+            out[k.strip()] = v.strip().lower()
+    return out
+
+
+def _same(value: Any, text: str) -> bool:
+    """A run's field value equals a reference row's written one (true/false as booleans, numbers as numbers)."""
+    if text in ("true", "false"):
+        return bool(value) == (text == "true")
+    a, b = _num(value), _num(text)
+    if b is not None:
+        return a is not None and math.isclose(a, b)
+    return str(value).lower() == text
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One paper number for a setting."""
+
+    value: float
+    secondary: bool  # a third-party transcription
+    recipe: str  # '' = the GN paper's recipe; else how this number's recipe differs
+    any_batch: bool  # the reference row holds for any images per GPU (a batch-independent result)
+    source: str = ""
+
+
+# The literature's other spellings of a norm in reference files (Batch Renorm is "BR" in the GN paper).
+LABEL_ALIASES = {"brn": ("BR", "BRN", "BRENORM"), "evonorm_s0": ("EVONORM-S0", "EVONORMS0"), "evonorm_b0": ("EVONORM-B0", "EVONORMB0")}
+
+
+def reference_labels(norm: str) -> set[str]:
+    """The norm column values (upper case) of reference rows for a norm name: its registry label, its name, aliases."""
+    return {registry.label(norm).upper(), str(norm).upper(), *LABEL_ALIASES.get(norm, ())}
+
+
+def paper_ref(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None,
+              run: dict[str, Any] | None = None, loose: bool = True) -> Ref | None:
+    """The paper's number for this setting from the given tables, or None.
+
+    run: the run's fields the reference's `fields` column names (weight_std, r_max, d_max). loose: for
+    rows not in the paper's setting, compared by shape: a model the paper lacks takes its ResNet-50,
+    and GN with another G its G=32 curve; strict (rows in the paper's setting): the same model and G.
+    """
+    run = run or {}
+    rows = ref[(ref["table"].isin(tables)) & (ref["norm"].astype(str).str.upper().isin(reference_labels(norm)))]
+    batches = rows["batch_per_gpu"].map(_num)
+    rows = rows[(batches == batch) | batches.isna()]
+    paper_model = PAPER_MODELS.get(str(model))
+    if paper_model is not None and (rows["model"] == paper_model).any():
+        rows = rows[rows["model"] == paper_model]
+    elif loose:
+        rows = rows[rows["model"] == "ResNet-50"]
+    else:
+        return None
+    values = {"model.weight_std": bool(run.get("weight_std") or False), "norm.r_max": run.get("r_max"), "norm.d_max": run.get("d_max")}
+    keep = []
+    for _, row in rows.iterrows():
+        want = {"model.weight_std": "false", **_fields(row["fields"])}
+        keep.append(all(_same(values.get(k, run.get(k)), v) for k, v in want.items()))
+    rows = rows[keep] if len(rows) else rows
     if norm == "gn":
         if _num(cpg) is not None:
-            rows = rows[rows["channels_per_group"].map(_num) == _num(cpg)]
+            exact = rows[rows["channels_per_group"].map(_num) == _num(cpg)]
         else:
-            rows = rows[rows["groups"].map(_num) == (_num(groups) or 32)]
+            exact = rows[rows["groups"].map(_num) == (_num(groups) or 32)]
+        rows = exact if not exact.empty or not loose else rows[rows["groups"].map(_num) == 32]
     if rows.empty:
-        return None, False
+        return None
+    rows = rows.assign(_any=rows["batch_per_gpu"].map(_num).isna()).sort_values("_any", kind="stable")  # a number at this batch first
     row = rows.iloc[0]
-    return float(row["val_error_pct"]), row["status"] == "secondary"
+    return Ref(float(row["val_error_pct"]), row["status"] == "secondary", str(row["recipe"]), bool(row["_any"]), str(row["source"]))
+
+
+def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None) -> tuple[float | None, bool]:
+    """(the paper's error for this setting, is it secondary) from the given tables, or (None, False)."""
+    r = paper_ref(ref, tables, model, norm, batch, groups, cpg)
+    return (r.value, r.secondary) if r else (None, False)
+
+
+def _run_fields(first: Any) -> dict[str, Any]:
+    """The fields of a run row that reference rows may name."""
+    return {k: (None if isinstance(first.get(k), float) and math.isnan(first.get(k)) else first.get(k)) for k in ("weight_std", "r_max", "d_max")}
+
+
+def _ref_for(ref: pd.DataFrame, tables: tuple[str, ...], first: Any, batch: int, loose: bool, groups: Any = "row", cpg: Any = "row", norm: str | None = None) -> Ref | None:
+    """paper_ref for a run row (its model, norm, G and fields)."""
+    return paper_ref(ref, tables, first["model"], norm or first["norm"], batch, first["groups"] if groups == "row" else groups,
+                     first["channels_per_group"] if cpg == "row" else cpg, _run_fields(first), loose)
 
 
 # ---------------------------------------------------------------- cells
 
 
+def _paper_text(v: float) -> str:
+    """A paper number as published: one decimal (24.1), two where it has them (23.72)."""
+    return f"{v:.1f}" if round(v, 1) == round(v, 2) else f"{v:.2f}"
+
+
+def _marks(secondary: bool, recipe: str, latex: bool) -> str:
+    """† for a secondary number, ‡ for another recipe."""
+    out = ""
+    if secondary:
+        out += r"$^\dagger$" if latex else SECONDARY
+    if recipe:
+        out += r"$^\ddagger$" if latex else OTHER_RECIPE
+    return out
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One table cell: our runs' numbers for a setting, the paper's, and their difference."""
+    """One table cell: our runs' numbers for a setting, the paper's, and their difference.
+
+    comparable: the row is in the paper's setting (levels compared); else rise/paper_rise compare shapes.
+    """
 
     mean: float | None
     std: float | None
@@ -84,31 +205,48 @@ class Cell:
     note: str  # what the non-finished runs of this cell are
     paper: float | None
     secondary: bool
+    recipe: str = ""  # the paper number's recipe, where not the GN paper's (‡)
+    comparable: bool = True
+    base: bool = False  # the row's base cell (shape mode)
+    rise: float | None = None  # ours − ours at the row's base (shape mode)
+    paper_rise: float | None = None  # the paper's number − its number at the same base (shape mode)
+    rise_secondary: bool = False
+    rise_recipe: str = ""
 
     @property
     def delta(self) -> float | None:
-        """Ours minus the paper's."""
-        return None if self.mean is None or self.paper is None else self.mean - self.paper
+        """Ours minus the paper's (only where the row is in the paper's setting)."""
+        return None if self.mean is None or self.paper is None or not self.comparable else self.mean - self.paper
+
+    def _ours(self, latex: bool) -> str:
+        if self.mean is None:
+            return self.note or "–"
+        ours = f"{self.mean:.2f}"
+        if self.n > 1:
+            ours += (r" $\pm$ " if latex else " ± ") + f"{self.std:.2f} (n={self.n})"
+        if self.note:
+            ours += f" [+{self.note}]"
+        return ours
 
     def text(self, latex: bool = False) -> str:
-        """'24.3 (24.1, +0.2)', '24.3 ± 0.1 (n=3) (24.1, +0.2)', 'diverged (34.7)'."""
-        if self.mean is None:
-            ours = self.note or "–"
-        else:
-            ours = f"{self.mean:.2f}"
-            if self.n > 1:
-                ours += (r" $\pm$ " if latex else " ± ") + f"{self.std:.2f} (n={self.n})"
-            if self.note:
-                ours += f" [+{self.note}]"
+        """Paper setting: '24.3 (24.1, +0.2)', '24.3 ± 0.1 (n=3) (24.1, +0.2)', 'diverged (34.7)'.
+        Shape mode: '60.92 (+60.52, paper +11.1)', '0.40 (base)', 'diverged (paper +11.1)'."""
+        ours = self._ours(latex)
+        if not self.comparable:
+            if self.base:
+                return f"{ours} (base)"
+            parts = [f"{self.rise:+.2f}"] if self.rise is not None else []
+            if self.paper_rise is not None:
+                parts.append(f"paper {self.paper_rise:+.1f}{_marks(self.rise_secondary, self.rise_recipe, latex)}")
+            return f"{ours} ({', '.join(parts)})" if parts else ours
         if self.paper is None:
             return ours
-        mark = (r"$^\dagger$" if latex else "†") if self.secondary else ""
-        paper = f"{self.paper:.1f}{mark}"
+        paper = f"{_paper_text(self.paper)}{_marks(self.secondary, self.recipe, latex)}"
         return f"{ours} ({paper}, {self.delta:+.2f})" if self.delta is not None else f"{ours} ({paper})"
 
 
-def make_cell(runs: pd.DataFrame, paper: tuple[float | None, bool] = (None, False)) -> Cell:
-    """Aggregate the runs of one setting (seeds) into a cell."""
+def make_cell(runs: pd.DataFrame, paper: tuple[float | None, bool] | Ref | None = (None, False)) -> Cell:
+    """Aggregate the runs of one setting (seeds) into a cell (paper: a Ref, or (number, secondary))."""
     ok = runs[runs["status"] == "ok"]["val_err1"].astype(float)
     others = runs[runs["status"] != "ok"]
     notes = []
@@ -117,7 +255,55 @@ def make_cell(runs: pd.DataFrame, paper: tuple[float | None, bool] = (None, Fals
     n = len(ok)
     mean = float(ok.mean()) if n else None
     std = float(ok.std(ddof=1)) if n > 1 else (0.0 if n == 1 else None)
+    if isinstance(paper, Ref):
+        return Cell(mean, std, n, ", ".join(notes), paper.value, paper.secondary, paper.recipe)
+    paper = paper or (None, False)
     return Cell(mean, std, n, ", ".join(notes), paper[0], paper[1])
+
+
+def as_shape(cells: list[tuple[Cell, Ref | None]]) -> list[Cell]:
+    """A row's cells (in column order, each with its paper Ref) in shape mode: each cell's rise over the
+    row's base (its first cell with a number) beside the paper's rise over the same base. The paper's
+    rise needs numbers at both batches: a batch-independent reference row gives none."""
+    base = next((i for i, (c, _) in enumerate(cells) if c.mean is not None), None)
+    out = []
+    for i, (c, r) in enumerate(cells):
+        rise = paper_rise = None
+        sec, recipe = False, ""
+        if base is not None and i != base:
+            b_cell, b_ref = cells[base]
+            rise = None if c.mean is None else c.mean - b_cell.mean  # type: ignore[operator]
+            if r is not None and b_ref is not None and not r.any_batch and not b_ref.any_batch:
+                paper_rise = r.value - b_ref.value
+                sec, recipe = r.secondary or b_ref.secondary, r.recipe or b_ref.recipe
+        out.append(dataclasses.replace(c, comparable=False, base=i == base, rise=rise, paper_rise=paper_rise, rise_secondary=sec, rise_recipe=recipe))
+    return out
+
+
+def _comparable(grp: pd.DataFrame) -> bool:
+    """True where every run of a row is in the paper's setting."""
+    return "paper_setting" in grp and bool(grp["paper_setting"].fillna(False).astype(bool).all())
+
+
+def _caption(what: str, labels: dict[str, bool], unlike: Iterable[str], paper_text: str, shape_text: str, cells: Iterable[Cell]) -> str:
+    """A table's caption: what it shows, which mode its rows are in and what the marks mean."""
+    paper_rows = [r for r, ok in labels.items() if ok]
+    shape_rows = [r for r, ok in labels.items() if not ok]
+    why = "; ".join(dict.fromkeys(u for u in unlike if u))
+    if not shape_rows:
+        text = f"{what}, in the paper's setting (ImageNet, the paper's ResNet, 224 px): {paper_text}"
+    elif not paper_rows:
+        text = f"{what}, not in the paper's setting ({why}), so levels are not comparable: {shape_text}"
+    else:
+        text = f"{what}. Rows in the paper's setting: {paper_text}. Rows not in it ({', '.join(shape_rows)}: {why}): {shape_text}"
+    cells = list(cells)
+    notes = []
+    if any((c.comparable and c.paper is not None and c.secondary) or (not c.comparable and c.paper_rise is not None and c.rise_secondary) for c in cells):
+        notes.append(f"{SECONDARY} a secondary paper number")
+    recipes = sorted({c.recipe for c in cells if c.comparable and c.paper is not None and c.recipe} | {c.rise_recipe for c in cells if not c.comparable and c.paper_rise is not None and c.rise_recipe})
+    if recipes:
+        notes.append(f"{OTHER_RECIPE} another recipe: {'; '.join(recipes)}")
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 # ---------------------------------------------------------------- tables
@@ -166,9 +352,13 @@ class Table:
         """Machine-readable CSV form: one row per cell with the numbers."""
         out = []
         for (r, c), cell in self.cells.items():
-            out.append({"row": r, "column": c, "ours_mean": cell.mean, "ours_std": cell.std, "n": cell.n, "not_finished": cell.note, "paper": cell.paper, "paper_secondary": cell.secondary, "delta": cell.delta})
+            out.append({
+                "row": r, "column": c, "ours_mean": cell.mean, "ours_std": cell.std, "n": cell.n, "not_finished": cell.note, "paper": cell.paper,
+                "paper_secondary": cell.secondary, "paper_recipe": cell.recipe, "delta": cell.delta, "paper_setting": cell.comparable,
+                "base": cell.base, "rise": cell.rise, "paper_rise": cell.paper_rise,
+            })
         for (r, c), v in self.extra.items():
-            out.append({"row": r, "column": c, "ours_mean": _num(v) if v else None})
+            out.append({"row": r, "column": c, "ours_mean": _num(v.split(" ")[0]) if v else None})
         return pd.DataFrame(out)
 
 
@@ -183,20 +373,32 @@ def _row_label(model: str, var: str, setting: str, models: int) -> str:
 
 
 def batch_size_table(runs: pd.DataFrame, ref: pd.DataFrame) -> Table:
-    """Table 2: error vs images per GPU, one row per norm variant."""
+    """Table 2: error vs images per GPU, one row per norm variant (the paper's setting: ours (paper, Δ);
+    elsewhere: each row's rise over its largest batch beside the paper's)."""
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
     models = runs["model"].nunique()
-    cells, rows = {}, []
+    cells, rows, modes, unlike = {}, [], {}, []
     for (model, var, setting), grp in runs.groupby(ROW_KEYS, sort=False, dropna=False):
         label = _row_label(model, var, setting, models)
         rows.append(label)
         first = grp.iloc[0]
+        comparable = modes[label] = _comparable(grp)
+        if not comparable:
+            unlike += list(grp["unlike_paper"].fillna("")) if "unlike_paper" in grp else []
+        row = []
         for b in batches:
             sub = grp[grp["batch_per_gpu"] == b]
             if not sub.empty:
-                paper = paper_number(ref, ("table2_batch_size", "resnet101", "batch_renorm"), model, first["norm"], int(b), first["groups"], first["channels_per_group"])
-                cells[(label, f"{int(b)}")] = make_cell(sub, paper)
-    return Table("table_batch_size", "Top-1 val error (%) vs images per GPU: ours (paper, Δ)", rows, [f"{int(b)}" for b in batches], cells, {}, [])
+                r = _ref_for(ref, BATCH_TABLES, first, int(b), loose=not comparable)
+                row.append((f"{int(b)}", make_cell(sub, r), r))
+        pairs = [(c, r) for _, c, r in row]
+        shaped = [c for c, _ in pairs] if comparable else as_shape(pairs)
+        for (col, _, _), cell in zip(row, shaped):
+            cells[(label, col)] = cell
+    caption = _caption("Top-1 val error (%) vs images per GPU", modes, unlike, "ours (paper, Δ = ours − paper)",
+                       "ours (our rise over the row's base, the paper's rise over the same batches), the base being the row's largest "
+                       "images per GPU with a number; the paper's rises are ResNet-50 on ImageNet, its GN at G=32", cells.values())
+    return Table("table_batch_size", caption, rows, [f"{int(b)}" for b in batches], cells, {}, [])
 
 
 def _at_batch(runs: pd.DataFrame, batch: int | None) -> tuple[pd.DataFrame, int]:
@@ -237,17 +439,26 @@ def resolve_baselines(names: list[str], present: Iterable[str]) -> list[str]:
 
 
 def norm_table(runs: pd.DataFrame, ref: pd.DataFrame, baselines: list[str], batch: int | None = None) -> Table:
-    """Table 1: every norm variant at one batch size, with Δ to each baseline."""
+    """Table 1: every norm variant at one batch size, with Δ to each baseline (ours − ours; for rows not in
+    the paper's setting, the paper's own Δ beside it, since their levels are not the paper's)."""
     sub, b = _at_batch(runs, batch)
     models = sub["model"].nunique()
-    cells, rows, extra = {}, [], {}
+    cells, rows, extra, modes, unlike = {}, [], {}, {}, []
     means: dict[tuple[str, str, str], float | None] = {}
+    refs: dict[tuple[str, str, str], Ref | None] = {}
+    firsts: dict[tuple[str, str, str], Any] = {}
     for (model, var, setting), grp in sub.groupby(ROW_KEYS, sort=False, dropna=False):
         label = _row_label(model, var, setting, models)
         first = grp.iloc[0]
-        paper = paper_number(ref, ("table1_norm_methods", "footnote3_weightnorm", "table2_batch_size"), model, first["norm"], b, first["groups"], first["channels_per_group"])
-        cells[(label, "error")] = make_cell(grp, paper)
-        means[(model, var, setting)] = cells[(label, "error")].mean
+        comparable = modes[label] = _comparable(grp)
+        if not comparable:
+            unlike += list(grp["unlike_paper"].fillna("")) if "unlike_paper" in grp else []
+        r = _ref_for(ref, NORM_TABLES, first, b, loose=not comparable)
+        cell = make_cell(grp, r)
+        cells[(label, "error")] = cell if comparable else dataclasses.replace(cell, comparable=False)
+        means[(model, var, setting)] = cell.mean
+        refs[(model, var, setting)] = r
+        firsts[(model, var, setting)] = first
         rows.append(label)
     base_cols = [f"Δ vs {bv}" for bv in baselines]
     for (model, var, setting), m in means.items():
@@ -255,8 +466,14 @@ def norm_table(runs: pd.DataFrame, ref: pd.DataFrame, baselines: list[str], batc
         for bv, col in zip(baselines, base_cols):
             ref_mean = means.get((model, bv, setting))
             if m is not None and ref_mean is not None:
-                extra[(label, col)] = f"{m - ref_mean:+.2f}"
-    return Table("table_norms", f"Top-1 val error (%) at {b} images per GPU: ours (paper, Δ); Δ vs baselines are ours − ours", rows, ["error"], cells, extra, base_cols)
+                text = f"{m - ref_mean:+.2f}"
+                mine, theirs = refs[(model, var, setting)], refs.get((model, bv, setting))
+                if not modes[label] and var != bv and mine is not None and theirs is not None:
+                    text += f" (paper {mine.value - theirs.value:+.1f}{_marks(mine.secondary or theirs.secondary, mine.recipe or theirs.recipe, False)})"
+                extra[(label, col)] = text
+    caption = _caption(f"Top-1 val error (%) at {b} images per GPU", modes, unlike, "ours (paper, Δ = ours − paper); Δ vs baselines are ours − ours",
+                       "the error column is ours alone; Δ vs baselines read ours − ours (the paper's Δ between the same norms, ResNet-50 on ImageNet)", cells.values())
+    return Table("table_norms", caption, rows, ["error"], cells, extra, base_cols)
 
 
 def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None) -> list[Table]:
@@ -265,6 +482,8 @@ def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None
     out = []
     for half, key, one, table in (("groups", "groups", "ln", "table3_fixed_groups"), ("channels per group", "channels_per_group", "in", "table3_fixed_channels_per_group")):
         gn = sub[(sub["norm"] == "gn") & sub[key].notna()] if key == "channels_per_group" else sub[(sub["norm"] == "gn") & sub["channels_per_group"].isna()]
+        if "weight_std" in sub:  # Table 3 is plain GN: GN+WS runs are a variant of their own
+            gn = gn[~gn["weight_std"].fillna(False).astype(bool)]
         cols: dict[int, pd.DataFrame] = {}
         for v, grp in gn.groupby(gn[key].map(lambda x: int(x) if _num(x) is not None else 32) if key == "groups" else gn[key].astype(int)):
             cols[int(v)] = grp
@@ -274,18 +493,33 @@ def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None
         if not cols:
             continue
         models = sub["model"].nunique()
-        cells, rows = {}, []
+        by_row: dict[str, list[tuple[str, Cell, Ref | None]]] = {}
+        modes: dict[str, bool] = {}
+        unlike: list[str] = []
+        rows: list[str] = []
         for v in sorted(cols, reverse=True):
             for (model, setting), grp in cols[v].groupby(["model", "setting"], sort=False, dropna=False):
                 label = _row_label(model, "GN", setting, models)
                 if label not in rows:
                     rows.append(label)
+                comparable = _comparable(grp)
+                modes[label] = modes.get(label, True) and comparable
+                if not comparable:
+                    unlike += list(grp["unlike_paper"].fillna("")) if "unlike_paper" in grp else []
                 norm = "gn" if v != 1 else one
                 g = v if key == "groups" else None
                 cpg = v if key == "channels_per_group" else None
-                cells[(label, str(v))] = make_cell(grp, paper_number(ref, (table,), model, norm, b, g, cpg))
+                r = paper_ref(ref, (table,), model, norm, b, g, cpg, loose=not comparable)
+                by_row.setdefault(label, []).append((str(v), make_cell(grp, r), r))
+        cells: dict[tuple[str, str], Cell] = {}
+        for label, row in by_row.items():
+            shaped = [c for _, c, _ in row] if modes[label] else as_shape([(c, r) for _, c, r in row])
+            for (col, _, _), cell in zip(row, shaped):
+                cells[(label, col)] = cell
         name = "table_groups" if key == "groups" else "table_channels_per_group"
-        caption = f"GN with a fixed number of {half} (1 = {one.upper()}), {b} images per GPU: ours (paper, Δ)"
+        what = f"GN with a fixed number of {half} (1 = {one.upper()}), {b} images per GPU"
+        caption = _caption(what, modes, unlike, "ours (paper, Δ = ours − paper)",
+                           f"ours (our rise over the row's base, the paper's rise over the same columns), the base being the row's largest number of {half} with a number", cells.values())
         out.append(Table(name, caption, rows, [str(v) for v in sorted(cols, reverse=True)], cells, {}, []))
     return out
 
@@ -322,10 +556,13 @@ def _batch_axis(ax: Any, batches: Any) -> None:
 
 
 def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
-    """Val error vs images per GPU (log2 axis), one line per variant, the paper's BN and GN dashed."""
+    """Val error vs images per GPU (log2 axis), one line per variant, the paper's numbers dashed in the line's
+    colour: its own levels for a row in the paper's setting, else its rises drawn from our base (the row's
+    largest batch), so the shapes compare."""
     plt = _style()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
+    ticks = set(batches)
     for (model, var, setting), grp in runs.groupby(ROW_KEYS, sort=False, dropna=False):
         xs, ys, es, bad = [], [], [], []
         for b in batches:
@@ -336,16 +573,30 @@ def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> l
                 bad.append((b, cell.note))
         label = _row_label(model, var, setting, runs["model"].nunique())
         line = ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=label)
+        color = line[0].get_color()
         for b, note in bad:  # a run that did not finish is shown as such, at the top of the axis
-            ax.annotate(f"{var}: {note}", (b, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="center", color=line[0].get_color())
-            ax.plot([b], [1.0], marker="x", transform=ax.get_xaxis_transform(), color=line[0].get_color(), clip_on=False)
-    paper = ref[ref["table"] == "table2_batch_size"]
-    for norm, grp in paper.groupby("norm"):
-        grp = grp.sort_values("batch_per_gpu", ascending=False)
-        ax.plot(grp["batch_per_gpu"], grp["val_error_pct"], linestyle="--", color="gray" if norm == "BN" else "black", alpha=0.7, label=f"paper {norm} (ResNet-50)")
-    _batch_axis(ax, set(batches) | set(paper["batch_per_gpu"]))
+            ax.annotate(f"{var}: {note}", (b, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="center", color=color)
+            ax.plot([b], [1.0], marker="x", transform=ax.get_xaxis_transform(), color=color, clip_on=False)
+        comparable, first = _comparable(grp), grp.iloc[0]
+        paper_b = sorted({int(b) for b in grp["batch_per_gpu"].dropna()} | {int(b) for b in ref[ref["table"] == "table2_batch_size"]["batch_per_gpu"].dropna()}, reverse=True)
+        refs = {b: _ref_for(ref, BATCH_TABLES, first, b, loose=not comparable) for b in paper_b}
+        if comparable:
+            pts = [(b, r.value) for b, r in refs.items() if r is not None and (not r.any_batch or b in set(xs))]
+            what = "paper"
+        elif xs:  # the paper's rises from our base
+            base = refs.get(int(xs[0]))
+            pts = [(b, ys[0] + r.value - base.value) for b, r in refs.items() if r is not None and base is not None and not r.any_batch and not base.any_batch]
+            what = f"paper's rise from our {int(xs[0])}"
+        else:
+            pts = []
+        if pts:
+            recipe = any(r.recipe for r in refs.values() if r is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="o", markerfacecolor="none", color=color, alpha=0.7,
+                    label=f"{what}: {var}{OTHER_RECIPE if recipe else ''}")
+            ticks |= {p[0] for p in pts}
+    _batch_axis(ax, ticks)
     ax.set_ylabel("top-1 val error (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     paths = _save(fig, out, "fig_error_vs_batch")
     plt.close(fig)
     return paths

@@ -19,13 +19,14 @@ PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
 PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
 
 
-def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None) -> dict:
-    """A run folder as the trainer writes it: config.yaml, env.json, metrics.jsonl, final.json."""
+def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
+              train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
+    """A run folder as the trainer writes it: config.yaml, env.json, metrics.jsonl, final.json (trained on ImageNet's image count unless told)."""
     cfg = config.load(None, ["epochs=10", *overrides])
     rid = config.run_id(cfg)
     folder = root / rid
     folder.mkdir(parents=True)
-    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu}}
+    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
     (folder / "config.yaml").write_text(yaml.safe_dump(doc))
     (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
     rows = [
@@ -157,8 +158,10 @@ def test_runs_differing_in_more_than_seed_are_not_pooled(tmp_path: Path) -> None
 
 def test_reference_files_one_per_paper(tmp_path: Path) -> None:
     ref = report.load_reference(report.reference_dir())
-    assert set(ref["paper"]) == {"wu_he_2018_imagenet"}
-    assert len(ref) == len(pd.read_csv(Path(__file__).resolve().parents[1] / "results" / "reference" / "wu_he_2018_imagenet.csv"))
+    files = sorted((Path(__file__).resolve().parents[1] / "results" / "reference").glob("*.csv"))
+    assert set(ref["paper"]) == {f.stem for f in files} >= {"wu_he_2018_imagenet", "qiao_2019_weight_standardization"}
+    assert len(ref) == sum(len(pd.read_csv(f)) for f in files)
+    assert (ref["source"] != "").all() and set(ref["status"]) <= {"confirmed", "secondary"}  # every number says where it was read
     (tmp_path / "other_2025.csv").write_text("table,model,norm,batch_per_gpu,groups,channels_per_group,val_error_pct,status\ntable2_batch_size,ResNet-50,BN,2,,,30.0,confirmed\n")
     assert report.paper_number(report.load_reference(tmp_path), ("table2_batch_size",), "resnet50", "bn", 2) == (30.0, False)
 
