@@ -3,22 +3,25 @@
 Seconds on a CPU, no training and no dataset: a small ResNet (freshly initialized, the same weights for
 every norm and batch size) and generated images (``ablation.synth``'s shapes with the demo's per-image
 brightness and contrast, rendered in memory). For each norm and each per-GPU batch size ``b`` (a probe
-batch is one modelled GPU's ``b`` images, ``gpus_per_process=1``) it measures two figures on the
-network's penultimate features (global-average-pooled, before the classifier):
+batch is one modelled GPU's ``b`` images, ``gpus_per_process=1``; ``--gpus K`` makes it K GPUs' worth,
+``K x b`` images in one process as a stand-in run has them) it measures two figures on the network's
+penultimate features (global-average-pooled, before the classifier), both after the warm-up below:
 
 batch_dependence
     In training mode, take a probe image and put it in ``draws`` batches whose other ``b - 1`` images
     are drawn afresh from a pool; its features ``y_1 .. y_T`` then differ only by its batch mates. The
     figure is the mean pairwise distance over the mean norm, ``mean_{s<t} |y_s - y_t| / mean_t |y_t|``,
     averaged over ``probes`` probe images. 0 (to float precision) for a norm that never looks across
-    images (GN, LN, IN); large for BN at 2 images per GPU.
+    images (GN, LN, IN); large for BN at 2 images per GPU. Measured with warmed running statistics,
+    which matters for norms whose training forward reads them (BRN).
 train_eval_gap
     ``|y_train - y_eval| / |y_eval|`` per image for the same batch in training and in evaluation mode,
     averaged over every image of those batches, once the running statistics have been brought to the
     data: ``warmup`` training-mode forward passes (no gradient, weights unchanged) over random batches of
     the same ``b`` images, with the norm's own momentum, as training would leave them. The probe
     batches themselves do not move the running statistics (buffers are restored after each training-
-    mode forward). 0 for a norm that computes the same thing in both modes.
+    mode forward). 0 for a norm that computes the same thing in both modes. Norms whose training-mode
+    forward moves no buffer (``updates_buffers`` False: GN, a user's RMS norm) need no warm-up.
 
 Which model: the probe's own defaults (``PROBE_DEFAULTS``: a narrow ResNet-18, one block per stage,
 widths 32-256 so the paper's G=32 divides every layer, a small stem on 32 px images, no zero-init of
@@ -27,7 +30,7 @@ overrides on top; a config or override that names ``model.name`` replaces the pr
 as a block. Which norms: ``norm.name`` (registry name or ``package.module:factory``) when the config or
 an override gives one, else ``--norms`` (default: every registry norm but ``none``). ``norm.*`` fields
 go to the norms that take them (``norm.groups=16`` reaches GN and leaves BN alone). ``batch_per_gpu``
-and ``gpus`` of the config are not used: ``--batches`` gives the batch sizes.
+and ``gpus`` of the config are not used: ``--batches`` gives the batch sizes. It runs on the CPU.
 
 Deterministic given ``seed``: the weights, the images and every draw of batch mates are the same for
 every norm (so differences are the norms'), and a rerun gives the same numbers.
@@ -142,9 +145,10 @@ def configs(path: str | None, overrides: Sequence[str], norms: Sequence[str] | N
         user_model = isinstance(given.get("model"), dict) and "name" in given["model"]
         base = {k: v for k, v in PROBE_DEFAULTS.items() if not (k == "model" and user_model)}
         raw = config.merge(base, given)
-        norm = dict(raw.pop("norm", None) or {})
+        norm = raw.pop("norm", None) or {}
         if not isinstance(norm, dict):
             raise ConfigError(f"norm: expected a mapping of keys, got {norm!r}")
+        norm = dict(norm)
         if "name" in norm and norms:
             raise ConfigError(f"give the norms to probe either as norm.name=... or as --norms, not both (norm.name={norm['name']})")
         names = [str(norm.pop("name"))] if "name" in norm else list(norms or default_norms())
