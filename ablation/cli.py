@@ -244,15 +244,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_norms(args: argparse.Namespace) -> int:
-    """List the norm registry: every built-in name, what it is, and the norm.* fields it takes."""
+    """List the norm registry: every built-in name, its batch dependence, paper eps and the norm.* fields it takes."""
     from ablation.norms import registry
 
-    print(f"{'name':<12} {'batch':<9} {'fields':<48} what")
+    print(f"{'name':<11} {'statistics':<16} {'eps':<6} {'+act':<4} what")
     for info in registry.entries():
-        batch = "per-GPU" if info.per_gpu_stats else ("global" if info.batch_dependent else "no")
-        fields = ", ".join(("eps", *info.params))
-        print(f"{info.name:<12} {batch:<9} {fields:<48} {info.summary}")
-    print("or a user factory: norm.name=package.module:function (norm.options are passed to it); see README, 'Your own norm'")
+        stats = "per GPU" if info.per_gpu_stats else ("global batch" if info.batch_dependent else "per image")
+        print(f"{info.name:<11} {stats:<16} {info.eps:<6g} {'yes' if info.replaces_activation else '':<4} {info.summary}")
+        if info.params:
+            print(f"{'':<11} norm.{', norm.'.join(info.params)}")
+    print("+act: a norm+activation layer (it takes the ReLU after it; see README, 'Norms').")
+    print("Or your own: norm.name=package.module:function, with norm.options passed to it (README, 'Your own norm').")
     return EXIT_OK
 
 

@@ -33,6 +33,18 @@ def test_config_prints_the_resolved_config_and_derived_values(cli_env: dict[str,
     assert doc["derived"]["global_batch"] == 16 and doc["derived"]["steps_per_epoch"] == 1_281_167 // 16
 
 
+def test_norms_lists_the_registry_with_each_norms_fields(cli_env: dict[str, str]) -> None:
+    from ablation.norms import registry
+
+    proc = run(["norms"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line and not line[0].isspace()}
+    assert set(registry.names()) <= set(rows)
+    assert rows["bn"].split()[1:3] == ["per", "GPU"] and rows["gn"].split()[1:3] == ["per", "image"]
+    lines = proc.stdout.splitlines()
+    assert "norm.r_max" in lines[lines.index(rows["brn"]) + 1]  # the fields a norm takes, under it
+
+
 def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
     proc = run(["config", "norm.grups=4"], cli_env)
     assert proc.returncode == 2
