@@ -151,13 +151,17 @@ def last_norms(model: ResNet) -> list[nn.Module]:
 
 
 def check_model_norm(cfg: RunConfig, num_classes: int = 1000) -> None:
-    """Build the model on the meta device to catch norm/width mismatches before any work is queued (and check `compile`)."""
+    """Build the model on the meta device to catch norm/width mismatches before any work is queued, then run one real
+    layer per width on a small tensor (ablation.norms.checks: shape, plain-tensor attributes, claimed parameters); check `compile`."""
     if cfg.compile != "off" and cfg.compile not in torch.compiler.list_backends(exclude_tags=()):
         valid = ", ".join(["off", *torch.compiler.list_backends(exclude_tags=())])
         raise ConfigError(f"compile: unknown torch.compile backend {cfg.compile!r}; valid: {valid}")
     try:
         with torch.device("meta"):
-            create_model(cfg, num_classes)
+            model = create_model(cfg, num_classes)
+        from ablation.norms.checks import check_layers, model_channels
+
+        check_layers(NormSpec(normalized(cfg).norm), model_channels(model))  # a real layer per width, run on a small tensor
     except (ConfigError, NormError):
         raise
     except Exception as e:  # a user factory's own failure, reported as one line
