@@ -52,6 +52,42 @@ def test_table3_is_14_rows_of_which_table1_already_has_3() -> None:
     assert len(ids(PAPER / "fig1_batch_size.yaml") & ids(PAPER / "table1_norms.yaml")) == 2  # BN@32, GN@32
 
 
+def test_batch_renorm_is_bn_brn_gn_at_4_sharing_figure1s_runs() -> None:
+    s = sweep.load(PAPER / "batch_renorm.yaml")
+    assert sorted(r.config.norm.name for r in s.runs) == ["bn", "brn", "gn"]
+    assert all(r.config.batch_per_gpu == 4 and r.config.gpus == 8 and r.config.model.name == "resnet50" for r in s.runs)
+    brn = next(r.config.norm for r in s.runs if r.config.norm.name == "brn")
+    assert (brn.r_max, brn.d_max) == (1.5, 0.5)
+    assert len(ids(PAPER / "batch_renorm.yaml") & ids(PAPER / "fig1_batch_size.yaml")) == 2  # BN@4, GN@4
+
+
+def test_variants_is_every_builtin_variant_at_five_batch_sizes() -> None:
+    s = sweep.load(ROOT / "sweeps" / "variants.yaml")
+    got = {(r.config.norm.name, r.config.model.weight_std, r.config.batch_per_gpu) for r in s.runs}
+    norms = [("bn", False), ("brn", False), ("gn", False), ("gn", True), ("frn", False), ("evonorm_s0", False), ("evonorm_b0", False)]
+    assert len(s.runs) == 35 and got == {(n, ws, b) for n, ws in norms for b in (32, 16, 8, 4, 2)}
+    assert ids(PAPER / "fig1_batch_size.yaml") < ids(ROOT / "sweeps" / "variants.yaml")
+    assert ids(PAPER / "batch_renorm.yaml") < ids(ROOT / "sweeps" / "variants.yaml")
+
+
+def test_every_preset_loads_and_passes_the_checks_before_queueing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every YAML under sweeps/ is a sweep spec (it has a name) or a run config; each expands, and each distinct
+    model and norm in it builds and runs (check_model_norm), as `ablation sweep` checks before queueing."""
+    from ablation.models import check_model_norm
+
+    monkeypatch.syspath_prepend(str(ROOT / "sweeps" / "examples"))  # the worked example's norm, as its README says
+    files = sorted((ROOT / "sweeps").rglob("*.yaml"))
+    assert {"fig1_batch_size.yaml", "batch_renorm.yaml", "variants.yaml", "my_norm.yaml", "tiny.yaml"} <= {f.name for f in files}
+    checked = set()
+    for f in files:
+        cfgs = [r.config for r in sweep.load(f).runs] if "name" in (yaml.safe_load(f.read_text()) or {}) else [config.load(f)]
+        for cfg in cfgs:
+            key = repr((cfg.model, cfg.norm))
+            if key not in checked:
+                checked.add(key)
+                check_model_norm(cfg)
+
+
 def test_zip_conditions_exclude_and_seeds() -> None:
     spec = {
         "name": "t",
