@@ -645,7 +645,8 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
     ax.axhline(0, color="black", linewidth=0.8)
     _batch_axis(ax, batches)
     ax.set_ylabel("Δ top-1 val error (points)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no baseline among the results: an empty figure, no legend
+        ax.legend(fontsize=8)
     paths = _save(fig, out, "fig_delta_vs_batch")
     plt.close(fig)
     return paths

@@ -17,10 +17,10 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
 
 from ablation import config, report, rundir
 from ablation.collect import collect, unlike_paper
-from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
 
 IMAGENET = config.IMAGENET_TRAIN_IMAGES
 SMALL_MODEL = {"name": "resnet18", "widths": [8, 16, 16, 16], "stem_width": 8, "stem": "small"}
@@ -169,6 +169,24 @@ def test_a_table_with_both_kinds_of_rows_says_which_is_which(tmp_path: Path) -> 
     assert t.cells[(bn, "2")].text() == f"{med(PAPER_BN[2] + 1.0):.2f} (34.7, {med(PAPER_BN[2] + 1.0) - 34.7:+.2f})"
     assert t.cells[(gn, "2")].paper_rise == pytest.approx(0.0) and not t.cells[(gn, "2")].comparable
     assert "Rows in the paper's setting: ours (paper, Δ" in t.caption and f"Rows not in it ({gn}: resnet50 with its own widths, stem_width)" in t.caption
+
+
+def test_group_table_off_imagenet_compares_rises_over_the_largest_g(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    ends = {8: 30.0, 4: 31.0, 2: 33.0}
+    for g, end in ends.items():
+        write_raw_run(root, {"norm.name": "gn", "norm.groups": g, "model": SMALL_MODEL}, curve(end), 512)
+    write_raw_run(root, {"norm.name": "ln", "model": SMALL_MODEL}, curve(36.0), 512)
+    rep = report.build([tmp_path], tmp_path / "out", ["bn", "gn"])
+    t = table(rep, "table_groups")
+    assert t.columns == ["8", "4", "2", "1"] and t.cells[("GN", "8")].text() == f"{med(30.0):.2f} (base)"
+    paper = {8: 24.4, 4: 24.6, 2: 24.7, 1: 25.3}  # Table 3, top half (1 = LN)
+    for g, end in [*ends.items(), (1, 36.0)]:
+        if g != 8:
+            cell = t.cells[("GN", str(g))]
+            assert cell.rise == pytest.approx(med(end) - med(30.0)) and cell.paper_rise == pytest.approx(paper[g] - paper[8])
+    assert "largest number of groups" in t.caption and "(24.4" not in t.markdown()
+    assert (tmp_path / "out" / "fig_error_vs_batch.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(

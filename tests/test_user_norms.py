@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import ROOT, TINY
 
 from ablation import config, sweep
 from ablation.errors import NormError
 from ablation.models import check_model_norm
 from ablation.norms import NormSpec, create_norm
-from conftest import ROOT, TINY
 
 EXAMPLES = ROOT / "sweeps" / "examples"
 EXAMPLE = EXAMPLES / "my_norm.yaml"
@@ -106,7 +106,7 @@ def test_example_sweep_trains_and_reports_beside_bn_and_gn(tiny_data: Path, tmp_
     assert rep.returncode == 0, rep.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 6 and set(runs["status"]) == {"ok"} and set(runs["norm"]) == {"bn", "gn", NAME} and not runs["paper_setting"].any()
-    finals = {p.parent.name: json.loads(p.read_text())["val_err1"] for p in (results / "runs").glob(f"*/final.json")}
+    finals = {p.parent.name: json.loads(p.read_text())["val_err1"] for p in (results / "runs").glob("*/final.json")}
     cells = pd.read_csv(out / "table_batch_size.csv")
     mine = cells[cells["row"] == NAME].set_index("column")
     for b in (8, 2):
