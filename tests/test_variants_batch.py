@@ -492,12 +492,14 @@ def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["norm.running_stats=rank0", "norm.running_stats=mean"])
-def test_brn_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    """As test_trainer's BN check: losses, weights, mu/sigma and metrics of brn (with PreciseBN, averaged across processes)."""
+@pytest.mark.parametrize("name,rule", [("brn", "rank0"), ("brn", "mean"), ("evonorm_b0", "rank0"), ("bn", "mean")])
+def test_batch_dependent_variants_four_processes_equal_one_process_standing_in_for_four(
+    name: str, rule: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """As test_trainer's BN check, with PreciseBN on (averaged across processes): losses, weights, running statistics, metrics."""
     from test_trainer import cli, metrics_without_time, run_folder, weights
 
-    args = ["train", *RUN, "norm.name=brn", norm, "norm.precise_bn_images=20", f"data.root={tiny_data}", "log_steps=true"]
+    args = ["train", *RUN, f"norm.name={name}", f"norm.running_stats={rule}", "norm.precise_bn_images=20", f"data.root={tiny_data}", "log_steps=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
     multi = run_folder(cli([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
     single = run_folder(cli([*args, "--results", str(tmp_path / "single")], cli_env))
@@ -509,7 +511,7 @@ def test_brn_four_processes_equal_one_process_standing_in_for_four(norm: str, ti
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps_m]), torch.tensor([r["loss"] for r in steps_s]), rtol=1e-4, atol=1e-5)
     wm, ws = weights(multi), weights(single)
     assert wm.keys() == ws.keys()
-    assert [k for k in wm if k.endswith("running_std")]
+    assert [k for k in wm if k.endswith("running_std" if name == "brn" else "running_var")]
     for k in wm:
         torch.testing.assert_close(wm[k].float(), ws[k].float(), rtol=1e-4, atol=1e-5, msg=k)
     vm, vs = metrics_without_time(multi), metrics_without_time(single)
