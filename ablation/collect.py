@@ -73,7 +73,7 @@ def variant_norm_keys(name: str) -> tuple[str, ...]:
         return ("norm.name", "norm.groups", "norm.channels_per_group")
     if name == "bn":
         return ("norm.name", "norm.running_stats")
-    return ("norm.name", *(f"norm.{k}" for k in ("groups", "r_max", "d_max") if _takes(name, k) or (name == "brn" and k != "groups")))
+    return ("norm.name", *(f"norm.{k}" for k in ("groups", "r_max", "d_max") if _takes(name, k)))
 
 
 def variant(norm: dict[str, Any], model: dict[str, Any] | None = None) -> str:

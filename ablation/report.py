@@ -110,13 +110,9 @@ class Ref:
     source: str = ""
 
 
-# The literature's other spellings of a norm in reference files (Batch Renorm is "BR" in the GN paper).
-LABEL_ALIASES = {"brn": ("BR", "BRN", "BRENORM"), "evonorm_s0": ("EVONORM-S0", "EVONORMS0"), "evonorm_b0": ("EVONORM-B0", "EVONORMB0")}
-
-
 def reference_labels(norm: str) -> set[str]:
-    """The norm column values (upper case) of reference rows for a norm name: its registry label, its name, aliases."""
-    return {registry.label(norm).upper(), str(norm).upper(), *LABEL_ALIASES.get(norm, ())}
+    """The norm column values (upper case) of reference rows for a norm name: the registry's spellings (BR for brn ...)."""
+    return registry.spellings(str(norm))
 
 
 def paper_ref(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None,

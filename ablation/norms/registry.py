@@ -37,6 +37,7 @@ class NormInfo:
     params: tuple[str, ...] = ()  # norm.* fields beyond COMMON_FIELDS that apply to this norm
     eps: float = DEFAULT_EPS  # the paper's ε, used when norm.eps is not set
     defaults: tuple[tuple[str, Any], ...] = field(default=())  # paper defaults of params left unset
+    aliases: tuple[str, ...] = ()  # other spellings in the literature's tables (reference files), e.g. BR for BRN
 
 
 _ENTRIES: dict[str, NormInfo] = {}
@@ -78,6 +79,12 @@ def label(name: str) -> str:
     """The literature's name of a norm (BN, GN, BRN ...); a user's import path as given."""
     info = _ENTRIES.get(name)
     return info.label if info else name
+
+
+def spellings(name: str) -> set[str]:
+    """Every spelling of a norm in the literature's tables, upper case: its name, label and aliases."""
+    info = _ENTRIES.get(name)
+    return {name.upper(), *((info.label.upper(), *(a.upper() for a in info.aliases)) if info else ())}
 
 
 def with_running_stats() -> tuple[str, ...]:
@@ -175,6 +182,7 @@ register(NormInfo(
     "evonorm_s0", "ablation.norms.evonorm:make_evonorm_s0",
     "EvoNorm-S0 (Liu et al.): x*sigmoid(v*x)/group_std(x), affine; G groups as gn; per image",
     "EvoNorm-S0", batch_dependent=False, replaces_activation=True, params=("groups",), defaults=(("groups", 32),),
+    aliases=("EvoNormS0",),
 ))
 register(NormInfo(
     "brn", "ablation.norms.renorm:make_brn",
@@ -182,9 +190,11 @@ register(NormInfo(
     "BRN", batch_dependent=True, running_stats=True, per_gpu_stats=True,
     params=(*_BN_PARAMS, "r_max", "d_max", "renorm_warmup_steps"),
     defaults=(("r_max", 1.5), ("d_max", 0.5), ("renorm_warmup_steps", 0)),  # the GN paper's BR setting, no warm-up
+    aliases=("BR", "BReNorm"),  # the GN paper's §4.1 calls it BR
 ))
 register(NormInfo(
     "evonorm_b0", "ablation.norms.evonorm_b0:make_evonorm_b0",
     "EvoNorm-B0 (Liu et al.): x/max(sqrt(var_NHW+eps), v*x+sqrt(var_HW+eps)), affine; batch variance per GPU",
     "EvoNorm-B0", batch_dependent=True, running_stats=True, per_gpu_stats=True, replaces_activation=True, params=_BN_PARAMS,
+    aliases=("EvoNormB0",),
 ))
