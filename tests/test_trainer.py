@@ -64,7 +64,8 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
     written = yaml.safe_load((folder / "config.yaml").read_text())
-    assert written["run_id"] == folder.name and config.from_dict(written) == cfg
+    # config.yaml holds the config with every default resolved (norm.eps null -> the norm's paper eps)
+    assert written["run_id"] == folder.name and config.from_dict(written) == config.normalized(cfg)
     assert written["derived"] == {
         "global_batch": 16, "lr": pytest.approx(0.1 * 16 / 256), "eval_resize": 16, "train_images": 192,
         "steps_per_epoch": 12, "total_steps": 24, "milestone_steps": [7, 14, 22], "warmup_steps": 0,

@@ -154,15 +154,22 @@ def test_a_norm_without_parameters_is_legal_and_said_once(caplog: pytest.LogCapt
     from ablation.norms import checks
 
     checks._warned.discard("plugins.badnorms:fixed")
-    with caplog.at_level(logging.WARNING, logger="ablation"):
-        check_model_norm(tiny("norm.name=plugins.badnorms:fixed"))
-        check_model_norm(tiny("norm.name=plugins.badnorms:fixed", "batch_per_gpu=4"))
-    said = [r.getMessage() for r in caplog.records if "has no learnable parameters" in r.getMessage()]
-    assert len(said) == 1 and "plugins.badnorms:fixed" in said[0] and "legal" in said[0]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ablation"):
-        check_model_norm(tiny("norm.name=none"))  # the built-in identity: no parameters, no claim, no warning (not a user's norm)
-    assert not [r for r in caplog.records if "has no learnable" in r.getMessage()]
+    # On the "ablation" logger itself: a trainer run earlier in this process sets propagate=False on it.
+    logger = logging.getLogger("ablation")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ablation"):
+            check_model_norm(tiny("norm.name=plugins.badnorms:fixed"))
+            check_model_norm(tiny("norm.name=plugins.badnorms:fixed", "batch_per_gpu=4"))
+        # one record may reach the handler twice (here and through the root logger): count records, not deliveries
+        said = list({id(r): r.getMessage() for r in caplog.records if "has no learnable parameters" in r.getMessage()}.values())
+        assert len(said) == 1 and "plugins.badnorms:fixed" in said[0] and "legal" in said[0]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ablation"):
+            check_model_norm(tiny("norm.name=none"))  # the built-in identity: no parameters, no claim, no warning (not a user's norm)
+        assert not [r for r in caplog.records if "has no learnable" in r.getMessage()]
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def test_a_bad_user_norm_in_a_sweep_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
