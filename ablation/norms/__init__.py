@@ -4,7 +4,9 @@
 - ``ablation.norms.factory``: ``create_norm`` / ``norm_layer`` build a layer from a name or a user's
   ``package.module:factory``;
 - ``ablation.norms.batch``: per-GPU BN (exact stand-in for k GPUs), SyncBN, running statistics;
-- ``ablation.norms.group``: GN, LN, IN.
+- ``ablation.norms.group``: GN, LN, IN;
+- the variants: ``renorm`` (BRN), ``evonorm`` (EvoNorm-S0), ``evonorm_b0``, ``response`` (FRN+TLU),
+  ``weight_std`` (WS convolutions), ``precise`` (PreciseBN); ``checks``: what a user's norm is checked for.
 
 This package's ``__init__`` imports no torch, so torch-free modules (config, sweep, report) can ask the
 registry; the layer API below is loaded on first use.
@@ -20,6 +22,8 @@ _LAZY = {
     "resolve_factory": "factory",
     "PerGPUBatchNorm2d": "batch", "SyncBatchNorm2d": "batch", "interleave": "batch", "split_per_gpu": "batch",
     "share_affine_repeats": "batch", "sync_running_stats": "batch", "global_batch_moments": "batch",
+    "PerGPURunningStats": "batch", "BatchRenorm2d": "renorm", "EvoNormS0": "evonorm", "EvoNormB0": "evonorm_b0",
+    "WSConv2d": "weight_std", "precise_bn": "precise",
 }
 
 
