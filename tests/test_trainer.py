@@ -208,10 +208,26 @@ def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline:
     assert (fa["val_err1"], fa["steps"]) == (fb["val_err1"], fb["steps"])
 
 
+PRECISE = "norm.precise_bn_images=20"  # PreciseBN on: its moments are averaged across processes
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("norm", ["norm.running_stats=rank0", "norm.running_stats=mean"])
-def test_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    args = ["train", *RUN, norm, f"data.root={tiny_data}", "log_steps=true"]
+@pytest.mark.parametrize(
+    "norm",
+    [
+        ["norm.running_stats=rank0"],
+        ["norm.running_stats=mean"],
+        # the batch-dependent variants, with PreciseBN
+        ["norm.name=brn", "norm.running_stats=rank0", PRECISE],
+        ["norm.name=brn", "norm.running_stats=mean", PRECISE],
+        ["norm.name=evonorm_b0", "norm.running_stats=rank0", PRECISE],
+        ["norm.running_stats=mean", PRECISE],
+    ],
+    ids=["bn-rank0", "bn-mean", "brn-rank0-precise", "brn-mean-precise", "evonorm_b0-rank0-precise", "bn-mean-precise"],
+)
+def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Losses, weights, running statistics and metrics of 4 torchrun processes equal one process standing in for 4 GPUs."""
+    args = ["train", *RUN, *norm, f"data.root={tiny_data}", "log_steps=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
     multi = run_folder(cli([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
     single = run_folder(cli([*args, "--results", str(tmp_path / "single")], cli_env))
@@ -223,7 +239,7 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: str, tiny_d
     torch.testing.assert_close(torch.tensor([r["loss"] for r in steps_m]), torch.tensor([r["loss"] for r in steps_s]), rtol=1e-4, atol=1e-5)
     wm, ws = weights(multi), weights(single)
     assert wm.keys() == ws.keys()
-    running = [k for k in wm if k.endswith(("running_mean", "running_var"))]
+    running = [k for k in wm if k.endswith(("running_mean", "running_var", "running_std"))]  # brn keeps sigma itself
     assert running
     for k in wm:
         torch.testing.assert_close(wm[k].float(), ws[k].float(), rtol=1e-4, atol=1e-5, msg=k)

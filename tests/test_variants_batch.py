@@ -1,14 +1,13 @@
 """Batch-dependent variants: Batch Renormalization (brn), EvoNorm-B0 (evonorm_b0) and PreciseBN.
 
 Definitions against hand-computed references (float64), the stand-in for k GPUs against k separate
-modules on their chunks, state across save/load, tiny CPU runs, and 4 processes against one standing in for 4.
+modules on their chunks, state across save/load, tiny CPU runs (4 processes against one standing in for 4: tests/test_trainer.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -491,30 +490,5 @@ def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Pa
 # ---------------------------------------------------------------- 4 processes against one standing in for 4
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,rule", [("brn", "rank0"), ("brn", "mean"), ("evonorm_b0", "rank0"), ("bn", "mean")])
-def test_batch_dependent_variants_four_processes_equal_one_process_standing_in_for_four(
-    name: str, rule: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]
-) -> None:
-    """As test_trainer's BN check, with PreciseBN on (averaged across processes): losses, weights, running statistics, metrics."""
-    from test_trainer import cli, metrics_without_time, run_folder, weights
-
-    args = ["train", *RUN, f"norm.name={name}", f"norm.running_stats={rule}", "norm.precise_bn_images=20", f"data.root={tiny_data}", "log_steps=true"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
-    multi = run_folder(cli([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
-    single = run_folder(cli([*args, "--results", str(tmp_path / "single")], cli_env))
-    assert multi.name == single.name
-    assert json.loads((multi / "env.json").read_text())["processes"] == 4
-
-    steps_m, steps_s = rundir.read_jsonl(multi / "steps.jsonl"), rundir.read_jsonl(single / "steps.jsonl")
-    assert len(steps_m) == len(steps_s) == 24
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in steps_m]), torch.tensor([r["loss"] for r in steps_s]), rtol=1e-4, atol=1e-5)
-    wm, ws = weights(multi), weights(single)
-    assert wm.keys() == ws.keys()
-    assert [k for k in wm if k.endswith("running_std" if name == "brn" else "running_var")]
-    for k in wm:
-        torch.testing.assert_close(wm[k].float(), ws[k].float(), rtol=1e-4, atol=1e-5, msg=k)
-    vm, vs = metrics_without_time(multi), metrics_without_time(single)
-    for a, b in zip(vm, vs):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert abs(a["val_err1"] - b["val_err1"]) <= 100 / 32  # at most one of 32 val images flips
+# The stand-in equals 4 real processes for brn (both rules), evonorm_b0 and bn with PreciseBN on:
+# tests/test_trainer.py::test_four_processes_equal_one_process_standing_in_for_four.
