@@ -42,6 +42,29 @@ def chunk_rows(n: int, k: int) -> list[torch.Tensor]:
     return [torch.arange(i, n, k) for i in range(k)]
 
 
+def step_against_separate(stand_in: torch.nn.Module, gpus: list[torch.nn.Module], x: torch.Tensor, up: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """One training step of a layer standing in for k GPUs and of k separate layers, one per GPU's rows:
+    outputs, input gradients and parameter gradients (summed over GPUs, as DDP does) must agree. Returns
+    the stand-in's output; every gradient is zeroed again."""
+    k = len(gpus)
+    y = stand_in(x.to(memory_format=torch.channels_last) if channels_last else x)
+    (y * up).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = torch.empty_like(y)
+    for m, rows in zip(gpus, chunk_rows(len(x), k)):
+        out = m(x_ref[rows])
+        (out * up[rows]).sum().backward()
+        y_ref[rows] = out.detach()
+    torch.testing.assert_close(y, y_ref, **F64)
+    torch.testing.assert_close(x.grad, x_ref.grad, **F64)
+    for name, p in stand_in.named_parameters():
+        torch.testing.assert_close(p.grad, sum(dict(m.named_parameters())[name].grad for m in gpus), **F64, msg=name)
+    stand_in.zero_grad()
+    for m in gpus:
+        m.zero_grad()
+    return y
+
+
 def moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance over (N, H, W)."""
     return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
@@ -197,31 +220,16 @@ def test_brn_stand_in_equals_k_separate_modules(k: int, rule: str, channels_last
     for step in range(5):
         x = (torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64) * (1 + step) + torch.randn(c, 1, 1, generator=g, dtype=torch.float64) * 3).requires_grad_()
         up = torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64)
-        xin = x.to(memory_format=torch.channels_last) if channels_last else x
-        y = stand_in(xin)
+        y = step_against_separate(stand_in, gpus, x, up, channels_last)
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        (y * up).sum().backward()
-        x_ref = x.detach().clone().requires_grad_()
-        y_ref = torch.empty_like(y)
-        for m, rows in zip(gpus, chunk_rows(k * b, k)):
-            out = m(x_ref[rows])
-            (out * up[rows]).sum().backward()
-            y_ref[rows] = out.detach()
         with torch.no_grad():
             for name in ("running_mean", "running_std"):
                 bufs = [getattr(m, name) for m in gpus]
                 value = bufs[0].clone() if rule == "rank0" else torch.stack(bufs).mean(0)
                 for buf in bufs:
                     buf.copy_(value)
-        torch.testing.assert_close(y, y_ref, **F64)
-        torch.testing.assert_close(x.grad, x_ref.grad, **F64)
-        for name in ("weight", "bias"):  # DDP sums the GPUs' parameter gradients
-            torch.testing.assert_close(getattr(stand_in, name).grad, sum(getattr(m, name).grad for m in gpus), **F64)
         for name in ("running_mean", "running_std"):
             torch.testing.assert_close(getattr(stand_in, name), getattr(gpus[0], name), **F64)
-        stand_in.zero_grad()
-        for m in gpus:
-            m.zero_grad()
     assert int(stand_in.num_batches_tracked) == 5
     stand_in.eval()
     for m in gpus:
@@ -292,22 +300,7 @@ def test_evonorm_b0_stand_in_equals_k_separate_modules(k: int, rule: str, apply_
     for step in range(4):
         x = (torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64) * (1 + step) + step).requires_grad_()
         up = torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64)
-        xin = x.to(memory_format=torch.channels_last) if channels_last else x
-        y = stand_in(xin)
-        (y * up).sum().backward()
-        x_ref = x.detach().clone().requires_grad_()
-        y_ref = torch.empty_like(y)
-        for m, rows in zip(gpus, chunk_rows(k * b, k)):
-            out = m(x_ref[rows])
-            (out * up[rows]).sum().backward()
-            y_ref[rows] = out.detach()
-        torch.testing.assert_close(y, y_ref, **F64)
-        torch.testing.assert_close(x.grad, x_ref.grad, **F64)
-        for name, p in stand_in.named_parameters():
-            torch.testing.assert_close(p.grad, sum(dict(m.named_parameters())[name].grad for m in gpus), **F64, msg=name)
-        stand_in.zero_grad()
-        for m in gpus:
-            m.zero_grad()
+        step_against_separate(stand_in, gpus, x, up, channels_last)
     chains = torch.stack([m.running_var for m in gpus])
     expected = chains[0] if rule == "rank0" else chains.mean(0)
     state = stand_in.state_dict()  # taken in training mode: the rule is applied first
