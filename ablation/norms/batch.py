@@ -230,7 +230,7 @@ def _drop_affine_repeats(model: nn.Module, args: object, output: object) -> None
             m.__dict__.pop("_affine_repeats", None)
 
 
-def _world(group: dist.ProcessGroup | None) -> int:
+def world_size(group: dist.ProcessGroup | None = None) -> int:
     """Processes in `group` (the default group when None); 1 when not distributed."""
     if not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -250,7 +250,7 @@ def global_batch_moments(x: torch.Tensor, group: dist.ProcessGroup | None = None
     dims = [0, *range(2, x.dim())]
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    if _world(group) > 1:
+    if world_size(group) > 1:
         from torch.distributed.nn.functional import all_reduce
 
         reduce = functools.partial(all_reduce, group=group or dist.group.WORLD)
@@ -278,7 +278,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batch statistics over every process's batch in training; running statistics in eval."""
-        if not self.training or _world(self.process_group) == 1:
+        if not self.training or world_size(self.process_group) == 1:
             return super().forward(x)
         factor = self.momentum
         if self.track_running_stats:
@@ -312,7 +312,7 @@ def sync_running_stats(model: nn.Module) -> None:
     checkpoint; the trainer calls it there and not after each step.
     """
     layers = list(_running_stat_modules(model))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         for rule in ("rank0", "mean"):
             # rank0: only GPU 0's statistics matter, so rank 0's first C values go to every rank;
             # mean: every GPU's, summed over processes here and over this process's GPUs by the fold.

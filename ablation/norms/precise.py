@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ablation.norms.batch import PerGPURunningStats
+from ablation.norms.batch import PerGPURunningStats, world_size
 
 
 def running_stat_layers(model: nn.Module) -> list[nn.Module]:
@@ -107,7 +107,7 @@ def precise_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     if any(mo.sums is None for mo in moments):
         raise RuntimeError("PreciseBN: no batches reached a layer with running statistics")
     flat = torch.cat([mo.sums.reshape(-1) for mo in moments])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(flat)
     offset = 0
     for m, mo in zip(layers, moments):

@@ -45,12 +45,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ablation.norms.batch import world_size
 from ablation.norms.factory import NormSpec
-
-
-def _world() -> int:
-    """Processes in the default group; 1 when not distributed."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class BatchRenorm2d(nn.Module):
@@ -134,7 +130,7 @@ class BatchRenorm2d(nn.Module):
     @torch.no_grad()
     def _update(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """One step of μ, σ from the (k, C) per-GPU batch statistics, by the rule over every modelled GPU of every process."""
-        world = _world()
+        world = world_size()
         if self.running_stats == "rank0":
             stat = torch.stack([mean[0], std[0]])
             if world > 1:
