@@ -27,6 +27,7 @@ if shutil.which("sbatch") is None:
         raise RuntimeError("CI: SLURM is missing; .ci/run must start it with slurm/local-cluster.sh start")
     pytest.skip("SLURM is not installed here (run slurm/local-cluster.sh start)", allow_module_level=True)
 
+REQUEUE_SETTLE_S = 3  # seconds a requeued job is left pending before the test lets it start
 TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
 TINY_BASE = {
     "gpus": 4,
@@ -66,6 +67,7 @@ def wait_for(sweep_dir: Path, env: dict[str, str], timeout: float, *, hurry_requ
     """Poll `ablation status` until every run has ended; return the status outputs seen."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
+    hurry_at = None
     while time.monotonic() < deadline:
         out = ablation(["status", str(sweep_dir)], env).stdout
         if not seen or out != seen[-1]:
@@ -74,11 +76,26 @@ def wait_for(sweep_dir: Path, env: dict[str, str], timeout: float, *, hurry_requ
         if not any(k in last for k in ("running", "pending", "requeued", "stopped", "new")):
             return seen
         if hurry_requeues and "requeued" in out:
-            # SLURM holds a requeued job ~2 minutes (BeginTime); let it start now to keep the test short.
-            for job in {json.loads(line)["job_id"] for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()}:
-                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            # SLURM holds a requeued job ~2 minutes (BeginTime); let it start sooner to keep the test short, but
+            # not at once: slurmd revokes the job's credential at the requeue, to the second, and kills a start
+            # within that second as "non-startable batch job: Job credential revoked" (seen in CI).
+            hurry_at = hurry_at or time.monotonic() + REQUEUE_SETTLE_S
+            if time.monotonic() >= hurry_at:
+                for job in {json.loads(line)["job_id"] for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()}:
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+        else:
+            hurry_at = None
         time.sleep(2)
-    raise AssertionError("sweep did not finish in time:\n" + "\n".join(seen[-3:]))
+    raise AssertionError("sweep did not finish in time:\n" + "\n".join(seen[-3:]) + job_logs(sweep_dir))
+
+
+def job_logs(sweep_dir: Path, lines: int = 8) -> str:
+    """The last lines of each job's submitit logs, for a failure message."""
+    out = []
+    for log in sorted((sweep_dir / "slurm").glob("*/*_log.*")):
+        tail = log.read_text(errors="replace").strip().splitlines()[-lines:]
+        out.append(f"\n--- {log.relative_to(sweep_dir)}\n" + "\n".join(tail))
+    return "".join(out)
 
 
 def metrics(folder: Path) -> list[dict]:
