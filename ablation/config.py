@@ -121,6 +121,12 @@ class DataConfig:
         omit_if_default=True,
     )
     workers: int = _f(8, "data-loading worker processes per training process", hash=False)
+    cache_gb: float = _f(
+        0.0,
+        "decoded images kept in the training process's memory, up to this many GB: a small dataset is read and decoded "
+        "once per start instead of once per epoch (with data.workers=0, whose loading runs in that process; pixels unchanged)",
+        hash=False,
+    )
     eval_batch: int = _f(100, "images per evaluation batch per process (no effect on results)", hash=False)
 
 
@@ -429,6 +435,7 @@ def validate(cfg: RunConfig) -> None:
     if d.pipeline not in PIPELINES:
         raise ConfigError(f"data.pipeline must be one of {', '.join(PIPELINES)}; got {d.pipeline!r}")
     _positive(d.workers, "data.workers", allow_zero=True)
+    _positive(d.cache_gb, "data.cache_gb", allow_zero=True)
     _positive(d.eval_batch, "data.eval_batch")
     o = cfg.optim
     _positive(o.lr, "optim.lr")

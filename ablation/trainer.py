@@ -41,7 +41,7 @@ from ablation.bookkeeping import (
 )
 from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
 from ablation.coordination import FailureGuard, eval_polls
-from ablation.data import DatasetScan, SeededImageFolder, pipeline_transforms
+from ablation.data import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
 from ablation.distributed import DistEnv, setup
 from ablation.errors import last_line
 from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
@@ -132,8 +132,9 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         ddp, eval_model = _compiled(cfg, ddp, model)
 
         train_tf, val_tf = pipeline_transforms(eval_data_cfg(cfg, d))
-        train_ds = SeededImageFolder(cfg.data.root, "train", train_tf, cfg.seed, scan=scan)
-        val_ds = SeededImageFolder(cfg.data.root, "val", val_tf, cfg.seed, scan=scan)
+        cache = decoded_cache(cfg)
+        train_ds = SeededImageFolder(cfg.data.root, "train", train_tf, cfg.seed, scan=scan, cache=cache)
+        val_ds = SeededImageFolder(cfg.data.root, "val", val_tf, cfg.seed, scan=scan, cache=cache)
         if env.device != "cpu" and cfg.data.pipeline == "reference":
             log.info("data.pipeline=reference augments in float on the loader's CPU cores; data.pipeline=split needs "
                      "fewer of them (measure both with `ablation data bench`)")
@@ -178,6 +179,19 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
     if env.is_main:
         log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
     return final
+
+
+def decoded_cache(cfg: RunConfig) -> DecodedCache | None:
+    """The in-memory cache of decoded images that data.cache_gb asks for, or None."""
+    if cfg.data.cache_gb <= 0:
+        return None
+    if cfg.data.workers > 0:
+        # Workers copy the dataset when an epoch's iterator starts and exit at its end: a cache there is refilled
+        # every epoch, which only costs memory.
+        log.warning(f"data.cache_gb={cfg.data.cache_gb:g} is ignored with data.workers={cfg.data.workers}: "
+                    "it keeps images in the process that loads them, i.e. with data.workers=0")
+        return None
+    return DecodedCache(int(cfg.data.cache_gb * 2**30))
 
 
 def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
