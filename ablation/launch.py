@@ -11,7 +11,7 @@ The sweep folder (results/<sweep>/):
 
 Executors: `slurm` (submitit job arrays, one DDP job per run, checkpoint-and-requeue on the
 pre-timeout signal), `local` (this machine, runs `ablation train` processes, N at a time, in the
-foreground), `debug` (in this process, one after another).
+foreground, each forked from a server that imported torch once), `debug` (in this process, one after another).
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     # Longest first (most optimizer steps: more epochs, smaller global batch), so no core idles at the end.
     order = sorted(zip(run_ids, paths), key=lambda item: _expected_steps(item[1]), reverse=True)
     queue = list(enumerate(order, 1))
-    running: list[tuple[subprocess.Popen, threading.Thread, str]] = []
+    running: list[tuple[_Child, str]] = []
     failed, done, t0 = 0, 0, time.monotonic()
     retried: dict[str, int] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(cores), CPUS_ENV: str(cores)}
@@ -422,21 +422,16 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
         while queue or running:
             while queue and len(running) < parallel:
                 i, (rid, path) = queue.pop(0)
-                cmd = [sys.executable, "-m", "ablation", "train", path, "--results", runs_root]
-                if profile.processes_per_job > 1:
-                    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(profile.processes_per_job), "-m", "ablation", "train", path, "--results", runs_root]
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                argv = ["train", path, "--results", runs_root]
+                proc = _Child(argv, env, logs / f"{rid}.out", f"[{i}/{len(run_ids)}] ", on_line, profile.processes_per_job)
                 _record(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": _now()}])
-                prefix = f"[{i}/{len(run_ids)}] "
-                t = threading.Thread(target=_pump, args=(proc, logs / f"{rid}.out", prefix, on_line), daemon=True)
-                t.start()
-                running.append((proc, t, rid))
+                running.append((proc, rid))
             time.sleep(0.2)
             for item in list(running):
-                proc, t, rid = item
+                proc, rid = item
                 if proc.poll() is None:
                     continue
-                t.join()
+                proc.finish()
                 running.remove(item)
                 tries = retried.get(rid, 0)
                 if proc.returncode not in (0, 3) and tries < profile.retries and _failed(Path(runs_root) / rid):
@@ -450,10 +445,11 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
                 eta = (time.monotonic() - t0) / done * left / parallel if left else 0
                 on_line(f"{done}/{len(run_ids)} runs done ({rid}: exit {proc.returncode})" + (f"; ETA ~{eta:.0f}s" if left else ""))
     except KeyboardInterrupt:
-        for proc, _, _ in running:
+        for proc, _ in running:
             proc.send_signal(signal.SIGINT)
-        for proc, _, _ in running:
+        for proc, _ in running:
             proc.wait()
+            proc.finish()
         raise
     return failed
 
@@ -464,12 +460,114 @@ def _expected_steps(config_path: str) -> float:
     return cfg.epochs / (cfg.gpus * cfg.batch_per_gpu)
 
 
-def _pump(proc: subprocess.Popen, log_path: Path, prefix: str, on_line: Callable[[str], None]) -> None:
-    """Copy a child's output to its log file and, prefixed, to the terminal."""
-    with open(log_path, "a") as log:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            log.write(line)
-            on_line(prefix + line.rstrip())
+PRELOAD = ["ablation.cli", "ablation.trainer"]  # what every `ablation train` imports: torch, torchvision, timm
+
+
+def _forkserver() -> Any:
+    """The multiprocessing context whose server has imported PRELOAD once; None where there is no forkserver.
+
+    `python -m ablation train` spends ~6 s of CPU importing torch, torchvision and timm before it trains:
+    a tenth of a demo run. A child forked from a server that imported them once starts in milliseconds, as
+    a fresh process all the same (nothing of the server's state but imported modules; no torch op has run).
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _child_main(argv: list[str], environ: dict[str, str], log_path: str) -> None:
+    """In a forkserver child: the environment and output `ablation ARGV` would have as a process of its own."""
+    os.environ.clear()
+    os.environ.update(environ)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered, as the parent tails the file
+    sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+    from ablation.cli import main
+
+    sys.exit(main(argv))
+
+
+class _Child:
+    """One `ablation ARGV` started by the local executor, its output appended to its log file and echoed.
+
+    A single process is forked from the preloaded forkserver; several (processes_per_job > 1) start under
+    torchrun as a new program. Either way the output goes to the log file, which a thread echoes, prefixed.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, prefix: str, on_line: Callable[[str], None], processes: int) -> None:
+        offset = log.stat().st_size if log.exists() else 0  # a retry appends to the same log
+        ctx = _forkserver() if processes == 1 else None
+        if ctx is not None:
+            self._proc: Any = ctx.Process(target=_child_main, args=(argv, env, str(log)), name=f"ablation {argv[0]}")
+            self._proc.start()
+        else:
+            cmd = [sys.executable, "-m", "ablation", *argv]
+            if processes > 1:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "ablation", *argv]
+            with open(log, "ab") as out:
+                self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.pid: int = self._proc.pid
+        self._ended = threading.Event()
+        self._echo = threading.Thread(target=_tail, args=(log, offset, prefix, on_line, self._ended), daemon=True)
+        self._echo.start()
+
+    def poll(self) -> int | None:
+        """The exit code (negative: killed by that signal), or None while it runs."""
+        if isinstance(self._proc, subprocess.Popen):
+            return self._proc.poll()
+        return None if self._proc.is_alive() else self._proc.exitcode
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process (torchrun forwards it to its workers)."""
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        """Wait for the exit; its code."""
+        if isinstance(self._proc, subprocess.Popen):
+            return self._proc.wait()
+        self._proc.join()
+        return self._proc.exitcode
+
+    def finish(self) -> None:
+        """After the exit: echo what is left of the log."""
+        self._ended.set()
+        self._echo.join()
+
+
+def _tail(log: Path, offset: int, prefix: str, on_line: Callable[[str], None], ended: threading.Event) -> None:
+    """Echo the lines appended to `log` after `offset`, prefixed, until `ended` is set and all are read."""
+    with open(log, "a+b") as f:
+        f.seek(offset)
+        pending = b""
+        while True:
+            last = ended.is_set()  # read once more after the process has ended: what it wrote last
+            chunk = f.read()
+            if chunk:
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    on_line(prefix + line.decode("utf-8", "replace").rstrip())
+            elif last:
+                if pending:
+                    on_line(prefix + pending.decode("utf-8", "replace").rstrip())
+                return
+            else:
+                time.sleep(0.1)
 
 
 def _slurm_parameters(profile: Profile, cfg: RunConfig, name: str, array_size: int, after: str | None) -> dict[str, Any]:

@@ -278,11 +278,11 @@ class EpochLoop:
         st = self.state
         self._checkpoint(acc)
         at, sig = getattr(self.should_stop, "at", None), getattr(self.should_stop, "name", None)
-        took = time.monotonic() - at if at is not None else None
+        took = round(time.monotonic() - at, 3) if at is not None else None  # rounded once: the log and env.json agree
         after = f" {took:.2f}s after {sig}" if took is not None else ""
         log.info(f"{self.meta['run_id']}: stopped at step {st.step} ({self.stage}); checkpoint written{after}, will resume from here")
         if self.env.is_main:
-            note_stop(self.rd, {"stopped_at_step": st.step, "stopped_in": self.stage, "stop_signal": sig, "signal_to_checkpoint_s": None if took is None else round(took, 3)})
+            note_stop(self.rd, {"stopped_at_step": st.step, "stopped_in": self.stage, "stop_signal": sig, "signal_to_checkpoint_s": took})
         return False
 
     def _checkpoint(self, acc: torch.Tensor | None) -> None:

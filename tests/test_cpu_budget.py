@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -96,15 +95,21 @@ def test_env_json_records_the_cpu_budget(node) -> None:
                                   "source": cluster.cpu_budget(8, "cpu", 8).source}
 
 
-class _DoneProc:
-    """A child process that has already exited 0."""
+class _DoneChild:
+    """A run the local executor started that has already exited 0; it keeps the environment it was given."""
 
+    envs: list[dict[str, str]] = []
     returncode = 0
     pid = 4242
-    stdout = io.StringIO("")
+
+    def __init__(self, argv: list[str], env: dict[str, str], *rest: object) -> None:
+        self.envs.append(env)
 
     def poll(self) -> int:
         return 0
+
+    def finish(self) -> None:
+        pass
 
 
 def test_local_executor_gives_each_child_its_share(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,8 +117,8 @@ def test_local_executor_gives_each_child_its_share(node, tmp_path: Path, monkeyp
     from ablation import launch
 
     node(range(10), **SLURM_TASK)
-    envs = []
-    monkeypatch.setattr(launch.subprocess, "Popen", lambda cmd, **kw: envs.append(kw["env"]) or _DoneProc())
+    envs = _DoneChild.envs = []
+    monkeypatch.setattr(launch, "_Child", _DoneChild)
     monkeypatch.setattr(launch.time, "sleep", lambda s: None)
     paths = []
     for i in range(2):

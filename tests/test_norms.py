@@ -413,5 +413,28 @@ def test_shared_affine_repeats_change_nothing_but_the_op_count() -> None:
             torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-12, atol=1e-12, msg=name)
         for opt in opts:
             opt.step()
-    assert not any("_affine_repeats" in m.__dict__ for m in shared.modules())  # nothing left for a later call
+    assert not any("_affine_repeats" in m.__dict__ or "_counted" in m.__dict__ for m in shared.modules())  # nothing left for a later call
     torch.testing.assert_close(shared.state_dict(), own.state_dict(), rtol=1e-12, atol=1e-12)
+    assert {int(m.num_batches_tracked) for m in shared.modules() if isinstance(m, PerGPUBatchNorm2d)} == {3}
+
+
+def test_the_model_level_step_count_spares_layers_a_forward_does_not_call() -> None:
+    """share_affine_repeats counts every layer's step in one op and takes it back from a layer left out."""
+    from ablation.norms import share_affine_repeats
+
+    class TwoWays(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = PerGPUBatchNorm2d(3, eps=1e-5, momentum=None, gpus_per_process=2, running_stats="mean")
+            self.b = PerGPUBatchNorm2d(3, eps=1e-5, momentum=0.1, gpus_per_process=2, running_stats="mean")
+
+        def forward(self, x: torch.Tensor, both: bool) -> torch.Tensor:
+            return self.b(self.a(x)) if both else self.a(x)
+
+    model, plain = share_affine_repeats(TwoWays()), TwoWays()
+    assert model._forward_pre_hooks and not plain._forward_pre_hooks
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    for both in (True, False, False, True):
+        torch.testing.assert_close(model.double()(x, both), plain.double()(x, both), rtol=0, atol=0)
+    assert (int(model.a.num_batches_tracked), int(model.b.num_batches_tracked)) == (4, 2)
+    torch.testing.assert_close(model.state_dict(), plain.state_dict(), rtol=0, atol=0)  # momentum=None reads the count

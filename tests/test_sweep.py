@@ -285,3 +285,21 @@ def test_status_summary_and_eta() -> None:
         status.RunState("c", {}, "new", 0, 10, None, None, 0, None),
     ]
     assert status.summary(s, parallel=1) == "3 runs: 1 ok, 1 running, 1 new; ETA ~1m20s"  # (6 + 10) epochs x 5 s
+
+
+def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tmp_path: Path) -> None:
+    """The local executor forks each run from a server that imported torch once; the child writes its
+    log, which is echoed prefixed, and exits with the command's code."""
+    from ablation import launch
+
+    log, lines = tmp_path / "run.out", []
+    ok = launch._Child(["config", "seed=3"], dict(os.environ), log, "[1/2] ", lines.append, 1)
+    assert ok.wait() == 0
+    ok.finish()
+    assert "seed: 3" in log.read_text() and "[1/2] seed: 3" in lines
+    bad = launch._Child(["config", "nosuchkey=1"], dict(os.environ), log, "[2/2] ", lines.append, 1)
+    assert bad.wait() == 2
+    bad.finish()
+    assert any(line.startswith("[2/2] error: ") and "nosuchkey" in line for line in lines)
+    assert log.read_text().startswith("run_id")  # the second child appended to the same log
+    assert launch._forkserver() is not None and bad.pid != ok.pid != os.getpid()

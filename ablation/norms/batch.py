@@ -157,7 +157,8 @@ class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
                 f"per-GPU batch norm needs more than one value per channel on each modelled GPU; got {n // k} image(s) "
                 f"of {h}x{w} per GPU (batch_per_gpu=1 cannot reach a 1x1 feature map in training)"
             )
-        self.num_batches_tracked.add_(1)
+        if not self.__dict__.pop("_counted", False):  # share_affine_repeats counts a whole model's layers at once
+            self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         fmt = None
         if not x.is_contiguous():  # channels-last: the view below needs NCHW
@@ -185,32 +186,38 @@ class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
 
 
 _AFFINE_GROUPS = "_per_gpu_affine_groups"
+_COUNTED = "_per_gpu_counted_layers"
 
 
 def share_affine_repeats(model: nn.Module) -> nn.Module:
-    """Repeat the gamma and beta of every per-GPU BN layer of `model` in a few ops per training forward.
+    """Repeat gamma and beta, and count the steps, of every per-GPU BN layer of `model` in a few ops per forward.
 
     Each layer would repeat its own (2 ops forward, 2 reductions backward, per layer: on a GPU at small
     batches, ~200 small kernels per ResNet-50 step). Here a forward pre-hook on `model` stacks the
     parameters of all layers of one width, repeats them in one copy and hands each layer its pair for
     this forward (gradients reach every parameter through the stack, deterministically); a forward
-    hook drops what a layer left unused. Under torch.compile the hook stands aside: the compiler fuses
-    the per-layer repeats anyway. Returns `model`.
+    hook drops what a layer left unused. The same hooks add 1 to every layer's ``num_batches_tracked``
+    in one ``_foreach_add_`` (53 small ops fewer per ResNet-50 step) and take it back from a layer this
+    forward did not call. Under torch.compile the hooks stand aside: the compiler fuses the per-layer
+    ops anyway. Returns `model`.
     """
+    per_gpu = [m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d) and m.gpus_per_process > 1]
     groups: dict[tuple[int, int], list[PerGPUBatchNorm2d]] = {}
-    for m in model.modules():
-        if isinstance(m, PerGPUBatchNorm2d) and m.gpus_per_process > 1 and m.affine:
+    for m in per_gpu:
+        if m.affine:
             groups.setdefault((m.num_features, m.gpus_per_process), []).append(m)
-    if not groups or hasattr(model, _AFFINE_GROUPS):
+    counted = [m for m in per_gpu if m.track_running_stats]
+    if not per_gpu or hasattr(model, _AFFINE_GROUPS):
         return model
     setattr(model, _AFFINE_GROUPS, list(groups.values()))  # on the module: a deepcopy's hook finds its own layers
+    setattr(model, _COUNTED, counted)
     model.register_forward_pre_hook(_hand_out_affine_repeats)
     model.register_forward_hook(_drop_affine_repeats)
     return model
 
 
 def _hand_out_affine_repeats(model: nn.Module, args: object) -> None:
-    """Forward pre-hook: every per-GPU BN layer's repeated (gamma, beta) for this training forward."""
+    """Forward pre-hook: every per-GPU BN layer's repeated (gamma, beta), and its step counted, for this training forward."""
     if not model.training or torch.compiler.is_compiling():
         return
     for layers in getattr(model, _AFFINE_GROUPS):
@@ -219,15 +226,23 @@ def _hand_out_affine_repeats(model: nn.Module, args: object) -> None:
         repeated = stacked.unsqueeze(1).expand(-1, k, -1).reshape(len(stacked), -1).unbind()  # 2n x (k*C,)
         for i, m in enumerate(layers):
             m.__dict__["_affine_repeats"] = (repeated[2 * i], repeated[2 * i + 1])
+    counted = [m for m in getattr(model, _COUNTED) if m.training]
+    if counted:
+        torch._foreach_add_([m.num_batches_tracked for m in counted], 1)
+        for m in counted:
+            m.__dict__["_counted"] = True
 
 
 def _drop_affine_repeats(model: nn.Module, args: object, output: object) -> None:
-    """Forward hook: a layer this forward did not call keeps no repeats of parameters that will change."""
+    """Forward hook: a layer this forward did not call keeps no repeats of parameters that will change, nor the count."""
     if torch.compiler.is_compiling():
         return
     for layers in getattr(model, _AFFINE_GROUPS):
         for m in layers:
             m.__dict__.pop("_affine_repeats", None)
+    for m in getattr(model, _COUNTED):
+        if m.__dict__.pop("_counted", False):
+            m.num_batches_tracked.sub_(1)
 
 
 def world_size(group: dist.ProcessGroup | None = None) -> int:
