@@ -162,3 +162,15 @@ def test_sweep_override_after_an_option_reaches_the_sweep(tmp_path: Path, cli_en
     proc = run(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results", str(tmp_path / "r")], cli_env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: dataset folder") and str(nowhere) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ci_runs_the_readme_test_command_verbatim() -> None:
+    """.ci/run's pass 1 is the README's test command, character for character."""
+    import shlex
+
+    root = Path(__file__).resolve().parents[1]
+    readme = next(line for line in (root / "README.md").read_text().splitlines() if "# the whole test suite" in line)
+    command = readme.split("#")[0].strip()
+    ci = next(line for line in (root / ".ci" / "run").read_text().splitlines() if line.startswith("README_TEST_COMMAND="))
+    assert shlex.split(ci.split("=", 1)[1]) == [command]
+    assert 'bash -c "$README_TEST_COMMAND"' in (root / ".ci" / "run").read_text()
