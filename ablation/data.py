@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -380,11 +381,6 @@ def _resize_uint8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return x.permute(1, 2, 0).contiguous()
 
 
-def _shape_only(width: int, height: int) -> torch.Tensor:
-    """A tensor with an image's shape and no data, for torchvision's make_params."""
-    return torch.empty((3, height, width), device="meta")
-
-
 class SplitTrainTransform:
     """The loader half of the split pipeline: train_transform's random parameters, then decode + crop + resize."""
 
@@ -403,8 +399,7 @@ class SplitTrainTransform:
 
     def params(self, width: int, height: int) -> AugParams:
         """Draw from torch's global RNG what train_transform draws for an image of this size, in its order."""
-        c = self.crop.make_params([_shape_only(width, height)])
-        box = (c["left"], c["top"], c["left"] + c["width"], c["top"] + c["height"])
+        box = self._crop_box(width, height)
         jitter = order = alpha = None
         if self.jitter is not None:
             j = self.jitter.make_params([])
@@ -416,6 +411,34 @@ class SplitTrainTransform:
         return AugParams(box, jitter, order, alpha, flip)
 
     caches = True  # SeededImageFolder may hand over a DecodedCache
+
+    def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """RandomResizedCrop.make_params's draws, in its order, and its box (left, top, right, bottom).
+
+        The same few RNG calls as torchvision 0.2x's, without its per-call size query on a tensor of the image's
+        shape (~70 us per image, a tenth of a small model's step per image on a CPU core);
+        tests/test_data.py holds it to torchvision's own make_params.
+        """
+        scale, ratio, area = self.crop.scale, self.crop.ratio, height * width
+        log_lo, log_hi = (float(v) for v in self.crop._log_ratio)
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+            aspect_ratio = torch.empty(1).uniform_(log_lo, log_hi).exp_().item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+                return left, top, left + w, top + h
+        in_ratio = width / height  # ten misses: the central crop, clamped to the ratio range
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            w, h = int(round(height * max(ratio))), height
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+        return left, top, left + w, top + h
 
     def __call__(self, path: str, cache: DecodedCache | None = None) -> SplitSample:
         p = None

@@ -709,3 +709,19 @@ def test_pick_images_spreads_over_the_classes(synth_root: Path) -> None:
     assert len(samples) == 5 and {t for _, t in samples} == {0, 1, 2}
     assert all(Path(p).is_file() for p, _ in samples)
     assert len(pick_images(synth_root, 100).samples("train")) == 12  # no more than there are
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.08, 1.0), (3 / 4, 4 / 3)), ((1.0, 1.0), (1.0, 1.0)), ((0.9, 1.0), (0.5, 0.6))])
+def test_crop_box_draws_what_torchvisions_make_params_draws(scale: tuple, ratio: tuple) -> None:
+    """SplitTrainTransform._crop_box: torchvision's box and the same RNG use, the central-crop fallback included."""
+    split = SplitTrainTransform(split_cfg(crop_scale=scale, crop_ratio=ratio))
+    fallbacks = 0
+    for seed, (w, h) in enumerate([(96, 96), (500, 375), (375, 500), (400, 12), (12, 400), (33, 31)] * 20):
+        torch.manual_seed(seed)
+        c = split.crop.make_params([torch.empty((3, h, w), device="meta")])
+        after = torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert split._crop_box(w, h) == (c["left"], c["top"], c["left"] + c["width"], c["top"] + c["height"]), (w, h, seed)
+        assert torch.equal(torch.get_rng_state(), after)
+        fallbacks += (c["width"], c["height"]) in ((w, h), (w, int(round(w / ratio[0]))), (int(round(h * ratio[1])), h))
+    assert fallbacks  # the elongated images exhaust the ten tries
