@@ -47,6 +47,7 @@ from ablation.errors import last_line
 from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
 from ablation.loop import FAULT_KILL_ENV, Diverged, EpochLoop, build_optimizer
 from ablation.models import create_model
+from ablation.norms import count_steps_per_layer
 
 __all__ = ["FAULT_KILL_ENV", "train"]  # FAULT_KILL_ENV: what the kill-and-resume tests set
 
@@ -203,6 +204,7 @@ def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Modu
     """
     if cfg.compile == "off":
         return ddp, model
+    count_steps_per_layer(model)  # the model-level step count is eager-only bookkeeping; compiled layers count their own
     compiled = torch.compile(ddp, backend=cfg.compile)
     return compiled, (compiled if ddp is model else torch.compile(model, backend=cfg.compile))
 

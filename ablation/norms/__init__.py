@@ -21,7 +21,7 @@ _LAZY = {
     "NormSpec": "factory", "NormFactory": "factory", "create_norm": "factory", "norm_layer": "factory",
     "resolve_factory": "factory",
     "PerGPUBatchNorm2d": "batch", "SyncBatchNorm2d": "batch", "interleave": "batch", "split_per_gpu": "batch",
-    "share_affine_repeats": "batch", "sync_running_stats": "batch", "global_batch_moments": "batch",
+    "share_affine_repeats": "batch", "count_steps_per_layer": "batch", "sync_running_stats": "batch", "global_batch_moments": "batch",
     "PerGPURunningStats": "batch", "BatchRenorm2d": "renorm", "EvoNormS0": "evonorm", "EvoNormB0": "evonorm_b0",
     "WSConv2d": "weight_std", "precise_bn": "precise",
 }

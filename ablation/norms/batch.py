@@ -157,7 +157,8 @@ class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
                 f"per-GPU batch norm needs more than one value per channel on each modelled GPU; got {n // k} image(s) "
                 f"of {h}x{w} per GPU (batch_per_gpu=1 cannot reach a 1x1 feature map in training)"
             )
-        if not self.__dict__.pop("_counted", False):  # share_affine_repeats counts a whole model's layers at once
+        counted = False if torch.compiler.is_compiling() else self.__dict__.pop("_counted", False)
+        if not counted:  # else share_affine_repeats counted a whole model's layers at once
             self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
         fmt = None
@@ -214,6 +215,13 @@ def share_affine_repeats(model: nn.Module) -> nn.Module:
     model.register_forward_pre_hook(_hand_out_affine_repeats)
     model.register_forward_hook(_drop_affine_repeats)
     return model
+
+
+def count_steps_per_layer(model: nn.Module) -> None:
+    """Leave each per-GPU BN layer of `model` to count its own steps (for torch.compile, whose graphs
+    may call a layer's forward without the model's eager hooks around it)."""
+    if hasattr(model, _COUNTED):
+        setattr(model, _COUNTED, [])
 
 
 def _hand_out_affine_repeats(model: nn.Module, args: object) -> None:
