@@ -48,3 +48,22 @@ def subprocess_env() -> dict[str, str]:
 def cli_env() -> dict[str, str]:
     """subprocess_env() for one test."""
     return subprocess_env()
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_ablation_logger():
+    """Give every test the `ablation` logger as it found it: an in-process trainer run turns its propagation
+    off and installs its own handlers (right for a run, wrong for a later test's caplog)."""
+    import logging
+
+    logger = logging.getLogger("ablation")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    for handler in [h for h in logger.handlers if h not in saved[2]]:
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    for handler in saved[2]:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
