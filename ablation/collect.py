@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import multiprocessing
+import operator
 import os
 import threading
 import time
@@ -345,6 +347,12 @@ def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None
 def collect_with_text(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
     """collect(), and curves.csv's text below its header (pieces to write one after another) where it
     was made while reading (None: write the table, e.g. with write_csv)."""
+    with runfiles.gc_paused():  # the configs, rows and tables made here are many and hold no cycles
+        return _collect(roots, timings, workers)
+
+
+def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
+    """collect_with_text(), the collector as it is."""
     roots = [Path(r) for r in roots]
     clock = _Clock(timings)
     folders = find_run_folders(roots)
@@ -568,7 +576,8 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
     norm.options, ...), in the setting; a field that only differs between norms (each norm's paper ε)
     sets nothing apart.
     """
-    keys = sorted({k for r in runs for k in r["_fields"]})
+    fields = [r["_fields"] for r in runs]
+    keys = sorted(set(itertools.chain.from_iterable(fields)))
     text: dict[int, str] = {}  # json.dumps by value object: runs of one setting share their values (collect._fields)
 
     def dumps(v: Any) -> str:
@@ -577,15 +586,21 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
             t = text[id(v)] = json.dumps(v)
         return t
 
-    varying = {k for k in keys if k not in AXIS_FIELDS and k not in VARIANT_FIELDS and not k.startswith("norm.") and len({dumps(r["_fields"].get(k)) for r in runs}) > 1}
+    varying = {k for k in keys if k not in AXIS_FIELDS and k not in VARIANT_FIELDS and not k.startswith("norm.") and _varies(fields, k, dumps)}
     by_norm: dict[Any, list[dict[str, Any]]] = {}
     for r in runs:
-        by_norm.setdefault(r["norm"], []).append(r)
-    norm_varying = {
-        name: {k for k in keys if k.startswith("norm.") and k not in variant_norm_keys(str(name)) and len({dumps(r["_fields"].get(k)) for r in group}) > 1}
-        for name, group in by_norm.items()
-    }
+        by_norm.setdefault(r["norm"], []).append(r["_fields"])
+    shown = {}  # per norm: the keys its runs' settings name, in order
+    for name, group in by_norm.items():
+        mine = varying | {k for k in keys if k.startswith("norm.") and k not in variant_norm_keys(str(name)) and _varies(group, k, dumps)}
+        shown[name] = [k for k in keys if k in mine]
     for r in runs:
-        fields = r.pop("_fields")
-        mine = varying | norm_varying[r["norm"]]
-        r["setting"] = ", ".join(f"{k}={fields.get(k)}" for k in keys if k in mine)
+        f = r.pop("_fields")
+        r["setting"] = ", ".join(f"{k}={f.get(k)}" for k in shown[r["norm"]])
+
+
+def _varies(fields: list[dict[str, Any]], key: str, dumps: Callable[[Any], str]) -> bool:
+    """True where these runs' result fields hold more than one value (as JSON) under key (a missing one is null)."""
+    values = list(map(operator.methodcaller("get", key), fields))
+    distinct = dict(zip(map(id, values), values))  # each object once: runs of one setting share their value objects
+    return len({dumps(v) for v in distinct.values()}) > 1

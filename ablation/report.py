@@ -246,8 +246,8 @@ def make_cell(runs: pd.DataFrame, paper: tuple[float | None, bool] | Ref | None 
     ok = runs[runs["status"] == "ok"]["val_err1"].astype(float)
     others = runs[runs["status"] != "ok"]
     notes = []
-    for _, r in others.iterrows():
-        notes.append(f"unfinished {r['epochs_done']}/{r['epochs']}" if r["status"] == "unfinished" else str(r["status"]))
+    for status, done, epochs in zip(others["status"], others["epochs_done"], others["epochs"]):  # three columns, not each row's Series
+        notes.append(f"unfinished {done}/{epochs}" if status == "unfinished" else str(status))
     n = len(ok)
     mean = float(ok.mean()) if n else None
     std = float(ok.std(ddof=1)) if n > 1 else (0.0 if n == 1 else None)
@@ -535,10 +535,16 @@ def _style() -> Any:
 
 
 def _save(fig: Any, out: Path, name: str) -> list[Path]:
-    """Save a figure as PNG and PDF."""
+    """Save a figure as PNG and PDF, both cropped to the figure's tight box as the PNG's savefig finds it."""
+    import matplotlib
+
+    # savefig(bbox_inches="tight") lays the figure out once more per file to find its box: found once here (the same
+    # box, so the same PNG; the PDF's own layout, at 72 dpi, would find one a fraction of a point wider or narrower).
+    fig.draw_without_rendering()
+    box = fig.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p)
+        fig.savefig(p, bbox_inches=box)
     return paths
 
 
@@ -603,9 +609,11 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, batch: in
     plt = _style()
     sub, b = _at_batch(runs, batch)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=False)
-    for (model, var, setting), grp in sub.groupby(ROW_KEYS, sort=False, dropna=False):
-        run = grp.sort_values("seed").iloc[0]  # one run per variant: the lowest seed
-        c = curves[curves["run_id"] == run["run_id"]].sort_values("epoch")
+    # one run per variant: the lowest seed; its curves from one pass over the curves, not one pass per variant
+    shown = [(key, grp.sort_values("seed").iloc[0]) for key, grp in sub.groupby(ROW_KEYS, sort=False, dropna=False)]
+    picked = curves[curves["run_id"].isin([run["run_id"] for _, run in shown])]
+    for (model, var, setting), run in shown:
+        c = picked[picked["run_id"] == run["run_id"]].sort_values("epoch")
         label = _row_label(model, var, setting, sub["model"].nunique()) + ("" if run["status"] == "ok" else f" ({run['status']})")
         axes[0].plot(c["epoch"], c["train_err1"], label=label)
         axes[1].plot(c["epoch"], c["val_err1"], label=label)
