@@ -50,6 +50,7 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     t0 = time.monotonic()
     spec = QUICK_DATA if quick else DATA
     data = out / ("data-quick" if quick else "data")
+    launch.start_local_server()  # torch's imports for the runs, on the other core while the data is written
     print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / {spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
     write_synth(data, spec, progress=True)
     sweep = sweepmod.load(SWEEPS / ("demo_quick.yaml" if quick else "demo.yaml"), [f"data.root={data}", f"seed={seed}"])

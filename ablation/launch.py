@@ -479,6 +479,15 @@ def _forkserver() -> Any:
     return ctx
 
 
+def start_local_server() -> None:
+    """Start the local executor's forkserver now, without waiting: its imports then overlap the caller's
+    own work (the demo generates its data meanwhile) instead of delaying the first runs."""
+    if _forkserver() is not None:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _child_main(argv: list[str], environ: dict[str, str], log_path: str) -> None:
     """In a forkserver child: the environment and output `ablation ARGV` would have as a process of its own."""
     os.environ.clear()
