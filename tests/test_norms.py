@@ -284,8 +284,15 @@ def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_pa
     from syncbn_worker import STEPS, global_batch, init_affine
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    proc = subprocess.run([*torchrun, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for attempt in range(2):
+        proc = subprocess.run([*torchrun, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=600)
+        # Once in CI a rank aborted inside gloo ("terminate called without an active exception", SIGABRT):
+        # a transport crash, not a wrong number (those are compared below). Such a crash gets one more go.
+        if proc.returncode == 0 or "terminate called" not in proc.stderr or attempt:
+            break
+        print(f"syncbn workers crashed in gloo; trying once more:\n{proc.stderr[:4000]}", file=sys.stderr)
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[max(first, 0):][:3000] + "\n...\n" + proc.stderr[-1500:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
 
     # float32: x - mean on channel 0 (mean 1e4, std 1) is good to ~1e-3 per element, whatever the method,
