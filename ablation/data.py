@@ -385,6 +385,7 @@ class SplitTrainTransform:
     """The loader half of the split pipeline: train_transform's random parameters, then decode + crop + resize."""
 
     reads_files = True  # SeededImageFolder hands over the path: this reads, and decodes what the crop needs
+    caches = True  # SeededImageFolder may hand over a DecodedCache
 
     def __init__(self, cfg: Any) -> None:
         steps = train_transform(cfg).transforms  # the reference's own objects: same settings, same draws
@@ -409,8 +410,6 @@ class SplitTrainTransform:
             alpha = self.lighting.draw()
         flip = self.flip is not None and bool(torch.rand(1) < self.flip.p)  # v2 flips unless rand >= p
         return AugParams(box, jitter, order, alpha, flip)
-
-    caches = True  # SeededImageFolder may hand over a DecodedCache
 
     def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """RandomResizedCrop.make_params's draws, in its order, and its box (left, top, right, bottom).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,17 +16,10 @@ from ablation.data import DecodedCache, SeededImageFolder, SplitTrainTransform, 
 from ablation.errors import ConfigError
 from ablation.synth import SynthSpec, write_synth
 from ablation.trainer import decoded_cache, train
+from test_data import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
 # 96 px images cropped to 24 px with the paper's crop scales: some crops decode at reduced scale, some at full size.
 SPEC = SynthSpec(classes=3, train_per_class=6, val_per_class=2, size=96, seed=9)
-
-
-def cfg(**overrides: object) -> SimpleNamespace:
-    """A DataConfig stand-in: the paper's augmentation at 24 px."""
-    fields = dict(root="", image_size=24, eval_resize=28, crop_scale=(0.08, 1.0), crop_ratio=(0.75, 4 / 3), color_jitter=0.4,
-                  lighting=0.1, hflip=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), pipeline="split")
-    fields.update(overrides)
-    return SimpleNamespace(**fields)
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +109,8 @@ def test_cache_gb_is_checked_and_leaves_the_run_id_alone(caplog: pytest.LogCaptu
     on = config.load(None, ["data.cache_gb=0.5", "data.workers=0"])
     assert config.run_id(on) == config.run_id(base)
     assert decoded_cache(base) is None and decoded_cache(on).limit == 2**29
-    logger = logging.getLogger("ablation")
-    logger.addHandler(caplog.handler)  # an in-process trainer run may have turned the logger's propagation off
-    try:
+    with caplog.at_level(logging.WARNING, logger="ablation"):
         assert decoded_cache(config.load(None, ["data.cache_gb=1", "data.workers=2"])) is None
-    finally:
-        logger.removeHandler(caplog.handler)
     assert "data.cache_gb=1 is ignored with data.workers=2" in caplog.text
 
 
