@@ -188,25 +188,64 @@ class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
 
 _AFFINE_GROUPS = "_per_gpu_affine_groups"
 _COUNTED = "_per_gpu_counted_layers"
+_TILE_INDEX = "_per_gpu_tile_index"
+
+
+class _TileEach(torch.autograd.Function):
+    """Gather each layer's gamma or beta, tiled k times, out of their concatenation; backward sums the k copies.
+
+    Forward is one gather and backward one gather and one sum over a (k, S) view, both deterministic
+    (autograd's own backward of an index with repeats would scatter-add, which on a GPU adds in a
+    varying order unless deterministic algorithms are on).
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(inverse)
+        return flat.take(index)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        (inverse,) = ctx.saved_tensors
+        return grad.take(inverse).sum(0), None, None
+
+
+def _tile_index(layers: list[PerGPUBatchNorm2d], k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Where _TileEach reads and sums: for the concatenated (gamma, beta) of `layers`, S long, the gather index
+    (k*S: each parameter's block tiled k times, as ``weight.repeat(k)``), its inverse (k, S: where copy i of
+    element s went) and the tiled blocks' lengths."""
+    index, inverse, sizes = [], [], []
+    offset = 0
+    for m in layers:
+        for p in (m.weight, m.bias):
+            c = p.numel()
+            block = torch.arange(offset, offset + c)
+            out = k * offset  # tiled blocks follow each other in the order of the parameters
+            index.append(block.repeat(k))
+            inverse.append(out + torch.arange(k).unsqueeze(1) * c + torch.arange(c))
+            sizes.append(k * c)
+            offset += c
+    return torch.cat(index), torch.cat(inverse, 1), sizes
 
 
 def share_affine_repeats(model: nn.Module) -> nn.Module:
     """Repeat gamma and beta, and count the steps, of every per-GPU BN layer of `model` in a few ops per forward.
 
     Each layer would repeat its own (2 ops forward, 2 reductions backward, per layer: on a GPU at small
-    batches, ~200 small kernels per ResNet-50 step). Here a forward pre-hook on `model` stacks the
-    parameters of all layers of one width, repeats them in one copy and hands each layer its pair for
-    this forward (gradients reach every parameter through the stack, deterministically); a forward
-    hook drops what a layer left unused. The same hooks add 1 to every layer's ``num_batches_tracked``
-    in one ``_foreach_add_`` (53 small ops fewer per ResNet-50 step) and take it back from a layer this
-    forward did not call. Under torch.compile the hooks stand aside: the compiler fuses the per-layer
-    ops anyway. Returns `model`.
+    batches, ~200 small kernels per ResNet-50 step). Here a forward pre-hook on `model` concatenates the
+    parameters of all layers, tiles each k times in one gather (_TileEach) and hands each layer its pair,
+    split out as views, for this forward: 3 ops forward and 3 kernels backward for the whole model, and
+    the gradients reach every parameter deterministically. A forward hook drops what a layer left unused.
+    The same hooks add 1 to every layer's ``num_batches_tracked`` in one ``_foreach_add_`` (53 small ops
+    fewer per ResNet-50 step) and take it back from a layer this forward did not call. Under
+    torch.compile the hooks stand aside: the compiler fuses the per-layer ops anyway. Returns `model`.
     """
     per_gpu = [m for m in model.modules() if isinstance(m, PerGPUBatchNorm2d) and m.gpus_per_process > 1]
-    groups: dict[tuple[int, int], list[PerGPUBatchNorm2d]] = {}
+    groups: dict[int, list[PerGPUBatchNorm2d]] = {}
     for m in per_gpu:
         if m.affine:
-            groups.setdefault((m.num_features, m.gpus_per_process), []).append(m)
+            groups.setdefault(m.gpus_per_process, []).append(m)
     counted = [m for m in per_gpu if m.track_running_stats]
     if not per_gpu or hasattr(model, _AFFINE_GROUPS):
         return model
@@ -228,12 +267,16 @@ def _hand_out_affine_repeats(model: nn.Module, args: object) -> None:
     """Forward pre-hook: every per-GPU BN layer's repeated (gamma, beta), and its step counted, for this training forward."""
     if not model.training or torch.compiler.is_compiling():
         return
-    for layers in getattr(model, _AFFINE_GROUPS):
-        k = layers[0].gpus_per_process
-        stacked = torch.stack([p for m in layers for p in (m.weight, m.bias)])  # (2n, C)
-        repeated = stacked.unsqueeze(1).expand(-1, k, -1).reshape(len(stacked), -1).unbind()  # 2n x (k*C,)
+    cache = model.__dict__.setdefault(_TILE_INDEX, {})  # not buffers: DDP would broadcast them every step
+    for g, layers in enumerate(getattr(model, _AFFINE_GROUPS)):
+        flat = torch.cat([p for m in layers for p in (m.weight, m.bias)])
+        if (g, flat.device) not in cache:
+            index, inverse, sizes = _tile_index(layers, layers[0].gpus_per_process)
+            cache[g, flat.device] = (index.to(flat.device), inverse.to(flat.device), sizes)
+        index, inverse, sizes = cache[g, flat.device]
+        tiled = _TileEach.apply(flat, index, inverse).split(sizes)
         for i, m in enumerate(layers):
-            m.__dict__["_affine_repeats"] = (repeated[2 * i], repeated[2 * i + 1])
+            m.__dict__["_affine_repeats"] = (tiled[2 * i], tiled[2 * i + 1])
     counted = [m for m in getattr(model, _COUNTED) if m.training]
     if counted:
         torch._foreach_add_([m.num_batches_tracked for m in counted], 1)
