@@ -37,11 +37,13 @@ def fingerprint(quick: bool = False) -> str:
 
 def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
     """Copy the demo's figure and table into docs/ (the README shows them), with the settings' fingerprint."""
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(rep_dir / "fig_error_vs_batch.png", docs / "demo_error_vs_batch.png")
-    shutil.copy(rep_dir / "table_batch_size.md", docs / "demo_table.md")
+    from ablation.rundir import atomic_path, write_text
+
+    for src, dst in (("fig_error_vs_batch.png", "demo_error_vs_batch.png"), ("table_batch_size.md", "demo_table.md")):
+        with atomic_path(docs / dst) as tmp:  # the README never shows half a figure
+            shutil.copyfile(rep_dir / src, tmp)
     meta = {"fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d")}
-    (docs / "demo.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(docs / "demo.json", json.dumps(meta, indent=2) + "\n")
 
 
 def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, docs: str | Path | None = None) -> Path:

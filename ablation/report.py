@@ -32,6 +32,7 @@ import pandas as pd
 
 from ablation.norms import registry
 from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
+from ablation.rundir import atomic_path
 
 log = logging.getLogger("ablation")
 
@@ -544,7 +545,8 @@ def _save(fig: Any, out: Path, name: str) -> list[Path]:
     box = fig.get_tightbbox().padded(matplotlib.rcParams["savefig.pad_inches"])
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p, bbox_inches=box)
+        with atomic_path(p, durable=False) as tmp:
+            fig.savefig(tmp, format=p.suffix[1:], bbox_inches=box)
     return paths
 
 
@@ -692,22 +694,26 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     ref = load_reference(reference_dir(reference))
     bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
     files = []
-    write_csv(runs, out / "runs.csv")
-    if curves_text is None or list(curves.columns) != CURVE_COLUMNS:
-        write_csv(curves, out / "curves.csv")
-    else:  # made while reading the metrics: the same text as the table's
-        with open(out / "curves.csv", "w", encoding="utf-8", newline="") as f:
-            f.write(csv_header(CURVE_COLUMNS))
-            for piece in curves_text:
-                f.write(piece)
+    # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
+    # sees each file old or new, never cut.
+    with atomic_path(out / "runs.csv", durable=False) as tmp:
+        write_csv(runs, tmp)
+    with atomic_path(out / "curves.csv", durable=False) as tmp:
+        if curves_text is None or list(curves.columns) != CURVE_COLUMNS:
+            write_csv(curves, tmp)
+        else:  # made while reading the metrics: the same text as the table's
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(csv_header(CURVE_COLUMNS))
+                for piece in curves_text:
+                    f.write(piece)
     files += [out / "runs.csv", out / "curves.csv"]
     lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
     for table in tables:
-        (out / f"{table.name}.md").write_text(table.markdown())
-        (out / f"{table.name}.tex").write_text(table.latex())
-        table.long().to_csv(out / f"{table.name}.csv", index=False)
-        files += [out / f"{table.name}.{ext}" for ext in ("md", "tex", "csv")]
+        for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):
+            with atomic_path(out / f"{table.name}.{ext}", durable=False) as tmp:
+                tmp.write_text(text)
+            files.append(out / f"{table.name}.{ext}")
     lap("tables")
     files += figure_error_vs_batch(runs, ref, out)
     files += figure_curves(runs, curves, out)

@@ -88,8 +88,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename (then the folder is fsynced)."""
+def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename.
+
+    durable: fsync the data before the rename and the folder after it, so the new file survives a crash
+    (run-folder files). Without it (the report's outputs, which can be rebuilt) a reader still never
+    sees half a file, and a 100 MB curves.csv is not forced to disk.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -98,10 +103,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield Path(tmp)
         faults.hit(f"write:{path.name}")  # tests kill here: the data is written, the rename not yet done
-        with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:  # the data must be on disk before the rename makes it visible
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself must survive a crash, not only the data
+        if durable:
+            _fsync_dir(path.parent)  # the rename itself must survive a crash, not only the data
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -91,6 +91,23 @@ def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
     assert (docs / "demo_error_vs_batch.png").stat().st_size > 10_000
 
 
+def test_demo_publishes_its_figure_table_and_fingerprint_whole(tmp_path: Path) -> None:
+    """publish copies the report's figure and table into docs/ with demo.json, each renamed into place."""
+    from ablation import demo
+
+    rep = tmp_path / "report"
+    rep.mkdir()
+    (rep / "fig_error_vs_batch.png").write_bytes(b"\x89PNG figure")
+    (rep / "table_batch_size.md").write_text("| BN | 1.0 |\n")
+    docs = tmp_path / "docs"  # made on the way
+    demo.publish(rep, docs, 281.6, seed=1)
+    assert (docs / "demo_error_vs_batch.png").read_bytes() == b"\x89PNG figure"
+    assert (docs / "demo_table.md").read_text() == "| BN | 1.0 |\n"
+    meta = json.loads((docs / "demo.json").read_text())
+    assert (meta["fingerprint"], meta["seed"], meta["wall_seconds"]) == (demo.fingerprint(), 1, 282)
+    assert sorted(p.name for p in docs.iterdir()) == ["demo.json", "demo_error_vs_batch.png", "demo_table.md"]
+
+
 # key=value overrides go before, between or after the options (as with hydra, pycls, torchrun).
 ORDERS = {
     "sweep": (

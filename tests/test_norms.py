@@ -445,3 +445,28 @@ def test_the_model_level_step_count_spares_layers_a_forward_does_not_call() -> N
         torch.testing.assert_close(model.double()(x, both), plain.double()(x, both), rtol=0, atol=0)
     assert (int(model.a.num_batches_tracked), int(model.b.num_batches_tracked)) == (4, 2)
     torch.testing.assert_close(model.state_dict(), plain.state_dict(), rtol=0, atol=0)  # momentum=None reads the count
+
+
+def test_tile_each_is_repeat_per_parameter_in_one_gather() -> None:
+    """_TileEach over parameters of mixed widths: forward equals each parameter's .repeat(k), backward sums the k
+    copies (float64, exact), and gradcheck agrees."""
+    from ablation.norms.batch import _TileEach, _tile_index
+
+    k = 3
+    layers = [PerGPUBatchNorm2d(c, eps=1e-5, momentum=0.1, gpus_per_process=k, running_stats="mean").double() for c in (2, 5, 2)]
+    params = [p for m in layers for p in (m.weight, m.bias)]
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn_like(p))
+    index, inverse, sizes = _tile_index(layers, k)
+    tiled = _TileEach.apply(torch.cat(params), index, inverse).split(sizes)
+    expect = [p.repeat(k) for p in params]
+    for t, e in zip(tiled, expect):
+        torch.testing.assert_close(t, e, rtol=0, atol=0)
+    upstream = [torch.randn_like(e) for e in expect]
+    got = torch.autograd.grad(tiled, params, upstream)
+    want = torch.autograd.grad(expect, params, upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-15)
+    flat = torch.cat([p.detach() for p in params]).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: _TileEach.apply(f, index, inverse), (flat,))

@@ -146,6 +146,31 @@ def test_files_are_written(built: report.Report) -> None:
     assert len(curves) == 13 * 10 + 2 + 3 + 1
 
 
+def test_a_report_that_fails_half_way_leaves_every_file_whole(results: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs are renamed into place: a report that dies while writing a figure leaves each file as the last
+    report wrote it or as this one would, never cut, and no temporary file behind."""
+    out = tmp_path / "report"
+    report.build([results], out, ["bn", "gn"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    extra = tmp_path / "more" / "runs"
+    write_run(extra, ["norm.name=bn", "batch_per_gpu=2", "seed=3"], curve(40.0))  # the new report differs
+    report.build([results, extra.parent], tmp_path / "clean", ["bn", "gn"])
+    after = {p.name: p.read_bytes() for p in (tmp_path / "clean").iterdir()}
+    assert before["runs.csv"] != after["runs.csv"] and before["table_batch_size.md"] != after["table_batch_size.md"]
+    monkeypatch.setenv("ABLATION_FAULT", "write:fig_curves.png:1:raise")
+    with pytest.raises(RuntimeError):
+        report.build([results, extra.parent], out, ["bn", "gn"])
+    now = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert set(now) == set(before)  # nothing left beside them (no .tmp)
+    assert now["runs.csv"] == after["runs.csv"] and now["table_batch_size.md"] == after["table_batch_size.md"]  # written before the fault
+    assert now["fig_curves.png"] == before["fig_curves.png"]  # the one being written: the old file, whole
+    for name, data in now.items():
+        if name.endswith(".pdf"):  # PDFs carry their creation time
+            assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF"), name
+        else:
+            assert data in (before[name], after[name]), name
+
+
 def test_runs_differing_in_more_than_seed_are_not_pooled(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     write_run(root, ["norm.name=bn", "batch_per_gpu=32"], curve(24.0))

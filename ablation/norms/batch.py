@@ -202,13 +202,13 @@ class _TileEach(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(inverse)
-        return flat.take(index)
+        return flat.index_select(0, index)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
         (inverse,) = ctx.saved_tensors
-        return grad.take(inverse).sum(0), None, None
+        return grad.index_select(0, inverse.view(-1)).view(inverse.shape).sum(0), None, None
 
 
 def _tile_index(layers: list[PerGPUBatchNorm2d], k: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
