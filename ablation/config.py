@@ -22,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import yaml
 
@@ -46,6 +46,27 @@ def _f(default: Any, help: str, *, hash: bool = True, omit_if_default: bool = Fa
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in a frozen config")
     return field(default=default, metadata=meta)
+
+
+class FrozenMapping(Mapping[str, Any]):
+    """A read-only dict for the frozen configs that, unlike types.MappingProxyType, pickles and deep-copies."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self._data = dict(data or {})
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
 
 
 @dataclass(frozen=True)
@@ -73,7 +94,7 @@ class NormConfig:
         None, "brn: ramp the limits linearly from plain BN (r_max 1, d_max 0) over this many training steps (null = 0, none)", omit_if_default=True
     )
     options: Mapping[str, Any] = field(
-        default_factory=lambda: types.MappingProxyType({}),
+        default_factory=lambda: FrozenMapping(),
         metadata={"help": "extra keyword options for the norm factory (user norms)", "hash": True},
     )
 
@@ -235,7 +256,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     elif origin in (collections.abc.Mapping, dict):
         if isinstance(value, Mapping):
-            return types.MappingProxyType(dict(value))
+            for name in value:
+                if args and args[0] is str and not isinstance(name, str):
+                    hint = " (YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the name)" if isinstance(name, bool) else ""
+                    raise ConfigError(f"{key}: names must be text, got {name!r}{hint}")
+            return FrozenMapping(value)
     else:  # pragma: no cover - a new annotation kind needs a branch above
         raise TypeError(f"unsupported annotation {tp} for {key}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")

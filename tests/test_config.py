@@ -118,6 +118,31 @@ def test_config_is_frozen() -> None:
         RunConfig().gpus = 4  # type: ignore[misc]
 
 
+def test_config_pickles_and_deep_copies_with_norm_options() -> None:
+    """A run config (norm.options included) survives pickle and deepcopy equal, with the same run id, and stays read-only."""
+    import copy
+    import pickle
+
+    cfg = config.load(None, ["norm.name=gn", "norm.options={alpha: 0.5, sizes: [1, 2]}"])
+    for twin in (pickle.loads(pickle.dumps(cfg)), copy.deepcopy(cfg)):
+        assert twin == cfg and config.run_id(twin) == config.run_id(cfg)
+        assert dict(twin.norm.options) == {"alpha": 0.5, "sizes": [1, 2]}
+    with pytest.raises(TypeError):
+        cfg.norm.options["alpha"] = 1.0  # type: ignore[index]
+
+
+def test_norm_option_names_must_be_text(tmp_path) -> None:
+    """YAML 1.1 reads an unquoted `on:` as True: a one-line error naming the field and the fix, not a crash in the run id."""
+    p = tmp_path / "opts.yaml"
+    p.write_text("norm:\n  name: gn\n  options:\n    on: 1\n")
+    with pytest.raises(ConfigError, match=r"opts.yaml: norm.options: names must be text, got True \(YAML reads an unquoted on/off"):
+        config.load(p)
+    with pytest.raises(ConfigError, match=r"norm.options: names must be text, got 1$"):
+        config.load(None, ["norm.options={1: 2, a: 3}"])
+    p.write_text("norm:\n  name: gn\n  options:\n    'on': 1\n")
+    assert dict(config.load(p).norm.options) == {"on": 1}
+
+
 def test_run_id_is_stable_and_names_the_axes() -> None:
     # A golden value: changing it silently orphans every existing run folder.
     assert config.run_id(RunConfig()) == "resnet50_bn_b32x8_s0_8b1f0d60d6"

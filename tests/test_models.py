@@ -82,3 +82,29 @@ def test_small_model_for_tests_and_demo() -> None:
 def test_impossible_models_fail_before_training(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_model_norm(config.load(None, overrides))
+
+
+def test_a_stand_in_model_deep_copies_into_an_independent_twin() -> None:
+    """copy.deepcopy of a per-GPU BN model (EMA copies, model soups) trains like the original, and the copy's
+    model-level hooks serve its own layers: a step of one leaves the other's parameters and counts alone."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = create_model(config.load(None, TINY + ["gpus=4", "batch_per_gpu=2"]), 4, gpus_per_process=4).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    grads = []
+    for m in (model, twin):
+        F.cross_entropy(m(x), y).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model(x)
+    for k, v in twin.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    counts = {int(m.num_batches_tracked) for m in model.modules() if isinstance(m, PerGPUBatchNorm2d)}
+    assert counts == {2} and {int(m.num_batches_tracked) for m in twin.modules() if isinstance(m, PerGPUBatchNorm2d)} == {1}
