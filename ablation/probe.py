@@ -72,7 +72,7 @@ MIN_POOL = 128  # generated images the batches are drawn from (at least 4x the l
 NUM_CLASSES = 10  # the classifier is removed; this only sizes the head create_model builds
 CSV_NAME, FIGURE_NAME = "probe.csv", "probe.png"
 COLUMNS = (
-    "norm", "label", "batch_per_gpu", "gpus", "batch_dependence", "train_eval_gap", "updates_buffers",
+    "norm", "label", "weight_std", "batch_per_gpu", "gpus", "batch_dependence", "train_eval_gap", "updates_buffers",
     "batch_dependent", "running_stats", "per_gpu_stats", "replaces_activation",
 )
 REGISTRY_FACTS = ("batch_dependent", "running_stats", "per_gpu_stats", "replaces_activation")
@@ -306,7 +306,9 @@ def _rows(cfgs: Sequence[config.RunConfig], s: Settings, x: torch.Tensor, plans:
                     raise
                 except Exception as e:  # noqa: BLE001 - a norm that cannot run at this batch size (or a user norm's bug): one line
                     raise NormError(f"norm '{name}' at batch_per_gpu={b}: {type(e).__name__}: {e}") from None
-                rows.append({"norm": name, "label": registry.label(name), "batch_per_gpu": b, "gpus": s.gpus, **got, **_facts(name)})
+                ws = bool(cfg.model.weight_std)  # the convolutions change with it: the label says so, as the report's do
+                label = registry.label(name) + ("+WS" if ws else "")
+                rows.append({"norm": name, "label": label, "weight_std": ws, "batch_per_gpu": b, "gpus": s.gpus, **got, **_facts(name)})
     return rows
 
 
@@ -334,6 +336,8 @@ def format_table(df: pd.DataFrame) -> str:
         wide = wide[sorted(wide.columns, reverse=True)]
         wide.columns = [f"b={c}" for c in wide.columns]
         wide.insert(0, "registry", [_batch_kind(n) for n in order])
+        if df["weight_std"].any():  # every probed norm shares the model, so all rows or none
+            wide.index = [f"{n}+WS" for n in wide.index]
         wide.index.name = "norm"
         parts.append(title + "\n" + wide.to_string(float_format=lambda v: f"{v:.3g}"))
     return "\n\n".join(parts)
@@ -354,7 +358,7 @@ def figure(df: pd.DataFrame, path: Path) -> None:
         info = registry.lookup(name)
         style = "-" if info is None or info.batch_dependent else "--"
         for ax, column in zip(axes, ("batch_dependence", "train_eval_gap")):
-            ax.plot(grp["batch_per_gpu"], grp[column], style, marker=markers[i % len(markers)], ms=5, mfc="none", label=registry.label(name))
+            ax.plot(grp["batch_per_gpu"], grp[column], style, marker=markers[i % len(markers)], ms=5, mfc="none", label=grp["label"].iloc[0])
     for ax, title in zip(axes, ("batch dependence (train mode)", "train/eval gap")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(int(b)) for b in batches])

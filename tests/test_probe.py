@@ -163,3 +163,16 @@ def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch:
         probe.write(df, tmp_path)
     assert files_in(tmp_path) == ["probe.csv", "probe.png"]
     assert all((tmp_path / n).read_text() == "earlier" for n in ("probe.csv", "probe.png"))
+
+
+def test_weight_standardized_probes_say_so_in_the_table_csv_and_legend(tmp_path: Path) -> None:
+    """model.weight_std=true changes every convolution: the rows are GN+WS, not GN, as in the report."""
+    s = probe.Settings(batches=(2,), draws=2, probes=1, warmup=2)
+    ws = probe.run(probe.configs(None, ["model.weight_std=true"], ["bn", "gn"]), s)
+    assert ws["label"].tolist() == ["BN+WS", "GN+WS"] and ws["weight_std"].all()
+    table = probe.format_table(ws)
+    assert all(any(line.startswith(n + " ") for line in table.splitlines()) for n in ("bn+WS", "gn+WS"))
+    plain = probe.run(probe.configs(None, [], ["gn"]), s)
+    assert plain["label"].tolist() == ["GN"] and not plain["weight_std"].any() and "+WS" not in probe.format_table(plain)
+    probe.figure(ws, tmp_path / "ws.png")
+    assert (tmp_path / "ws.png").stat().st_size > 0
