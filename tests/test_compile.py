@@ -16,6 +16,13 @@ from conftest import TINY
 from test_trainer import RUN, cli, run_folder
 
 NORMS = [["norm.name=bn"], ["norm.name=gn", "norm.groups=4"], ["norm.name=bn", "norm.running_stats=mean"]]
+# Every other registry norm, with weight standardization on one: the graph-break test only (the recompile test
+# compiles the backward too, which the first two cover).
+VARIANTS = [
+    ["norm.name=brn"], ["norm.name=brn", "norm.renorm_warmup_steps=10"], ["norm.name=evonorm_b0"],
+    ["norm.name=evonorm_s0", "norm.groups=4"], ["norm.name=frn"], ["norm.name=gn", "norm.groups=4", "model.weight_std=true"],
+    ["norm.name=ln"], ["norm.name=in"], ["norm.name=syncbn"],
+]
 
 
 def tiny_model(extra: list[str]) -> torch.nn.Module:
@@ -25,7 +32,7 @@ def tiny_model(extra: list[str]) -> torch.nn.Module:
     return create_model(cfg, 4, gpus_per_process=4)
 
 
-@pytest.mark.parametrize("extra", NORMS, ids=lambda e: "-".join(x.split("=")[1] for x in e))
+@pytest.mark.parametrize("extra", NORMS + VARIANTS, ids=lambda e: "-".join(x.split("=")[1] for x in e))
 def test_the_model_compiles_without_graph_breaks(extra: list[str]) -> None:
     model = tiny_model(extra)
     x = torch.randn(16, 3, 16, 16)
