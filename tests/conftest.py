@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +70,33 @@ def _restore_the_ablation_logger():
     for handler in saved[2]:
         if handler not in logger.handlers:
             logger.addHandler(handler)
+
+
+@functools.cache
+def slurm_missing() -> str | None:
+    """Why the real-SLURM tests cannot run here, or None when a cluster answers (asked once per session).
+
+    Outside CI they skip with this reason; in CI (CI set) it is a failure: .ci/run starts the cluster.
+    SLURM installed but not started (a reboot, a new container) is the same as no SLURM for them.
+    """
+    hint = "start it with `bash slurm/local-cluster.sh start`"
+    if shutil.which("sbatch") is None:
+        return f"SLURM is not installed (no sbatch on PATH); {hint}"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"SLURM is installed but sinfo fails ({e}); {hint}"
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
+        return f"SLURM is installed but its controller does not answer ({said}); {hint}"
+    return None
+
+
+def require_slurm() -> None:
+    """Skip (or, in CI, fail) unless a SLURM cluster answers."""
+    why = slurm_missing()
+    if why is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {why}: .ci/run must start the cluster before pytest", pytrace=False)
+    pytest.skip(why)

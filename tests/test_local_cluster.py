@@ -6,15 +6,15 @@ missing cluster is a failure. The cluster is left running: other tests submit jo
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from conftest import require_slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
@@ -28,11 +28,8 @@ def script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cluster() -> None:
-    """The running local cluster; skip without SLURM unless in CI."""
-    if shutil.which("sbatch") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI is set but sbatch is not on PATH: CI must run `slurm/local-cluster.sh start` before pytest")
-        pytest.skip("SLURM is not installed (no sbatch on PATH); start it with `bash slurm/local-cluster.sh start`")
+    """The running local cluster; skip without one (not installed, or not started) unless in CI."""
+    require_slurm()
 
 
 def sbatch(*args: str) -> str:

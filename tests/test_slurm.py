@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,14 +17,14 @@ import torch
 import yaml
 
 from ablation import rundir
-from conftest import ROOT
+from conftest import ROOT, slurm_missing
 
 pytestmark = pytest.mark.slow
 
-if shutil.which("sbatch") is None:
+if slurm_missing() is not None:
     if os.environ.get("CI"):
-        raise RuntimeError("CI: SLURM is missing; .ci/run must start it with slurm/local-cluster.sh start")
-    pytest.skip("SLURM is not installed here (run slurm/local-cluster.sh start)", allow_module_level=True)
+        raise RuntimeError(f"CI: {slurm_missing()}; .ci/run must start the cluster before pytest")
+    pytest.skip(slurm_missing(), allow_module_level=True)
 
 REQUEUE_SETTLE_S = 3  # seconds a requeued job is left pending before the test lets it start
 TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
