@@ -168,10 +168,15 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     kept). A line that does not parse before the last one is damage no crash of ours can leave (a full
     disk, a hand edit, files glued by an older version): CorruptFile naming the file and the line.
     """
+    return read_jsonl_and_text(path)[0]
+
+
+def read_jsonl_and_text(path: str | Path) -> tuple[list[dict[str, Any]], bytes | None]:
+    """read_jsonl(path), and the file's bytes when they are exactly those rows, one whole line each (else None)."""
     p = Path(path)
     data = _read_bytes(p)
     if not data:
-        return []
+        return [], None
     if data.endswith(b"\n"):
         # The common case, whole rows one per line: one parse of the file as a JSON array (1.8x faster than
         # line by line: a report reads a million rows); one row per line is checked by the count, anything
@@ -181,7 +186,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             rows = None
         if rows is not None and len(rows) == data.count(b"\n") and all(isinstance(r, dict) for r in rows):
-            return rows
+            return rows, data
     lines = [(n, line) for n, line in enumerate(data.split(b"\n"), 1) if line.strip()]
     rows = []
     for i, (n, line) in enumerate(lines):
@@ -194,7 +199,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 break  # a torn last line: the write it belongs to never completed
             raise CorruptFile(f"{p}: line {n} is not a JSON row ({_why(e)}); fix or delete that line") from None
         rows.append(row)
-    return rows
+    return rows, None
 
 
 def read_config(path: str | Path) -> Any:

@@ -282,3 +282,46 @@ def test_each_run_folder_is_found_once_through_links(many: Path) -> None:
     folders = collect.find_run_folders([many / "results", many / "other"])
     assert len(folders) == 31 and len({f.resolve() for f in folders}) == 31
     assert [f.name for f in folders] == sorted(f.name for f in folders)
+
+
+def test_curves_lines_cut_from_the_metrics_text_equal_the_encoded_ones(tmp_path: Path) -> None:
+    """runfiles takes a folder's curves.csv lines from its metrics.jsonl text only where that text is json.dumps'
+    of the rows with the keys in order; anything else (another key order, spacing, an extra key, a torn last
+    line) is encoded from the values. Either way the lines are _metric_block's, NaN and infinities included."""
+    from ablation import runfiles
+
+    keys = rundir.METRIC_KEYS
+    rng = random.Random(0)
+
+    def row(epoch: int) -> dict:
+        r = {k: rng.choice([rng.random() * 10 ** rng.randint(-8, 8), 1e16, 0.1, -0.0, 1e-05]) for k in keys}
+        r["epoch"] = epoch
+        return r
+
+    plain = [row(i + 1) for i in range(6)]
+    odd = [dict(r) for r in plain]
+    odd[2]["train_loss"], odd[3]["val_err5"], odd[4]["lr"] = math.nan, math.inf, -math.inf
+    line = lambda r: json.dumps(r) + "\n"  # noqa: E731 - what rundir.write_jsonl writes
+    cases = {
+        "plain": ("".join(map(line, plain)), True),
+        "nan and infinities": ("".join(map(line, odd)), True),
+        "keys reordered": ("".join(json.dumps(dict(reversed(list(r.items())))) + "\n" for r in plain), False),
+        "second key swapped": ("".join(json.dumps({"epoch": r["epoch"], "train_loss": r["train_loss"], **r}) + "\n" for r in plain), False),
+        "compact separators": ("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in plain), False),
+        "extra key": ("".join(json.dumps({**r, "note": 1.5}) + "\n" for r in plain), False),
+        "torn last line": ("".join(map(line, plain)) + line(plain[0])[:20], False),
+    }
+    for name, (text, from_text) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / rundir.METRICS).write_text(text)
+        rows, data = rundir.read_jsonl_and_text(folder / rundir.METRICS)
+        values = [tuple(r[k] for k in keys) for r in rows]
+        chunk = runfiles.read_chunk([str(folder)])
+        assert chunk.blocks == [runfiles._metric_block(values)], name
+        cut = runfiles._text_block(data, values) if all(list(r) == list(keys) for r in rows) else None
+        assert (cut is not None) == from_text, name
+        if cut is not None:
+            assert cut == runfiles._metric_block(values), name
+    lines = runfiles._metric_block([tuple(r[k] for k in keys) for r in odd]).splitlines()
+    assert ",," in lines[2] and ",inf," in lines[3] and ",-inf," in lines[4]  # pandas' NaN, inf, -inf
