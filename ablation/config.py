@@ -94,7 +94,7 @@ class NormConfig:
         None, "brn: ramp the limits linearly from plain BN (r_max 1, d_max 0) over this many training steps (null = 0, none)", omit_if_default=True
     )
     options: Mapping[str, Any] = field(
-        default_factory=lambda: FrozenMapping(),
+        default_factory=FrozenMapping,
         metadata={"help": "extra keyword options for the norm factory (user norms)", "hash": True},
     )
 
@@ -256,10 +256,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     elif origin in (collections.abc.Mapping, dict):
         if isinstance(value, Mapping):
-            for name in value:
-                if args and args[0] is str and not isinstance(name, str):
-                    hint = " (YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the name)" if isinstance(name, bool) else ""
-                    raise ConfigError(f"{key}: names must be text, got {name!r}{hint}")
+            untyped = [n for n in value if not isinstance(n, str)] if args and args[0] is str else []
+            if untyped:
+                hint = " (YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the name)" if isinstance(untyped[0], bool) else ""
+                raise ConfigError(f"{key}: names must be text, got {untyped[0]!r}{hint}")
             return FrozenMapping(value)
     else:  # pragma: no cover - a new annotation kind needs a branch above
         raise TypeError(f"unsupported annotation {tp} for {key}")

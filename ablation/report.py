@@ -32,7 +32,7 @@ import pandas as pd
 
 from ablation.norms import registry
 from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
-from ablation.rundir import atomic_path
+from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
 
@@ -711,8 +711,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
     for table in tables:
         for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):
-            with atomic_path(out / f"{table.name}.{ext}", durable=False) as tmp:
-                tmp.write_text(text)
+            write_text(out / f"{table.name}.{ext}", text, durable=False)
             files.append(out / f"{table.name}.{ext}")
     lap("tables")
     files += figure_error_vs_batch(runs, ref, out)

@@ -114,9 +114,9 @@ def atomic_path(path: str | Path, *, durable: bool = True) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Atomically write a text file."""
-    with atomic_path(path) as tmp:
+def write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
+    """Atomically write a text file (durable: see atomic_path)."""
+    with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text)
 
 

@@ -87,7 +87,6 @@ def _read_chunk(folders: list[str], keep_rows: bool) -> Chunk:
         except rundir.CorruptFile as e:
             warnings.append(f"{e}; the run's epochs are left out")
             rows, text = [], None
-        texts.append(text if text is not None and all(map(_KEY_LIST.__eq__, map(list, rows))) else None)  # key order: see _text_block
         val = [r["val_err1"] for r in rows]
         last_wall = rows[-1]["wall_seconds"] if rows else None
         n = len(rows)
@@ -99,6 +98,7 @@ def _read_chunk(folders: list[str], keep_rows: bool) -> Chunk:
             else:
                 try:
                     values.append(list(map(get, rows)))
+                    texts.append(text if text is not None and all(map(_KEY_LIST.__eq__, map(list, rows))) else None)  # key order: see _text_block
                 except KeyError:
                     regular = False  # a row without a metric: NaN there, and the column's type changes
         final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
@@ -162,10 +162,14 @@ def _metric_block(rows: list[tuple[Any, ...]]) -> str:
     """
     if not rows:
         return ""
-    text = _ENCODER.encode(rows)
+    return RUN + _pandas_tokens(_ENCODER.encode(rows)[2:-2]).replace("],[", _LINE) + os.linesep
+
+
+def _pandas_tokens(text: str) -> str:
+    """JSON's tokens for NaN, Infinity and -Infinity swapped for what to_csv writes: nothing, inf, -inf."""
     if "N" in text or "I" in text:
         text = text.replace("NaN", "").replace("Infinity", "inf")
-    return RUN + text[2:-2].replace("],[", _LINE) + os.linesep
+    return text
 
 
 _LINE = os.linesep + RUN  # between two rows of a folder
@@ -197,6 +201,5 @@ def _text_block(data: bytes | None, rows: list[tuple[Any, ...]]) -> str | None:
     body = body.replace("}", "")
     if any(c in body for c in '"{[] ') or body.count(",") != len(rows) * (len(_KEYS) - 1) or body.count("\n") != len(rows):
         return None
-    if "N" in body or "I" in body:
-        body = body.replace("NaN", "").replace("Infinity", "inf")
+    body = _pandas_tokens(body)
     return RUN + (body if os.linesep == "\n" else body.replace("\n", os.linesep))

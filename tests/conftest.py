@@ -93,10 +93,10 @@ def slurm_missing() -> str | None:
 
 
 def require_slurm() -> None:
-    """Skip (or, in CI, fail) unless a SLURM cluster answers."""
+    """Skip (or, in CI, fail) unless a SLURM cluster answers; in a fixture or at a test module's top."""
     why = slurm_missing()
     if why is None:
         return
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but {why}: .ci/run must start the cluster before pytest", pytrace=False)
-    pytest.skip(why)
+    pytest.skip(why, allow_module_level=True)

@@ -6,7 +6,6 @@ Skipped where SLURM is absent, except in CI (CI set), where a missing cluster is
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -17,14 +16,11 @@ import torch
 import yaml
 
 from ablation import rundir
-from conftest import ROOT, slurm_missing
+from conftest import ROOT, require_slurm
 
 pytestmark = pytest.mark.slow
 
-if slurm_missing() is not None:
-    if os.environ.get("CI"):
-        raise RuntimeError(f"CI: {slurm_missing()}; .ci/run must start the cluster before pytest")
-    pytest.skip(slurm_missing(), allow_module_level=True)
+require_slurm()
 
 REQUEUE_SETTLE_S = 3  # seconds a requeued job is left pending before the test lets it start
 TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
