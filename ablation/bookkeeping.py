@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 
 import ablation
-from ablation import rundir
+from ablation import provenance, rundir
 from ablation.cluster import cpu_budget
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, run_id, to_dict
 from ablation.data import DatasetInfo
@@ -73,16 +73,44 @@ def configure_backends(cfg: RunConfig, env: DistEnv) -> None:
         return
     torch.backends.cudnn.benchmark = True
     if cfg.tf32 is not None:
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
+        set_backends({"matmul_fp32_precision": "tf32" if cfg.tf32 else "ieee", "conv_fp32_precision": "tf32" if cfg.tf32 else "ieee"})
 
 
-def backend_settings() -> dict[str, bool]:
+# TF32 through the fp32_precision API, which every torch in the declared range (>=2.14) has. The legacy
+# allow_tf32 flags are never touched: since torch 2.9, reading one after the other API set a value raises
+# ("mix of the legacy and new APIs"), so one API for setting, reading and restoring.
+_PRECISION = {"matmul_fp32_precision": lambda: torch.backends.cuda.matmul, "conv_fp32_precision": lambda: torch.backends.cudnn.conv}
+
+
+def backend_settings() -> dict[str, Any]:
     """The torch backend flags this start trains with (env.json); they matter on CUDA only."""
+    flags: dict[str, Any] = {"cudnn_benchmark": torch.backends.cudnn.benchmark}
+    flags.update({key: holder().fp32_precision for key, holder in _PRECISION.items()})
+    return flags
+
+
+def set_backends(flags: dict[str, Any]) -> None:
+    """Set the flags backend_settings() reports (any subset of them): what a test restores with."""
+    for key, value in flags.items():
+        if key == "cudnn_benchmark":
+            torch.backends.cudnn.benchmark = value
+        else:
+            _PRECISION[key]().fp32_precision = value
+
+
+def decode_versions() -> dict[str, str | None]:
+    """What decoded pixels depend on: the JPEG decoders' libraries (two builds of libjpeg-turbo may round differently)."""
+    import numpy
+    import PIL
+    import torchvision
+    from PIL import features
+
     return {
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "pillow": PIL.__version__,
+        "pillow_libjpeg_turbo": features.version("libjpeg_turbo"),
+        "pillow_jpeg": features.version("jpg"),
+        "torchvision_image_backend": torchvision.get_image_backend(),
+        "numpy": numpy.__version__,
     }
 
 
@@ -100,6 +128,8 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
         "torch_backends": backend_settings(),
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
+        "decode": decode_versions(),
+        "packages": provenance.package_versions(),
         "platform": platform.platform(),
         "host": socket.gethostname(),
         "device": env.device,

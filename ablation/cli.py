@@ -215,6 +215,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"sweep {manifest['name']} ({sweep_dir})")
         print(status.format_table(states, manifest["axes"]))
         print(status.summary(states, parallel=max(1, running)))
+        drift = status.version_drift(sweep_dir, [s.run_id for s in states])
+        if drift:
+            print(drift)
         if not args.watch or all(s.state in ("ok", "diverged", "failed") for s in states):
             return EXIT_OK
         time.sleep(args.watch)

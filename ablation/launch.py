@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from ablation import config, rundir, status
+from ablation import config, provenance, rundir, status
 from ablation.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, interpolate, usable_cores
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
 from ablation.errors import AblationError
@@ -72,7 +72,24 @@ def prepare(sweep: Sweep, results: Path, overrides: list[str]) -> Path:
         if link.is_symlink() and link.name not in keep:
             link.unlink()  # a run no longer in the spec; its shared folder stays
     rundir.write_json(sweep_dir / status.MANIFEST, {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axes), "runs": runs})
+    pin_versions(sweep_dir)
     return sweep_dir
+
+
+def pin_versions(sweep_dir: Path) -> None:
+    """Write the sweep's constraints.txt at its first submission; later, warn where this environment differs from it."""
+    path = sweep_dir / provenance.CONSTRAINTS
+    here = provenance.package_versions()
+    if not path.is_file():
+        header = (f"The library versions sweep {sweep_dir.name} was submitted with, {_now()}.\n"
+                  f"To run it again with them: python3 -m pip install -c {provenance.CONSTRAINTS} -e .")
+        rundir.write_text(path, provenance.constraints_text(here, header))
+        return
+    pinned = provenance.parse_constraints(path.read_text())
+    changed = provenance.differences({k: v for k, v in here.items() if v}, pinned)
+    if changed:
+        said = ", ".join(f"{name} {now} (pinned {then})" for name, (now, then) in changed.items())
+        print(f"warning: this environment differs from {path}: {said}; runs started now record it (ablation status shows them)", file=sys.stderr)
 
 
 def plan(sweep: Sweep, results: Path, retry_failed: bool) -> list[tuple[status.RunState, str]]:

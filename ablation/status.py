@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ablation import rundir
+from ablation import provenance, rundir
 from ablation.cluster import squeue_states
 
 MANIFEST = "manifest.json"
@@ -160,3 +160,23 @@ def summary(states: list[RunState], parallel: int = 1) -> str:
     if eta and any(s.state not in ("ok", "diverged", "failed") for s in states):
         line += f"; ETA ~{_fmt_duration(eta)}"
     return line
+
+
+def version_drift(sweep_dir: Path, run_ids: list[str]) -> str | None:
+    """One line naming the runs whose env.json records library versions other than the sweep's constraints.txt."""
+    path = sweep_dir / provenance.CONSTRAINTS
+    pins = provenance.parse_constraints(path.read_text()) if path.is_file() else None
+    if not pins:
+        return None
+    drift: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for run_id in run_ids:
+        env = _read(rundir.read_json, sweep_dir / RUNS_LINKS / run_id / rundir.ENV, None)
+        if isinstance(env, dict):
+            for name, pair in provenance.differences(provenance.recorded_versions(env), pins).items():
+                drift.setdefault(name, {}).setdefault(pair, []).append(run_id)
+    if not drift:
+        return None
+    parts = [f"{name} {got} in {len(ids)} run{'s' * (len(ids) > 1)} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+             for name, pairs in drift.items() for (got, _), ids in pairs.items()]
+    pinned = ", ".join(f"{name} {pins[name]}" for name in drift)
+    return f"versions: {'; '.join(parts)}, not the sweep's {provenance.CONSTRAINTS} ({pinned}): their numbers may differ in the last digits"

@@ -603,6 +603,14 @@ def test_split_pipeline_names_an_unreadable_file(copy_root: Path) -> None:
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
 
 
+# Where two JPEG decoders meet (PIL's bundled libjpeg-turbo, torchvision's own build, nvJPEG), pixels may
+# differ by one uint8 level: ISO/IEC 10918-2 lets a conforming decoder's output differ by 1 per sample, and
+# libjpeg-turbo's SIMD paths and versions round chroma upsampling and colour conversion differently (seen
+# with torchvision 0.29.1). Brightness, contrast and saturation jitter of 0.4 scale a level by at most
+# 1.4 each, and normalization divides by the smallest std, 0.224: that bound, in normalized units.
+ONE_LEVEL = 1.4**3 / 255 / 0.224 + 1e-5
+
+
 def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixels(split_root: Path) -> None:
     from ablation.data import DeviceDecodeTrainTransform, EncodedSample, collate
 
@@ -625,10 +633,11 @@ def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixel
         left, top, right, bottom = batch.box[i].tolist()
         scale = draft_scale(right - left, bottom - top, 24, 24)
         reduced += scale > 1
-        if scale == 1:  # the split pipeline decoded at full size too: the same decoder and resize, the same pixels
-            assert torch.equal(got[i], finish_on_device(torch.utils.data.default_collate([split_ds[i][0]]), cfg, "cpu")[0])
+        if scale == 1:  # the split pipeline decoded at full size too, with the same crop box, flip and jitter
+            split_px = finish_on_device(torch.utils.data.default_collate([split_ds[i][0]]), cfg, "cpu")[0]
+            assert (got[i] - split_px).abs().max() <= ONE_LEVEL, i
         # Always a full-size decode: within one uint8 level of the reference's pixels, magnified by jitter and std.
-        assert (got[i] - ref_ds[i][0]).abs().max() <= 1.4**3 / 255 / 0.224 + 1e-5, i
+        assert (got[i] - ref_ds[i][0]).abs().max() <= ONE_LEVEL, i
     assert reduced  # the data holds crops the split pipeline decodes at reduced scale
 
 

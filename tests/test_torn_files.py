@@ -358,3 +358,36 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
     for run in results.glob("runs/*"):
         assert [r["step"] for r in rundir.read_jsonl(run / "steps.jsonl")] == list(range(72))
     assert status.sweep_states(sweep_dir) and len(collect.collect([results])[0]) == 2
+
+
+def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sweep: Path, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    from ablation import provenance
+
+    results = tmp_path / "results"
+    subprocess.run(["cp", "-a", str(finished_sweep), str(results)], check=True)
+    sweep_dir = results / "two"
+    torch_version = provenance.package_versions()["torch"]
+    pins = provenance.parse_constraints((sweep_dir / "constraints.txt").read_text())
+    assert pins == {k: v for k, v in provenance.package_versions().items() if v} and pins["torch"] == torch_version
+    a, b = (r["run_id"] for r in json.loads((sweep_dir / "manifest.json").read_text())["runs"])
+    assert json.loads((results / "runs" / a / "env.json").read_text())["packages"] == provenance.package_versions()
+    st = cli(["status", str(sweep_dir)], cli_env)
+    assert st.returncode == 0 and "versions:" not in st.stdout, st.stdout
+
+    env = json.loads((results / "runs" / b / "env.json").read_text())
+    env["packages"]["torch"] = "0.0.1"
+    (results / "runs" / b / "env.json").write_text(json.dumps(env))
+    st = cli(["status", str(sweep_dir)], cli_env)
+    assert st.returncode == 0, st.stderr
+    assert st.stdout.strip().splitlines()[-1] == (
+        f"versions: torch 0.0.1 in 1 run ({b}), not the sweep's constraints.txt (torch {torch_version}): their numbers may differ in the last digits")
+
+    # Submitted again from another environment: the pins stay the first submission's, and a warning says what differs.
+    text = (sweep_dir / "constraints.txt").read_text().replace(f"torch=={torch_version}", "torch==0.0.1")
+    (sweep_dir / "constraints.txt").write_text(text)
+    (results / "runs" / b / "final.json").unlink()  # so that there is something to resume
+    again = cli(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
+    assert again.returncode == 0, again.stderr
+    assert f"torch {torch_version} (pinned 0.0.1)" in again.stderr and (sweep_dir / "constraints.txt").read_text() == text
+    st = cli(["status", str(sweep_dir)], cli_env)
+    assert st.stdout.strip().splitlines()[-1].startswith(f"versions: torch {torch_version} in 2 runs ("), st.stdout

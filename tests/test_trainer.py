@@ -74,7 +74,12 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     env = json.loads((folder / "env.json").read_text())
     assert env["torch"] == torch.__version__ and env["processes"] == 1 and env["gpus_per_process"] == 4
     assert env["data"]["train_images"] == 192 and len(env["starts"]) == 1
-    assert set(env["torch_backends"]) == {"cudnn_benchmark", "cudnn_tf32", "matmul_tf32"}
+    assert set(env["torch_backends"]) == {"cudnn_benchmark", "matmul_fp32_precision", "conv_fp32_precision"}
+    import PIL
+    from PIL import features
+
+    assert env["decode"]["pillow"] == PIL.__version__ and env["decode"]["pillow_jpeg"] == features.version("jpg")
+    assert env["decode"]["pillow_libjpeg_turbo"] == features.version("libjpeg_turbo") and env["decode"]["torchvision_image_backend"] == "PIL"
 
     rows = rundir.read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
@@ -279,22 +284,25 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
     assert not {"run_epoch", "evaluate"} & set(host_built), host_built
 
 
-def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablation.bookkeeping import backend_settings, configure_backends
+def test_cuda_backends_follow_the_config_and_are_recorded() -> None:
+    from ablation.bookkeeping import backend_settings, configure_backends, set_backends
 
-    for flag in ("benchmark", "allow_tf32"):
-        monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))  # restored afterwards
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", torch.backends.cuda.matmul.allow_tf32)
     before = backend_settings()
-    configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cpu"))
-    assert backend_settings() == before  # nothing changes on the CPU
-    configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cuda"))
-    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": True, "matmul_tf32": True}
-    configure_backends(config.load(None, TINY + ["tf32=false"]), DistEnv(device="cuda:0"))
-    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": False, "matmul_tf32": False}
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
-    configure_backends(config.load(None, TINY), DistEnv(device="cuda"))  # tf32 unset: torch's defaults stay
-    assert backend_settings() == {"cudnn_benchmark": True, "cudnn_tf32": True, "matmul_tf32": False}
+    assert set(before) == {"cudnn_benchmark", "matmul_fp32_precision", "conv_fp32_precision"}
+    try:
+        configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cpu"))
+        assert backend_settings() == before  # nothing changes on the CPU
+        configure_backends(config.load(None, TINY + ["tf32=true"]), DistEnv(device="cuda"))
+        assert backend_settings() == {"cudnn_benchmark": True, "matmul_fp32_precision": "tf32", "conv_fp32_precision": "tf32"}
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"  # torch's own reading agrees
+        configure_backends(config.load(None, TINY + ["tf32=false"]), DistEnv(device="cuda:0"))
+        assert backend_settings() == {"cudnn_benchmark": True, "matmul_fp32_precision": "ieee", "conv_fp32_precision": "ieee"}
+        set_backends({"matmul_fp32_precision": "ieee", "conv_fp32_precision": "tf32"})
+        configure_backends(config.load(None, TINY), DistEnv(device="cuda"))  # tf32 unset: what torch had stays
+        assert backend_settings() == {"cudnn_benchmark": True, "matmul_fp32_precision": "ieee", "conv_fp32_precision": "tf32"}
+    finally:
+        set_backends(before)
+    assert backend_settings() == before  # restored through the same API, for the tests after this one
 
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:

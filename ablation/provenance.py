@@ -1,0 +1,51 @@
+"""The library versions behind a run's numbers: recorded in env.json, pinned per sweep in constraints.txt. Torch-free."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+# The distributions a run's numbers or its outputs depend on: the model, the pixels, the tables and figures.
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "matplotlib", "submitit", "pyyaml", "tqdm")
+CONSTRAINTS = "constraints.txt"  # in a sweep folder: `pip install -c` it to run the sweep's versions again
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed version of each of PACKAGES (None where one is missing), as pip names them."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def constraints_text(versions: dict[str, str | None], header: str) -> str:
+    """A pip constraints file pinning `versions` (local tags such as +cu130 kept: they name the build)."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    lines += [f"{name}=={version}" for name, version in versions.items() if version]
+    return "\n".join(lines) + "\n"
+
+
+def parse_constraints(text: str) -> dict[str, str]:
+    """The name==version pins of a constraints file (comments and other lines skipped)."""
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = (part.strip() for part in line.split("==", 1))
+            pins[name.lower()] = version
+    return pins
+
+
+def recorded_versions(env: dict) -> dict[str, str]:
+    """The versions an env.json records: its `packages` map, or for folders from before it, the top-level ones."""
+    packages = env.get("packages")
+    if isinstance(packages, dict):
+        return {k: v for k, v in packages.items() if isinstance(v, str)}
+    return {k: env[k] for k in ("torch", "torchvision", "timm") if isinstance(env.get(k), str)}
+
+
+def differences(recorded: dict[str, str], pinned: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """name -> (recorded, pinned) for each package both name with different versions."""
+    return {name: (recorded[name], pinned[name]) for name in sorted(recorded.keys() & pinned.keys()) if recorded[name] != pinned[name]}
