@@ -135,6 +135,8 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
         "device": env.device,
         "devices": devices,
         "cpu_threads": torch.get_num_threads(),
+        "cpu": provenance.cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels' instruction set: the last digits of CPU runs
         "cpu_budget": cpu_budget(env.local_world_size, env.device, cfg.data.workers).as_dict(),
         "processes": env.world_size,
         "gpus_per_process": cfg.gpus // env.world_size,

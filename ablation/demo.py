@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import ablation
-from ablation import launch, report, status
+from ablation import launch, provenance, report, status
 from ablation import sweep as sweepmod
 from ablation.cluster import Profile
 from ablation.synth import SynthSpec, spec_to_json, write_synth
@@ -35,6 +36,13 @@ def fingerprint(quick: bool = False) -> str:
     return hashlib.sha256((sweep_text + data).encode()).hexdigest()[:16]
 
 
+def _cpu_capability() -> str:
+    """The vector instruction set torch's CPU kernels dispatch to (AVX512, AVX2, ...): it decides the last digits."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
     """Copy the demo's figure and table into docs/ (the README shows them), with the settings' fingerprint."""
     from ablation.rundir import atomic_path, write_text
@@ -42,7 +50,11 @@ def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
     for src, dst in (("fig_error_vs_batch.png", "demo_error_vs_batch.png"), ("table_batch_size.md", "demo_table.md")):
         with atomic_path(docs / dst) as tmp:  # the README never shows half a figure
             shutil.copyfile(rep_dir / src, tmp)
-    meta = {"fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d")}
+    meta = {
+        "fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d"),
+        # What decides the digits besides the settings: the libraries and the CPU's float kernels.
+        "made_with": {"cpu": provenance.cpu_model(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(), "packages": provenance.package_versions()},
+    }
     write_text(docs / "demo.json", json.dumps(meta, indent=2) + "\n")
 
 

@@ -49,3 +49,17 @@ def recorded_versions(env: dict) -> dict[str, str]:
 def differences(recorded: dict[str, str], pinned: dict[str, str]) -> dict[str, tuple[str, str]]:
     """name -> (recorded, pinned) for each package both name with different versions."""
     return {name: (recorded[name], pinned[name]) for name in sorted(recorded.keys() & pinned.keys()) if recorded[name] != pinned[name]}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (float kernels, and so the last digits of a CPU run, depend on its instruction set)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

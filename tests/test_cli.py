@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,12 @@ def test_demo_publishes_its_figure_table_and_fingerprint_whole(tmp_path: Path) -
     assert (docs / "demo_table.md").read_text() == "| BN | 1.0 |\n"
     meta = json.loads((docs / "demo.json").read_text())
     assert (meta["fingerprint"], meta["seed"], meta["wall_seconds"]) == (demo.fingerprint(), 1, 282)
+    from ablation import provenance
+
+    import torch
+
+    assert meta["made_with"] == {"cpu": provenance.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                 "cores": os.cpu_count(), "packages": provenance.package_versions()}
     assert sorted(p.name for p in docs.iterdir()) == ["demo.json", "demo_error_vs_batch.png", "demo_table.md"]
 
 
