@@ -23,15 +23,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
 
+from ablation import runfiles
+from ablation.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
 from ablation.norms import registry
-from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -658,6 +662,43 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
     return paths
 
 
+# ---------------------------------------------------------------- CSV files
+
+CSV_PARALLEL_ROWS = 100_000  # from this many rows on, a table's CSV is made by forked processes, a piece of rows each
+_BY_VALUE = ("i", "u", "f", "b", "O")  # numpy kinds of columns pandas writes value by value (numbers, booleans, strings)
+_piece_of: pd.DataFrame | None = None  # the table being written, for the forked processes
+
+
+def _csv_piece(bounds: tuple[int, int]) -> str:
+    """to_csv of rows start:stop of the table being written (the header with the first piece)."""
+    start, stop = bounds
+    return _piece_of.iloc[start:stop].to_csv(index=False, header=start == 0)  # type: ignore[union-attr]
+
+
+def write_csv(df: pd.DataFrame, path: str | Path, workers: int | None = None) -> None:
+    """df.to_csv(path, index=False), pieces of a large table made by pandas in forked processes (workers: as collect's readers).
+
+    pandas writes a table a piece of rows at a time (to_csv's chunksize), and a number, boolean or string column's
+    values each on its own: the pieces' texts, joined, are the same bytes. A table with any other kind of column
+    (dates, categories, ...) or too few rows is written by one to_csv call.
+    """
+    global _piece_of
+    n = reader_count(workers, PARALLEL_MIN_FOLDERS) if len(df) >= CSV_PARALLEL_ROWS else 1
+    if n <= 1 or not all(isinstance(t, np.dtype) and t.kind in _BY_VALUE or isinstance(t, pd.StringDtype) for t in df.dtypes):
+        df.to_csv(path, index=False)
+        return
+    size = -(-len(df) // (n * 4))  # several pieces a process: none waits long for the last
+    _piece_of = df
+    try:
+        pieces = [(i, min(i + size, len(df))) for i in range(0, len(df), size)]
+        fork = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(n, mp_context=fork) as ex, open(path, "w", encoding="utf-8", newline="") as f:
+            for text in ex.map(_csv_piece, pieces):
+                f.write(text)
+    finally:
+        _piece_of = None
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -677,7 +718,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     (find, read, frames: ablation.collect; csv, tables, figures)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves, curves_text = collect_with_text(roots, timings)
+    runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME)
     if runs.empty:
         from ablation.errors import AblationError
 
@@ -696,16 +737,9 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     files = []
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
     # sees each file old or new, never cut.
-    with atomic_path(out / "runs.csv", durable=False) as tmp:
-        write_csv(runs, tmp)
-    with atomic_path(out / "curves.csv", durable=False) as tmp:
-        if curves_text is None or list(curves.columns) != CURVE_COLUMNS:
-            write_csv(curves, tmp)
-        else:  # made while reading the metrics: the same text as the table's
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                f.write(csv_header(CURVE_COLUMNS))
-                for piece in curves_text:
-                    f.write(piece)
+    for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
+        with atomic_path(out / name, durable=False) as tmp:
+            write_csv(frame, tmp)
     files += [out / "runs.csv", out / "curves.csv"]
     lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]

@@ -38,7 +38,7 @@ import yaml
 from ablation import config, report
 
 OUT = Path(__file__).resolve().parent / "results" / "report_speed.jsonl"
-SPEC_VERSION = 1  # bump when the generated folders change, so an old workdir is regenerated
+SPEC_VERSION = 2  # bump when the generated folders change, so an old workdir is regenerated
 
 # (overrides, the error the run converges to): the paper's Table 1-3 settings at five batch sizes.
 NORMS = [
@@ -79,6 +79,7 @@ def generate(results: Path, runs: int, epochs: int, seed: int = 0) -> None:
         d = config.derive(cfg)
         doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": dataclasses.asdict(d)}
         (folder / "config.yaml").write_text(yaml.dump(doc, Dumper=_dumper(), sort_keys=False))
+        (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
         (folder / "env.json").write_text(json.dumps({"processes": 8, "cpu_threads": 10, "host": "node01", "starts": [{"resumed_from_step": 0, "processes": 8}]}, indent=2))
         r = rng.random()
         status = "ok" if r < 0.9 else "diverged" if r < 0.93 else "failed" if r < 0.96 else None
