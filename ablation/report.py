@@ -21,6 +21,8 @@ k/n) instead of showing a number.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import multiprocessing
@@ -699,6 +701,70 @@ def write_csv(df: pd.DataFrame, path: str | Path, workers: int | None = None) ->
         _piece_of = None
 
 
+# ---------------------------------------------------------------- outputs already made
+
+OUTPUTS_NAME = ".report-outputs.json"  # in the report's folder: which outputs are what which inputs made
+FIGURES = ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch")
+
+
+def _digest(*parts: Any) -> str:
+    """A digest of tables (numbers by their bytes, other columns by pandas' hash of their values) and other values (repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, pd.DataFrame):
+            h.update(repr((list(part.columns), [str(t) for t in part.dtypes], len(part))).encode())
+            for _, col in part.items():
+                if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iufb":
+                    h.update(np.ascontiguousarray(col.to_numpy()).tobytes())  # -0.0 and each NaN as written, not as equal
+                else:
+                    h.update(pd.util.hash_pandas_object(col, index=False).to_numpy().tobytes())
+        else:
+            h.update(repr(part).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> list[int] | None:
+    """A file's size, mtime_ns and inode, or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class _Outputs:
+    """The outputs in a report's folder that are still what the same inputs made them (not made again), as a JSON file there.
+
+    Each output is recorded with the digest of what it was made from and its identity once renamed into place: one
+    changed since (edited, deleted, replaced by a concurrent report) no longer matches, and is made again.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.new = out, out / OUTPUTS_NAME, {}
+        try:
+            doc = json.loads(self.path.read_text())
+            self.old = doc["outputs"] if doc.get("version") == 1 else {}
+        except FileNotFoundError:
+            self.old = {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning(f"{self.path} is unreadable ({type(e).__name__}); every output is made again")
+            self.old = {}
+
+    def fresh(self, names: list[str], digest: str) -> bool:
+        """True where every one of these outputs is there as made from inputs of this digest."""
+        if not all(isinstance(self.old.get(n), list) and self.old[n] == [digest, _identity(self.out / n)] for n in names):
+            return False
+        self.new.update({n: self.old[n] for n in names})
+        return True
+
+    def made(self, names: list[str], digest: str) -> None:
+        """Record these outputs as made (just now) from inputs of this digest."""
+        self.new.update({n: [digest, _identity(self.out / n)] for n in names})
+
+    def save(self) -> None:
+        write_text(self.path, json.dumps({"version": 1, "outputs": self.new}) + "\n", durable=False)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -736,10 +802,15 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
     files = []
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
-    # sees each file old or new, never cut.
+    # sees each file old or new, never cut. One that is there as the same inputs made it is left as it is.
+    outputs = _Outputs(out)
+    versions = (pd.__version__, np.__version__)
     for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
-        with atomic_path(out / name, durable=False) as tmp:
-            write_csv(frame, tmp)
+        digest = _digest(frame, versions)
+        if not outputs.fresh([name], digest):
+            with atomic_path(out / name, durable=False) as tmp:
+                write_csv(frame, tmp)
+            outputs.made([name], digest)
     files += [out / "runs.csv", out / "curves.csv"]
     lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
@@ -748,8 +819,21 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
             write_text(out / f"{table.name}.{ext}", text, durable=False)
             files.append(out / f"{table.name}.{ext}")
     lap("tables")
-    files += figure_error_vs_batch(runs, ref, out)
-    files += figure_curves(runs, curves, out)
-    files += figure_delta(runs, bases, out)
+    figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
+    digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
+    if not outputs.fresh(figures, digest):
+        figure_error_vs_batch(runs, ref, out)
+        figure_curves(runs, curves, out)
+        figure_delta(runs, bases, out)
+        outputs.made(figures, digest)
+    files += [out / name for name in figures]
+    outputs.save()
     lap("figures")
     return Report(runs, curves, tables, files)
+
+
+def _matplotlib_version() -> str:
+    """matplotlib's version, without importing pyplot."""
+    from importlib.metadata import version
+
+    return version("matplotlib")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -262,3 +264,130 @@ def test_each_run_folder_is_found_once_through_links(many: Path) -> None:
     folders = collect.find_run_folders([many / "results", many / "other"])
     assert len(folders) == 31 and len({f.resolve() for f in folders}) == 31
     assert [f.name for f in folders] == sorted(f.name for f in folders)
+
+
+def _tables(roots: list[Path], **kw: object) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return collect.collect(roots, workers=1, **kw)  # type: ignore[arg-type]
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders runfiles.read_folder reads from now on (in this process: workers=1)."""
+    seen: list[str] = []
+    real = runfiles.read_folder
+
+    def counted(folder: str) -> dict:
+        seen.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(runfiles, "read_folder", counted)
+    return seen
+
+
+def _assert_same(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("change", ["metrics rewritten", "final mtime only", "config.json replaced", "config.json removed"])
+def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "copy"
+    shutil.copytree(many / "results", base, symlinks=True)
+    index = tmp_path / "out" / runfiles.INDEX_NAME
+    cold = _tables([base], index=index)
+    _assert_same(cold, _tables([base]))  # the index changes nothing in the tables
+    seen = _count_reads(monkeypatch)
+    _assert_same(_tables([base], index=index), cold)
+    assert seen == []  # nothing changed: nothing read
+    folder = sorted((base / "runs").iterdir())[3]
+    if change == "metrics rewritten":
+        rows = rundir.read_jsonl(folder / rundir.METRICS)[:-1]
+        rundir.write_jsonl(folder / rundir.METRICS, rows)
+    elif change == "final mtime only":
+        st = (folder / rundir.FINAL).stat()
+        os.utime(folder / rundir.FINAL, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    elif change == "config.json replaced":
+        doc = json.loads((folder / rundir.CONFIG_JSON).read_text())
+        rundir.write_text(folder / rundir.CONFIG_JSON, json.dumps({**doc, "epochs": 11}))
+    else:
+        (folder / rundir.CONFIG_JSON).unlink()
+    warm = _tables([base], index=index)
+    assert [Path(s).name for s in seen] == [folder.name]
+    _assert_same(warm, _tables([base]))
+    if change == "metrics rewritten":
+        assert len(warm[1]) == len(cold[1]) - 1
+    elif change == "config.json replaced":
+        assert (warm[0]["epochs"] == 11).sum() == 1
+    else:
+        _assert_same(warm, cold)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut", "a class", "another version"])
+def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    index = tmp_path / runfiles.INDEX_NAME
+    roots = [many / "results", many / "other"]
+    want = _tables(roots, index=index)
+    data = index.read_bytes()
+    index.write_bytes({
+        "garbage": b"not a pickle at all",
+        "cut": data[: len(data) // 2],
+        "a class": pickle.dumps({"version": runfiles.INDEX_VERSION, "entries": {"x": Path("/")}}),
+        "another version": pickle.dumps({"version": runfiles.INDEX_VERSION + 1, "entries": {}}),
+    }[damage])
+    with caplog.at_level("WARNING", logger="ablation"):
+        _assert_same(_tables(roots, index=index), want)
+    warned = [r.getMessage() for r in caplog.records if "collect index" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "read again" in warned[0]
+    assert runfiles.load_index(index)  # rebuilt whole
+
+
+def test_old_folders_without_config_json_collect_to_the_same_tables(many: Path, tmp_path: Path) -> None:
+    base = tmp_path / "old" / "results"  # the same folder name: a root with a manifest names a sweep
+    shutil.copytree(many / "results", base, symlinks=True)
+    for p in base.glob(f"runs/*/{rundir.CONFIG_JSON}"):
+        p.unlink()
+    assert not list(base.glob(f"runs/*/{rundir.CONFIG_JSON}"))
+    _assert_same(_tables([base, many / "other"]), _tables([many / "results", many / "other"]))
+    assert runfiles.read_folder(str(next((base / "runs").iterdir())))["identity"][0] == rundir.CONFIG
+
+
+def test_concurrent_reports_leave_a_whole_index(many: Path, tmp_path: Path) -> None:
+    """Two collectors writing one index at once: each renames a whole file into place; the last one's stays."""
+    import multiprocessing
+
+    index = tmp_path / runfiles.INDEX_NAME
+    roots = [many / "results", many / "other"]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=collect.collect, args=(roots,), kwargs={"workers": 1, "index": index}) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    entries = runfiles.load_index(index)
+    assert len(entries) == 31 and not list(tmp_path.glob("*.tmp"))
+    _assert_same(_tables(roots, index=index), _tables(roots))
+
+
+def test_report_cold_and_warm_are_byte_identical(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second report into the same folder reads nothing and leaves unchanged outputs as they are; a deleted or edited
+    output is made again; every file is the bytes a fresh report writes (PDFs: their creation time aside)."""
+    roots = [many / "results", many / "other"]
+    out = tmp_path / "out"
+    report.build(roots, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    seen = _count_reads(monkeypatch)
+    (out / "fig_curves.png").write_bytes(b"edited")
+    (out / "runs.csv").unlink()
+    rep = report.build(roots, out)
+    assert seen == []
+    assert (out / "curves.csv").stat().st_mtime_ns == stamps["curves.csv"]  # unchanged: not written again
+    fresh = tmp_path / "fresh"
+    report.build(roots, fresh)
+    for p in fresh.iterdir():
+        if p.name.startswith("."):
+            continue
+        data = (out / p.name).read_bytes()
+        assert data == p.read_bytes() or p.suffix == ".pdf" and data.startswith(b"%PDF"), p.name
+    assert (out / "curves.csv").read_text() == rep.curves.to_csv(index=False)
+    assert (out / "runs.csv").read_text() == rep.runs.to_csv(index=False)
+    assert [p.name for p in rep.files] == [p.name for p in report.build(roots, fresh).files]
