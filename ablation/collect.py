@@ -456,13 +456,13 @@ def _curves_from_columns(runs: list[dict[str, Any]], entries: list[dict[str, Any
     with_rows = [(run, e) for run, e in zip(runs, entries) if e["n"]]
     if not with_rows or not all(_regular(run) and e["columns"] for run, e in with_rows):
         return None
+    columns = [[e["columns"][key] for _, e in with_rows] for key in rundir.METRIC_KEYS]
     out: dict[str, Any] = {}
-    for key in rundir.METRIC_KEYS:
-        codes = {e["columns"][key][0] for _, e in with_rows}
+    for key, col in zip(rundir.METRIC_KEYS, columns):
+        codes = {code for code, _ in col}
         if len(codes) != 1:
             return None
-        dtype = np.float64 if codes == {"d"} else np.int64
-        out[key] = np.frombuffer(b"".join(e["columns"][key][1] for _, e in with_rows), dtype=dtype)
+        out[key] = np.frombuffer(b"".join([data for _, data in col]), dtype=np.float64 if codes == {"d"} else np.int64)
     reps = np.array([e["n"] for _, e in with_rows])
     for key in ("run_id", "variant"):
         out[key] = [x for run, e in with_rows for x in [run[key]] * e["n"]]
