@@ -757,9 +757,10 @@ class _Outputs:
         self.new.update({n: self.old[n] for n in names})
         return True
 
-    def made(self, names: list[str], digest: str) -> None:
-        """Record these outputs as made (just now) from inputs of this digest."""
-        self.new.update({n: [digest, _identity(self.out / n)] for n in names})
+    def made(self, names: list[str], digest: str, written: Path | None = None) -> None:
+        """Record these outputs as made (just now) from inputs of this digest (written: the one output's temporary file,
+        about to be renamed into place with its identity: a concurrent report's file renamed over it is not taken for it)."""
+        self.new.update({n: [digest, _identity(written or self.out / n)] for n in names})
 
     def save(self) -> None:
         write_text(self.path, json.dumps({"version": 1, "outputs": self.new}) + "\n", durable=False)
@@ -810,7 +811,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
         if not outputs.fresh([name], digest):
             with atomic_path(out / name, durable=False) as tmp:
                 write_csv(frame, tmp)
-            outputs.made([name], digest)
+                outputs.made([name], digest, tmp)
     files += [out / "runs.csv", out / "curves.csv"]
     lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]

@@ -391,3 +391,18 @@ def test_report_cold_and_warm_are_byte_identical(many: Path, tmp_path: Path, mon
     assert (out / "curves.csv").read_text() == rep.curves.to_csv(index=False)
     assert (out / "runs.csv").read_text() == rep.runs.to_csv(index=False)
     assert [p.name for p in rep.files] == [p.name for p in report.build(roots, fresh).files]
+
+
+def test_a_damaged_outputs_record_makes_every_output_again(many: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    roots = [many / "results"]
+    out = tmp_path / "out"
+    report.build(roots, out)
+    before = (out / "curves.csv").read_bytes()
+    (out / report.OUTPUTS_NAME).write_text("[1, 2")
+    (out / "curves.csv").write_bytes(before)  # the same bytes, but not the file recorded: made again
+    stamp = (out / "curves.csv").stat().st_ino
+    with caplog.at_level("WARNING", logger="ablation"):
+        report.build(roots, out)
+    assert sum(report.OUTPUTS_NAME in r.getMessage() for r in caplog.records) == 1
+    assert (out / "curves.csv").read_bytes() == before and (out / "curves.csv").stat().st_ino != stamp  # renamed into place anew
+    assert json.loads((out / report.OUTPUTS_NAME).read_text())["version"] == 1
