@@ -403,6 +403,50 @@ def test_a_damaged_outputs_record_makes_every_output_again(many: Path, tmp_path:
     stamp = (out / "curves.csv").stat().st_ino
     with caplog.at_level("WARNING", logger="ablation"):
         report.build(roots, out)
-    assert sum(report.OUTPUTS_NAME in r.getMessage() for r in caplog.records) == 1
+    assert sum(report.OUTPUTS_NAME in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
     assert (out / "curves.csv").read_bytes() == before and (out / "curves.csv").stat().st_ino != stamp  # renamed into place anew
-    assert json.loads((out / report.OUTPUTS_NAME).read_text())["version"] == 1
+    assert json.loads((out / report.OUTPUTS_NAME).read_text())["version"] == report.OUTPUTS_VERSION
+
+
+@pytest.mark.parametrize("change", ["one run's metrics", "a run added", "a run removed", "an output edited"])
+def test_curves_csv_pieces_not_changed_are_copied_and_the_file_is_to_csv(many: Path, tmp_path: Path, change: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report into a folder with an earlier report's curves.csv copies the pieces of rows that are the same and makes
+    the others with pandas: the file is what to_csv writes for the whole table (also with 2 processes making pieces)."""
+    monkeypatch.setattr(report, "CSV_PARALLEL_ROWS", 10)
+    monkeypatch.setattr(report, "PIECE_RUNS", 3)
+    base = tmp_path / "copy" / "results"
+    shutil.copytree(many / "results", base, symlinks=True)
+    out = tmp_path / "out"
+    first = report.build([base], out)
+    assert (out / "curves.csv").read_text() == first.curves.to_csv(index=False)
+    assert len(report.piece_bounds(first.curves)) > 3
+    made: list[int] = []
+    real = report.csv_pieces
+
+    def counted(df: pd.DataFrame, bounds: list, workers: int | None = None) -> list[str]:
+        made.append(sum(b - a for a, b in bounds))
+        return real(df, bounds, 2)
+
+    monkeypatch.setattr(report, "csv_pieces", counted)
+    folders = sorted((base / "runs").iterdir())
+    if change == "one run's metrics":
+        rows = rundir.read_jsonl(folders[5] / rundir.METRICS)
+        rundir.write_jsonl(folders[5] / rundir.METRICS, [{**r, "lr": r["lr"] / 3} for r in rows])
+    elif change == "a run added":
+        write_run(base / "runs", ["norm.name=gn", "batch_per_gpu=4", "seed=77"], curve(30.0))
+    elif change == "a run removed":
+        shutil.rmtree(folders[7])
+    else:
+        with open(out / "curves.csv", "r+b") as f:
+            f.seek(200)
+            f.write(b"X")
+    second = report.build([base], out)
+    assert (out / "curves.csv").read_text() == second.curves.to_csv(index=False)
+    if change == "an output edited":
+        assert made == [len(second.curves)]  # not the recorded file: nothing copied from it
+    else:
+        assert made and 0 < made[0] < len(second.curves)  # some pieces copied, the changed ones made
+    made.clear()
+    report.build([base], out)
+    assert made == []  # nothing changed: the file is left as it is
