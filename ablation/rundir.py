@@ -204,11 +204,26 @@ def read_jsonl_and_text(path: str | Path) -> tuple[list[dict[str, Any]], bytes |
     return rows, None
 
 
-def read_config(path: str | Path) -> Any:
-    """A run's config.yaml as yaml.safe_load reads it."""
+def read_config(path: str | Path, warnings: list[str] | None = None) -> Any:
+    """A run's config.yaml document: from the config.json beside it where the trainer wrote one (the same values, read
+    with json), else as yaml.safe_load reads config.yaml (older folders). A damaged config.json is reported in `warnings`
+    (else logged) and config.yaml read."""
+    p = Path(path)
+    if p.name == CONFIG:
+        try:
+            doc = read_json(p.with_name(CONFIG_JSON))
+        except CorruptFile as e:
+            why = f"{e}; {CONFIG} is read instead"
+            if warnings is None:
+                logging.getLogger("ablation").warning(why)
+            else:
+                warnings.append(why)
+            doc = None
+        if doc is not None:
+            return doc
     import yaml
 
-    return yaml.safe_load(Path(path).read_text())
+    return yaml.safe_load(p.read_text())
 
 
 def config_json_text(doc: dict[str, Any]) -> str | None:
@@ -222,19 +237,8 @@ def config_json_text(doc: dict[str, Any]) -> str | None:
 
 
 def read_run_config(folder: str | Path, warnings: list[str] | None = None) -> Any:
-    """A run folder's config document: config.json where the trainer wrote one, else config.yaml (older folders)
-    as yaml.safe_load reads it. A damaged config.json is reported in `warnings` (else logged) and config.yaml read."""
-    folder = Path(folder)
-    try:
-        doc = read_json(folder / CONFIG_JSON)
-    except CorruptFile as e:
-        why = f"{e}; {CONFIG} is read instead"
-        if warnings is None:
-            logging.getLogger("ablation").warning(why)
-        else:
-            warnings.append(why)
-        doc = None
-    return doc if doc is not None else read_config(folder / CONFIG)
+    """A run folder's config document (read_config of its config.yaml: config.json where there is one)."""
+    return read_config(Path(folder) / CONFIG, warnings)
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]], *, fsync: bool = False) -> None:

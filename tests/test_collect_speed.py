@@ -450,3 +450,17 @@ def test_curves_csv_pieces_not_changed_are_copied_and_the_file_is_to_csv(many: P
     made.clear()
     report.build([base], out)
     assert made == []  # nothing changed: the file is left as it is
+
+
+def test_a_damaged_config_json_is_read_from_config_yaml_with_a_warning(many: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = tmp_path / "copy" / "results"
+    shutil.copytree(many / "results", base, symlinks=True)
+    folder = sorted((base / "runs").iterdir())[2]
+    (folder / rundir.CONFIG_JSON).write_text('{"run_id": ')
+    entry = runfiles.read_folder(str(folder))
+    assert entry["config"] == yaml.safe_load((folder / rundir.CONFIG).read_text())
+    assert len(entry["warnings"]) == 1 and rundir.CONFIG_JSON in entry["warnings"][0]
+    with caplog.at_level("WARNING", logger="ablation"):
+        _assert_same(_tables([base]), _tables([many / "results"]))
+    assert sum(rundir.CONFIG_JSON in r.getMessage() for r in caplog.records) == 1
+    assert rundir.read_config(folder / rundir.CONFIG) == entry["config"]  # what the launcher reads too
