@@ -452,7 +452,8 @@ def test_curves_csv_pieces_not_changed_are_copied_and_the_file_is_to_csv(many: P
     assert made == []  # nothing changed: the file is left as it is
 
 
-def test_a_damaged_config_json_is_read_from_config_yaml_with_a_warning(many: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_config_json_is_read_from_config_yaml_with_a_warning(many: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
     base = tmp_path / "copy" / "results"
     shutil.copytree(many / "results", base, symlinks=True)
     folder = sorted((base / "runs").iterdir())[2]
