@@ -6,8 +6,6 @@ unfinished run keeps its row and its status, and its metric stays empty (NaN), n
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
 import logging
@@ -274,9 +272,9 @@ def _sweeps_of(folder: Path, roots: list[Path]) -> str:
     return _sweep_index(roots)(folder.name)
 
 
-def _config_part(folder: Path) -> tuple[dict[str, Any], Any]:
-    """The runs.csv fields that come from a run folder's config.yaml (its result fields under `_fields`), and its metric_epochs."""
-    cfg = rundir.read_config(folder / rundir.CONFIG) or {}
+def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
+    """The runs.csv fields that come from a run folder's config document (its result fields under `_fields`), and its metric_epochs."""
+    cfg = cfg or {}
     norm = cfg.get("norm", {})
     model = cfg.get("model", {})
     unlike = unlike_paper(cfg)
@@ -310,90 +308,84 @@ def _curve_rows(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[st
     return [{"run_id": run["run_id"], "variant": run["variant"], "batch_per_gpu": run["batch_per_gpu"], "seed": run["seed"], **r} for r in rows]
 
 
-def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One run folder as a row of runs.csv and its rows of curves.csv."""
-    run, metric_epochs = _config_part(folder)
-    chunk = runfiles.read_chunk([str(folder)], keep_rows=True)
-    for w in chunk.warnings:
+def _run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """A run's row of runs.csv (less sweeps and setting) from its folder's entry (runfiles.read_folder); its warnings logged."""
+    for w in entry["warnings"]:
         log.warning(w)
-    _add_metrics(run, chunk.runs[0], metric_epochs)
-    return run, _curve_rows(run, chunk.rows[0])  # type: ignore[index]
-
-
-def _add_metrics(run: dict[str, Any], part: dict[str, Any], metric_epochs: Any) -> None:
-    """Complete a run's row with what its metrics and final status gave (runfiles.read_chunk)."""
+    run, metric_epochs = _config_part(folder, entry["config"])
+    part = runfiles.run_fields(entry)
     val = part.pop("_val")
     run.update(part)
     run["last_val_err1"] = rundir.paper_metric(val, metric_epochs)
+    return run
+
+
+def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run folder as a row of runs.csv and its rows of curves.csv."""
+    entry = runfiles.read_folder(str(folder))
+    run = _run_from(folder, entry)
+    return run, _curve_rows(run, runfiles.metric_rows(entry))
 
 
 CURVE_COLUMNS = ["run_id", "variant", "setting", "batch_per_gpu", "seed", *rundir.METRIC_KEYS]
-# From this many run folders on, the metrics are read by worker processes (one per usable core).
+# From this many run folders to read on, they are read by worker processes (one per usable core).
 PARALLEL_MIN_FOLDERS = 1000
-_CHUNK = 500  # run folders per piece of work (bounds the memory of the per-epoch values held at once)
+_CHUNK = 500  # run folders per piece of work
 
 
-def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None,
+            index: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) tables of every run folder under the roots.
 
-    timings: gets the seconds of each phase (find, read, frames). workers: processes reading the
-    metrics (default: one per usable core from PARALLEL_MIN_FOLDERS run folders on, where this process
-    can fork: a single-threaded process on Linux; 1: this process alone).
+    timings: gets the seconds of each phase (find, read, frames). workers: processes reading the run folders
+    (default: one per usable core from PARALLEL_MIN_FOLDERS folders to read on, where this process can fork: a
+    single-threaded process on Linux; 1: this process alone). index: a file keeping what was read of each folder
+    (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
     """
-    runs, curves, _ = collect_with_text(roots, timings, workers)
-    return runs, curves
-
-
-def collect_with_text(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
-    """collect(), and curves.csv's text below its header (pieces to write one after another) where it
-    was made while reading (None: write the table, e.g. with write_csv)."""
     with runfiles.gc_paused():  # the configs, rows and tables made here are many and hold no cycles
-        return _collect(roots, timings, workers)
+        return _collect(roots, timings, workers, index)
 
 
-def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None) -> tuple[pd.DataFrame, pd.DataFrame, list[str] | None]:
-    """collect_with_text(), the collector as it is."""
+def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None,
+             index: str | Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """collect(), the collector as it is."""
     roots = [Path(r) for r in roots]
     clock = _Clock(timings)
     folders = find_run_folders(roots)
     clock.lap("find")
     paths = [str(f) for f in folders]
-    with _reader(_workers(workers, len(folders))) as read:
-        pending = read(paths)  # the metrics are read (by the workers) while the configs are read here
-        sweeps = _sweep_index(roots)
-        runs, metric_epochs = [], []
-        for folder in folders:
-            run, m = _config_part(folder)
-            run["sweeps"] = sweeps(folder.name)
-            runs.append(run)
-            metric_epochs.append(m)
-        chunks = list(pending)
-    for chunk in chunks:
-        for w in chunk.warnings:
-            log.warning(w)
-    for run, part, m in zip(runs, (r for c in chunks for r in c.runs), metric_epochs):
-        _add_metrics(run, part, m)
+    known = runfiles.load_index(index)
+    entries: list[dict[str, Any] | None] = []
+    for p in paths:
+        e = known.get(p)
+        entries.append(e if e is not None and e.get("identity") == runfiles.identity(p) else None)
+    missing = [i for i, e in enumerate(entries) if e is None]
+    with _reader(reader_count(workers, len(missing))) as read:
+        for i, e in zip(missing, read([paths[i] for i in missing])):
+            entries[i] = e
+    if index is not None and (missing or len(known) != len(paths)):
+        runfiles.save_index(index, dict(zip(paths, entries)))
     clock.lap("read")
+    sweeps = _sweep_index(roots)
+    runs = []
+    for folder, entry in zip(folders, entries):
+        run = _run_from(folder, entry)  # type: ignore[arg-type]
+        run["sweeps"] = sweeps(folder.name)
+        runs.append(run)
     every = list(runs)  # every folder's curves count, copies of a run included
     runs = _one_per_run_id(runs)
     _label_settings(runs)
     runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
-    counts = [n for c in chunks for n in c.counts]
-    curves = _curves_from_columns(every, counts, chunks, setting)
-    text = None
+    curves = _curves_from_columns(every, entries, setting)  # type: ignore[arg-type]
     if curves is None:
-        rows = [r for c in (runfiles.read_chunk(paths[i : i + _CHUNK], keep_rows=True) for i in range(0, len(paths), _CHUNK)) for r in c.rows or []]
-        curves = _curves_from_rows(every, rows, setting)
-    elif all(c.blocks is not None for c in chunks) and _repr_is_numpy_str():
-        blocks = (b for c in chunks for b in c.blocks)  # type: ignore[union-attr]
-        text = [block.replace(runfiles.RUN, _curve_prefix(run, setting)) if block else "" for run, block in zip(every, blocks)]
+        curves = _curves_from_rows(every, [runfiles.metric_rows(e) for e in entries], setting)  # type: ignore[arg-type]
     clock.lap("frames")
-    return runs_df, curves, text
+    return runs_df, curves
 
 
-def _workers(asked: int | None, folders: int) -> int:
-    """Processes to read the metrics with: 1 unless there are many folders (or asked) and this process may fork."""
+def reader_count(asked: int | None, folders: int) -> int:
+    """Processes to read run folders with: 1 unless there are many folders (or asked) and this process may fork."""
     if asked is None:
         from ablation.cluster import usable_cores
 
@@ -404,24 +396,28 @@ def _workers(asked: int | None, folders: int) -> int:
 
 
 @contextmanager
-def _reader(workers: int) -> Iterator[Callable[[list[str]], Iterable[runfiles.Chunk]]]:
-    """A function reading run folders' metrics in pieces (runfiles.read_chunk), in order: lazily here, or
-    started at once in `workers` forked processes (what it returns is then the pieces to come)."""
+def _reader(workers: int) -> Iterator[Callable[[list[str]], Iterator[dict[str, Any]]]]:
+    """A function reading run folders (runfiles.read_folder) in order, in pieces: here, or in `workers` forked processes."""
     if workers <= 1:
-        yield lambda paths: [runfiles.read_chunk(paths[i : i + _CHUNK]) for i in range(0, len(paths), _CHUNK)]
+        yield lambda paths: itertools.chain.from_iterable(map(runfiles.read_folders, _pieces(paths, _CHUNK)))
         return
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
-    def read(paths: list[str]) -> Iterable[runfiles.Chunk]:
+    def read(paths: list[str]) -> Iterator[dict[str, Any]]:
         size = max(50, min(_CHUNK, len(paths) // (workers * 4) or 1))  # several pieces a worker: none waits long for the last
-        return ex.map(runfiles.read_chunk, [paths[i : i + size] for i in range(0, len(paths), size)])
+        return itertools.chain.from_iterable(ex.map(runfiles.read_folders, _pieces(paths, size)))
 
     try:
         yield read
     except BaseException:
-        ex.shutdown(wait=True, cancel_futures=True)  # a config that cannot be read: the metrics are not waited for
+        ex.shutdown(wait=True, cancel_futures=True)  # a config that cannot be read: the rest is not waited for
         raise
     ex.shutdown(wait=True)
+
+
+def _pieces(paths: list[str], size: int) -> list[list[str]]:
+    """The paths in pieces of `size`."""
+    return [paths[i : i + size] for i in range(0, len(paths), size)]
 
 
 _INT64 = range(-(2**63), 2**63)
@@ -430,19 +426,6 @@ _INT64 = range(-(2**63), 2**63)
 def _regular(run: dict[str, Any]) -> bool:
     """True when the run's columns of curves are strings (run id, variant) and int64 numbers (batch, seed)."""
     return type(run["run_id"]) is str and type(run["variant"]) is str and all(type(run[k]) is int and run[k] in _INT64 for k in ("batch_per_gpu", "seed"))
-
-
-def _curve_prefix(run: dict[str, Any], settings: dict[Any, str]) -> str | None:
-    """The run's columns at the start of each of its curves.csv lines, or None where not regular."""
-    if not _regular(run):
-        return None
-    fields = _csv_fields([run["run_id"], run["variant"], settings[run["run_id"]]])
-    return ",".join([*fields, str(run["batch_per_gpu"]), str(run["seed"]), ""])
-
-
-def _repr_is_numpy_str() -> bool:
-    """True when numpy writes a float64 as repr() does (its default; not with legacy='1.13' printing)."""
-    return np.get_printoptions().get("legacy") is False and str(np.float64(0.1)) == "0.1" and str(np.array([1e-5]).astype(str)[0]) == repr(1e-5)
 
 
 class _Clock:
@@ -466,88 +449,27 @@ def _curves_from_rows(runs: list[dict[str, Any]], metrics: list[list[dict[str, A
     return pd.DataFrame(curves, columns=CURVE_COLUMNS)
 
 
-def _curves_from_columns(runs: list[dict[str, Any]], counts: list[int], chunks: list[runfiles.Chunk], setting: dict[Any, str]) -> pd.DataFrame | None:
-    """curves.csv's table from the chunks' columns, the same as _curves_from_rows makes it, or None where that
-    is not sure: no rows at all, a row missing a metric or with a run's key, a column of mixed types, a run
-    whose id or variant is not a string or whose batch or seed is not an int."""
-    with_rows = [(run, n) for run, n in zip(runs, counts) if n]
-    if not with_rows or not all(_regular(run) for run, _ in with_rows):
+def _curves_from_columns(runs: list[dict[str, Any]], entries: list[dict[str, Any]], setting: dict[Any, str]) -> pd.DataFrame | None:
+    """curves.csv's table from the entries' metric columns, the same as _curves_from_rows makes it, or None where that
+    is not sure: no rows at all, a folder whose rows are not one float or int per metric (runfiles), a metric that is
+    float in one folder and int in another, a run whose id or variant is not a string or whose batch or seed is not an int."""
+    with_rows = [(run, e) for run, e in zip(runs, entries) if e["n"]]
+    if not with_rows or not all(_regular(run) and e["columns"] for run, e in with_rows):
         return None
+    columns = [[e["columns"][key] for _, e in with_rows] for key in rundir.METRIC_KEYS]
     out: dict[str, Any] = {}
-    for key in rundir.METRIC_KEYS:
-        kinds = {c.kinds.get(key) for c in chunks} - {"empty"}
-        if kinds == {"float"}:
-            dtype = np.float64
-        elif kinds == {"int"}:
-            dtype = np.int64
-        else:
+    for key, col in zip(rundir.METRIC_KEYS, columns):
+        codes = {code for code, _ in col}
+        if len(codes) != 1:
             return None
-        out[key] = np.concatenate([np.frombuffer(c.columns[key], dtype=dtype) for c in chunks if len(c.columns[key])])
-    reps = np.array([n for _, n in with_rows])
+        out[key] = np.frombuffer(b"".join([data for _, data in col]), dtype=np.float64 if codes == {"d"} else np.int64)
+    reps = np.array([e["n"] for _, e in with_rows])
     for key in ("run_id", "variant"):
-        out[key] = [x for run, n in with_rows for x in [run[key]] * n]
-    out["setting"] = [x for run, n in with_rows for x in [setting[run["run_id"]]] * n]
+        out[key] = [x for run, e in with_rows for x in [run[key]] * e["n"]]
+    out["setting"] = [x for run, e in with_rows for x in [setting[run["run_id"]]] * e["n"]]
     for key in ("batch_per_gpu", "seed"):
         out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=np.int64), reps)
     return pd.DataFrame(out, columns=CURVE_COLUMNS)
-
-
-def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    """df.to_csv(path, index=False), byte for byte, at several times its speed for int64, float64 and string
-    columns (curves.csv: a million rows for 10,000 runs); any other frame is written by pandas.
-
-    Each column is made text the way pandas makes it (numpy's str() of each number, '' for NaN and
-    missing strings), each distinct string quoted by the csv module with pandas' settings, and the
-    rows joined once.
-    """
-    texts = _csv_columns(df) if len(df.columns) > 1 else None
-    if texts is None:
-        df.to_csv(path, index=False)
-        return
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        f.write(csv_header([str(c) for c in df.columns]))
-        for start in range(0, len(df), 100_000):  # a bounded amount of text at a time
-            f.write("".join([",".join(row) + os.linesep for row in zip(*(t[start : start + 100_000] for t in texts))]))
-
-
-def csv_header(columns: list[str]) -> str:
-    """The header line to_csv writes for these column names."""
-    return ",".join(_csv_fields(columns)) + os.linesep
-
-
-def _csv_fields(values: list[str]) -> list[str]:
-    """Each string as the csv module writes it as a field with pandas' settings (quoted when it has to be)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator=os.linesep, delimiter=",", quoting=csv.QUOTE_MINIMAL, doublequote=True, escapechar=None, quotechar='"')
-    out = []
-    for v in values:
-        buf.seek(0)
-        buf.truncate()
-        w.writerow([v, ""])  # two fields: a lone empty field would be quoted
-        out.append(buf.getvalue()[: -len(os.linesep) - 1])
-    return out
-
-
-def _csv_columns(df: pd.DataFrame) -> list[list[str]] | None:
-    """Each column's cells as pandas' CSV writer makes them, or None for a column of another kind."""
-    out = []
-    for _, col in df.items():
-        values = col.to_numpy()
-        if col.dtype == np.float64:
-            text = values.astype(str)
-            text[np.isnan(values)] = ""
-            out.append(text.tolist())
-        elif col.dtype == np.int64:
-            out.append(values.astype(str).tolist())
-        elif col.dtype == object or isinstance(col.dtype, pd.StringDtype):
-            codes, uniques = pd.factorize(col, use_na_sentinel=True)
-            if not all(type(u) is str for u in uniques):
-                return None
-            cells = np.array([*_csv_fields(list(uniques)), ""], dtype=object)
-            out.append(cells[codes].tolist())  # code -1 (missing): the last, ''
-        else:
-            return None
-    return out
 
 
 def _one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,17 +21,26 @@ k/n) instead of showing a number.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import multiprocessing
+import os
 import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
+from ablation import runfiles
+from ablation.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
 from ablation.norms import registry
-from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -658,6 +667,195 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
     return paths
 
 
+# ---------------------------------------------------------------- CSV files
+
+CSV_PARALLEL_ROWS = 100_000  # from this many rows to write on, a table's CSV is made by forked processes, a piece of rows each
+PIECE_RUNS = 64  # a piece of a CSV ends before a run whose id's CRC-32 is 0 modulo this (about this many runs a piece)
+_BY_VALUE = ("i", "u", "f", "b", "O")  # numpy kinds of columns pandas writes value by value (numbers, booleans, strings)
+_piece_of: pd.DataFrame | None = None  # the table being written, for the forked processes
+
+
+def _csv_piece(bounds: tuple[int, int]) -> str:
+    """to_csv of rows start:stop of the table being written, without the header."""
+    start, stop = bounds
+    return _piece_of.iloc[start:stop].to_csv(index=False, header=False)  # type: ignore[union-attr]
+
+
+def _by_value(df: pd.DataFrame) -> bool:
+    """True where pandas writes each of the table's cells on its own (number, boolean and string columns)."""
+    return all(isinstance(t, np.dtype) and t.kind in _BY_VALUE or isinstance(t, pd.StringDtype) for t in df.dtypes)
+
+
+def csv_pieces(df: pd.DataFrame, bounds: list[tuple[int, int]], workers: int | None = None) -> list[str]:
+    """to_csv's text (no header) of each range of rows, by forked processes (workers: as collect's readers) where there are many."""
+    global _piece_of
+    rows = sum(stop - start for start, stop in bounds)
+    n = reader_count(workers, PARALLEL_MIN_FOLDERS) if rows >= CSV_PARALLEL_ROWS and len(bounds) > 1 else 1
+    _piece_of = df
+    try:
+        if n <= 1:
+            return list(map(_csv_piece, bounds))
+        with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork")) as ex:
+            return list(ex.map(_csv_piece, bounds))
+    finally:
+        _piece_of = None
+
+
+def piece_bounds(df: pd.DataFrame) -> list[tuple[int, int]]:
+    """A table's rows in pieces: a new piece starts at a run (a change of run_id) whose id's CRC-32 is 0 modulo PIECE_RUNS,
+    so pieces stay as they were where runs are added, removed or changed elsewhere; one piece without a run_id column."""
+    if not len(df):
+        return []
+    if "run_id" not in df.columns:
+        return [(0, len(df))]
+    ids = df["run_id"].to_numpy(dtype=object)
+    changes = np.flatnonzero(ids[1:] != ids[:-1]) + 1
+    starts = [0] + [int(i) for i in changes if zlib.crc32(str(ids[i]).encode()) % PIECE_RUNS == 0]
+    return list(zip(starts, starts[1:] + [len(df)]))
+
+
+def write_csv(df: pd.DataFrame, path: str | Path, workers: int | None = None) -> None:
+    """df.to_csv(path, index=False), a large table's pieces of rows made by pandas in forked processes.
+
+    pandas writes a table's header and then its rows a piece at a time (to_csv's chunksize), a number, boolean or
+    string column's values each on its own: the header and the pieces' texts, joined, are the same bytes. A table
+    with any other kind of column (dates, categories, ...) is written by one to_csv call.
+    """
+    if len(df) < CSV_PARALLEL_ROWS or not _by_value(df):
+        df.to_csv(path, index=False)
+        return
+    size = -(-len(df) // 8)
+    pieces = csv_pieces(df, [(i, min(i + size, len(df))) for i in range(0, len(df), size)], workers)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write(df.iloc[:0].to_csv(index=False))
+        f.writelines(pieces)
+
+
+def _write_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs, versions: tuple[str, ...]) -> None:
+    """Write out/name as write_csv would, unless it is there as the same table made it; the pieces of rows (piece_bounds)
+    that are the same as in the file there are copied from it, the others made by pandas (a small table: made whole)."""
+    if len(df) < CSV_PARALLEL_ROWS or not _by_value(df):
+        digest = _digest(df, versions)
+        if not outputs.fresh([name], digest):
+            with atomic_path(out / name, durable=False) as tmp:
+                df.to_csv(tmp, index=False)
+                outputs.made([name], digest, tmp)
+        return
+    bounds = piece_bounds(df)
+    digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
+    header = df.iloc[:0].to_csv(index=False).encode("utf-8")
+    digest = _digest(header, digests)
+    if outputs.fresh([name], digest):
+        return
+    old = outputs.old_pieces(name)
+    todo = [i for i, d in enumerate(digests) if d not in old]
+    made = dict(zip(todo, csv_pieces(df, [bounds[i] for i in todo])))
+    record, pos = [], len(header)
+    with atomic_path(out / name, durable=False) as tmp, open(tmp, "wb") as f, outputs.open_old(name, bool(old)) as src:
+        f.write(header)
+        for i, d in enumerate(digests):
+            if i in made:
+                data = made[i].encode("utf-8")
+            else:
+                start, stop = old[d]
+                data = os.pread(src.fileno(), stop - start, start)  # type: ignore[union-attr]
+            f.write(data)
+            record.append([d, pos, pos + len(data)])
+            pos += len(data)
+        f.flush()
+        outputs.made([name], digest, tmp, pieces=record)
+
+
+# ---------------------------------------------------------------- outputs already made
+
+OUTPUTS_NAME = ".report-outputs.json"  # in the report's folder: which outputs are what which inputs made
+OUTPUTS_VERSION = 2
+FIGURES = ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch")
+
+
+def _digest(*parts: Any) -> str:
+    """A digest of tables (numbers by their bytes, other columns by pandas' hash of their values) and other values (repr)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, pd.DataFrame):
+            h.update(repr((list(part.columns), [str(t) for t in part.dtypes], len(part))).encode())
+            for _, col in part.items():
+                if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iufb":
+                    h.update(np.ascontiguousarray(col.to_numpy()).tobytes())  # -0.0 and each NaN as written, not as equal
+                else:
+                    h.update(pd.util.hash_pandas_object(col, index=False).to_numpy().tobytes())
+        else:
+            h.update(repr(part).encode() + b"\0")
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> list[int] | None:
+    """A file's size, mtime_ns and inode, or None where there is none."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+class _Outputs:
+    """The outputs in a report's folder that are still what the same inputs made them (not made again), as a JSON file there.
+
+    Each output is recorded with the digest of what it was made from and its identity once renamed into place: one
+    changed since (edited, deleted, replaced by a concurrent report) no longer matches, and is made again.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.path, self.new, self.pieces = out, out / OUTPUTS_NAME, {}, {}
+        self.old, self.old_piece_lists = {}, {}
+        try:
+            doc = json.loads(self.path.read_text())
+            if doc.get("version") == OUTPUTS_VERSION:
+                self.old, self.old_piece_lists = dict(doc["outputs"]), dict(doc["pieces"])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning(f"{self.path} is unreadable ({type(e).__name__}); every output is made again")
+
+    def fresh(self, names: list[str], digest: str) -> bool:
+        """True where every one of these outputs is there as made from inputs of this digest."""
+        if not all(isinstance(self.old.get(n), list) and self.old[n] == [digest, _identity(self.out / n)] for n in names):
+            return False
+        self.new.update({n: self.old[n] for n in names})
+        self.pieces.update({n: self.old_piece_lists[n] for n in names if n in self.old_piece_lists})
+        return True
+
+    def made(self, names: list[str], digest: str, written: Path | None = None, pieces: list[list[Any]] | None = None) -> None:
+        """Record these outputs as made (just now) from inputs of this digest (written: the one output's temporary file,
+        about to be renamed into place with its identity: a concurrent report's file renamed over it is not taken for it;
+        pieces: its pieces' digests and byte ranges)."""
+        self.new.update({n: [digest, _identity(written or self.out / n)] for n in names})
+        if pieces is not None:
+            self.pieces[names[0]] = pieces
+
+    def old_pieces(self, name: str) -> dict[str, tuple[int, int]]:
+        """digest -> byte range of the pieces of the file there, where it is the one recorded (else none)."""
+        old, pieces = self.old.get(name), self.old_piece_lists.get(name)
+        if not (isinstance(old, list) and len(old) == 2 and old[1] == _identity(self.out / name) and isinstance(pieces, list)):
+            return {}
+        return {d: (start, stop) for d, start, stop in pieces}
+
+    @contextmanager
+    def open_old(self, name: str, wanted: bool) -> Iterator[Any]:
+        """The recorded file, open, where wanted (else None); ValueError where it was replaced since old_pieces looked."""
+        if not wanted:
+            yield None
+            return
+        with open(self.out / name, "rb") as f:
+            st = os.fstat(f.fileno())
+            if [st.st_size, st.st_mtime_ns, st.st_ino] != self.old[name][1]:
+                raise ValueError(f"{self.out / name} was replaced while being read")
+            yield f
+
+    def save(self) -> None:
+        write_text(self.path, json.dumps({"version": OUTPUTS_VERSION, "outputs": self.new, "pieces": self.pieces}) + "\n", durable=False)
+
+
 # ---------------------------------------------------------------- the report
 
 
@@ -677,7 +875,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     (find, read, frames: ablation.collect; csv, tables, figures)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves, curves_text = collect_with_text(roots, timings)
+    runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME)
     if runs.empty:
         from ablation.errors import AblationError
 
@@ -695,17 +893,11 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
     files = []
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
-    # sees each file old or new, never cut.
-    with atomic_path(out / "runs.csv", durable=False) as tmp:
-        write_csv(runs, tmp)
-    with atomic_path(out / "curves.csv", durable=False) as tmp:
-        if curves_text is None or list(curves.columns) != CURVE_COLUMNS:
-            write_csv(curves, tmp)
-        else:  # made while reading the metrics: the same text as the table's
-            with open(tmp, "w", encoding="utf-8", newline="") as f:
-                f.write(csv_header(CURVE_COLUMNS))
-                for piece in curves_text:
-                    f.write(piece)
+    # sees each file old or new, never cut. One that is there as the same inputs made it is left as it is.
+    outputs = _Outputs(out)
+    versions = (pd.__version__, np.__version__)
+    for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
+        _write_csv_output(frame, out, name, outputs, versions)
     files += [out / "runs.csv", out / "curves.csv"]
     lap("csv")
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
@@ -714,8 +906,21 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
             write_text(out / f"{table.name}.{ext}", text, durable=False)
             files.append(out / f"{table.name}.{ext}")
     lap("tables")
-    files += figure_error_vs_batch(runs, ref, out)
-    files += figure_curves(runs, curves, out)
-    files += figure_delta(runs, bases, out)
+    figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
+    digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
+    if not outputs.fresh(figures, digest):
+        figure_error_vs_batch(runs, ref, out)
+        figure_curves(runs, curves, out)
+        figure_delta(runs, bases, out)
+        outputs.made(figures, digest)
+    files += [out / name for name in figures]
+    outputs.save()
     lap("figures")
     return Report(runs, curves, tables, files)
+
+
+def _matplotlib_version() -> str:
+    """matplotlib's version, without importing pyplot."""
+    from importlib.metadata import version
+
+    return version("matplotlib")

@@ -4,6 +4,7 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
 
     <run_id>/
       config.yaml     resolved config, its run_id and the derived values (written once)
+      config.json     the same document as JSON, for machines (the aggregator reads it; older folders lack it)
       env.json        versions, git commit, host, devices, SLURM ids; `starts` lists every (re)start
       metrics.jsonl   one JSON line per finished epoch (rewritten whole, so never duplicated on resume)
       steps.jsonl     optional: one line per step (log_steps=true), appended
@@ -13,7 +14,7 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       train.log       human-readable log (never parsed)
 
 Readers never see half a file and never crash on what a crash leaves:
-  - whole files (config.yaml, env.json, metrics.jsonl, final.json, manifest.json) are written to a temporary
+  - whole files (config.yaml, config.json, env.json, metrics.jsonl, final.json, manifest.json) are written to a temporary
     file, fsynced, renamed over the old one and the folder fsynced: a reader sees the old or the new content;
   - appended files (steps.jsonl, a sweep's jobs.jsonl) get each batch of whole lines in one write() on an
     O_APPEND descriptor, so a crash, or a reader racing the writer, sees at most one incomplete last line;
@@ -39,6 +40,7 @@ from ablation import faults
 from ablation.errors import AblationError
 
 CONFIG = "config.yaml"
+CONFIG_JSON = "config.json"
 ENV = "env.json"
 METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
@@ -202,11 +204,41 @@ def read_jsonl_and_text(path: str | Path) -> tuple[list[dict[str, Any]], bytes |
     return rows, None
 
 
-def read_config(path: str | Path) -> Any:
-    """A run's config.yaml as yaml.safe_load reads it (ablation.fastyaml: the same values, read fast)."""
-    from ablation import fastyaml
+def read_config(path: str | Path, warnings: list[str] | None = None) -> Any:
+    """A run's config.yaml document: from the config.json beside it where the trainer wrote one (the same values, read
+    with json), else as yaml.safe_load reads config.yaml (older folders). A damaged config.json is reported in `warnings`
+    (else logged) and config.yaml read."""
+    p = Path(path)
+    if p.name == CONFIG:
+        try:
+            doc = read_json(p.with_name(CONFIG_JSON))
+        except CorruptFile as e:
+            why = f"{e}; {CONFIG} is read instead"
+            if warnings is None:
+                logging.getLogger("ablation").warning(why)
+            else:
+                warnings.append(why)
+            doc = None
+        if doc is not None:
+            return doc
+    import yaml
 
-    return fastyaml.load(Path(path).read_text())
+    return yaml.safe_load(p.read_text())
+
+
+def config_json_text(doc: dict[str, Any]) -> str | None:
+    """config.json's text for a config.yaml document, or None where JSON cannot hold the same values
+    (a key that is not a string, a date, a NaN: the folder then has config.yaml alone)."""
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError):
+        return None
+    return text if json.loads(text) == doc else None
+
+
+def read_run_config(folder: str | Path, warnings: list[str] | None = None) -> Any:
+    """A run folder's config document (read_config of its config.yaml: config.json where there is one)."""
+    return read_config(Path(folder) / CONFIG, warnings)
 
 
 def append_jsonl(path: str | Path, rows: list[dict[str, Any]], *, fsync: bool = False) -> None:
@@ -273,6 +305,7 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.config = self.root / CONFIG
+        self.config_json = self.root / CONFIG_JSON
         self.env = self.root / ENV
         self.metrics = self.root / METRICS
         self.steps = self.root / STEPS

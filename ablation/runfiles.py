@@ -1,47 +1,56 @@
-"""The per-epoch half of collecting run folders: metrics.jsonl and final.json into compact pieces.
+"""What the collector reads of each run folder, as plain data, kept in an index so that an unchanged folder is read once.
 
-ablation.collect reads the configs and assembles the tables; the work that grows with epochs (parse
-every metrics line, keep each metric as a column, write each epoch's curves.csv line) is done here,
-chunk by chunk, in this process or in worker processes. Torch-free and pandas-free.
+A folder's entry holds its config document (config.json, else config.yaml), final.json, and its metrics.jsonl
+rows as one column per metric (or the rows themselves where they are not one float or int per metric). It is
+keyed by the identity (size, mtime_ns, inode) of each file it was read from, taken before reading: a file
+changed since no longer matches, and its folder is read again. Torch-free and pandas-free.
 
-A curves.csv line is made as pandas' to_csv makes it from the curves table: the run's columns (put in
-by the caller for the placeholder RUN) and then each metric, a float as numpy's str() writes a float64
-(which is Python's repr(); '' for NaN), an int as str(). That holds only where the whole column of the
-table is float64 (every value a float) or int64 (every value an int): each chunk says what its values
-were, and the caller uses the text only when every chunk agrees.
+The index is one pickle of plain data (dicts, lists, tuples, strings, bytes, numbers; loaded with an unpickler
+that refuses anything else), written atomically (a temporary file renamed over the old one), so concurrent
+reports each leave a whole index (the last one's). An index that cannot be read or is of another version is
+ignored, with a one-line warning, and rebuilt.
 """
 
 from __future__ import annotations
 
 import array
 import gc
-import itertools
-import json
+import logging
 import operator
 import os
+import pickle
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 from ablation import rundir
 
-RUN = "\x00"  # stands for a run's own columns at the start of each of its curves.csv lines
-_RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))
+log = logging.getLogger("ablation")
+
+INDEX_NAME = ".collect-index.pkl"  # in the report's output folder: run folders stay as the trainer wrote them
+INDEX_VERSION = 1  # bump when an entry's content changes
 _KEYS = rundir.METRIC_KEYS
-_KEY_LIST = list(_KEYS)
+_RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))  # a metrics row holding one sets that curves column
+
+Identity = tuple[Any, ...]
 
 
-@dataclass
-class Chunk:
-    """What reading some run folders' metrics and final status gave."""
+def _stat(path: str) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a file, or None where there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
-    runs: list[dict[str, Any]]  # per folder: the runs.csv fields from metrics.jsonl and final.json, and its val_err1 list under "_val"
-    counts: list[int]  # per folder: its epochs (rows of curves.csv)
-    warnings: list[str]  # damaged files, in the order met: the caller logs them
-    rows: list[list[dict[str, Any]]] | None = None  # the metrics rows, when asked for
-    kinds: dict[str, str] = field(default_factory=dict)  # per metric: 'float', 'int' or 'empty' when every value was one; absent: neither
-    columns: dict[str, array.array] = field(default_factory=dict)  # per metric of a kind: its values ('d' or 'q')
-    blocks: list[str] | None = None  # per folder: its curves.csv lines, each starting with RUN; None where the rows are not regular
+
+def identity(folder: str) -> Identity:
+    """The identities of the files a folder's entry is read from: its config (config.json, else config.yaml), metrics, final status."""
+    config = _stat(os.path.join(folder, rundir.CONFIG_JSON))
+    name = rundir.CONFIG_JSON if config is not None else rundir.CONFIG
+    if config is None:
+        config = _stat(os.path.join(folder, rundir.CONFIG))
+    return (name, config, _stat(os.path.join(folder, rundir.METRICS)), _stat(os.path.join(folder, rundir.FINAL)))
 
 
 def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
@@ -53,13 +62,121 @@ def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
         return {"status": "failed", "reason": f"unreadable final status: {e}", "val_err1": None}
 
 
+def _columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]] | None:
+    """Each metric's values as (array typecode, bytes), where every row has every metric and no run column, and each
+    metric's values are all floats ('d') or all int64 ints ('q'); else None (the rows are kept as they are)."""
+    if set(map(len, rows)) - {len(_KEYS)} and any(r.keys() & _RUN_KEYS for r in rows):
+        return None
+    try:
+        columns = list(zip(*map(operator.itemgetter(*_KEYS), rows)))
+    except KeyError:
+        return None
+    out = {}
+    for key, col in zip(_KEYS, columns):
+        types = set(map(type, col))
+        code = "d" if types == {float} else "q" if types == {int} else None
+        if code is None:
+            return None
+        try:
+            out[key] = (code, array.array(code, col).tobytes())
+        except OverflowError:
+            return None
+    return out
+
+
+def read_folder(folder: str) -> dict[str, Any]:
+    """One run folder's entry: its files' identity, config document, final status, metric columns (or rows), warnings."""
+    key = identity(folder)  # before reading: a file replaced meanwhile is read again next time
+    warnings: list[str] = []
+    config = rundir.read_run_config(folder, warnings)
+    try:
+        rows = rundir.read_jsonl(os.path.join(folder, rundir.METRICS))  # a torn last line (a crash, or an append in flight) is left out
+    except rundir.CorruptFile as e:
+        warnings.append(f"{e}; the run's epochs are left out")
+        rows = []
+    val = [r["val_err1"] for r in rows]
+    last_wall = rows[-1]["wall_seconds"] if rows else None
+    columns = _columns(rows) if rows else {}
+    final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
+    return {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
+            "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings}
+
+
+def read_folders(folders: list[str]) -> list[dict[str, Any]]:
+    """read_folder of each (a piece of work for one worker process)."""
+    with gc_paused():
+        return [read_folder(f) for f in folders]
+
+
+def metric_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """An entry's metrics rows (as read from metrics.jsonl, or rebuilt from its columns with the same keys and values)."""
+    if entry["rows"] is not None:
+        return entry["rows"]
+    if not entry["n"]:
+        return []
+    columns = [array.array(code, data).tolist() for code, data in (entry["columns"][k] for k in _KEYS)]
+    return [dict(zip(_KEYS, values)) for values in zip(*columns)]
+
+
+def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    """The runs.csv fields from an entry's metrics and final status, and its val_err1 list under "_val"."""
+    final = entry["final"]
+    val = entry["val"]
+    status = final["status"] if final else "unfinished"
+    ok = status == "ok"
+    return {
+        "status": status,
+        "reason": final.get("reason") if final else None,
+        # The paper's metric exists only for a run that finished: anything else stays empty.
+        "val_err1": final.get("val_err1") if ok else None,
+        "val_err5": final.get("val_err5") if ok else None,
+        "best_val_err1": min(val) if val and ok else None,
+        "epochs_done": entry["n"],
+        "gpu_hours": final.get("gpu_hours") if final else None,
+        "wall_seconds": final.get("wall_seconds") if final else entry["last_wall"],
+        "_val": val,
+    }
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads plain data only: a pickle naming any class or function is refused (an index is never code)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def load_index(path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """The entries of the index at path by folder ({} where there is none; one warning where it is unreadable or of another version)."""
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            doc = _PlainUnpickler(f).load()
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with a cache, it is rebuilt
+        log.warning(f"collect index {path} is unreadable ({type(e).__name__}: {e}); every run folder is read again")
+        return {}
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("entries"), dict):
+        got = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
+        log.warning(f"collect index {path} is of version {got}, not {INDEX_VERSION}; every run folder is read again")
+        return {}
+    return doc["entries"]
+
+
+def save_index(path: str | Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Write the index atomically (not forced to disk: it can be rebuilt)."""
+    with rundir.atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
+        pickle.dump({"version": INDEX_VERSION, "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector for a while (as it was, after).
 
     Reading run folders makes millions of objects that stay alive (rows, values, tables) and no reference
-    cycles: each of the collector's full passes walks them all again, and it makes many (a third of the
-    time reading 10,000 folders). Reference counting frees what is dropped as before.
+    cycles: each of the collector's full passes walks them all again, and it makes many. Reference counting
+    frees what is dropped as before.
     """
     was = gc.isenabled()
     gc.disable()
@@ -68,138 +185,3 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was:
             gc.enable()
-
-
-def read_chunk(folders: list[str], keep_rows: bool = False) -> Chunk:
-    """Read these run folders' metrics and final status: their run fields, metric columns and curves.csv lines."""
-    with gc_paused():
-        return _read_chunk(folders, keep_rows)
-
-
-def _read_chunk(folders: list[str], keep_rows: bool) -> Chunk:
-    """read_chunk(), the collector as it is."""
-    warnings: list[str] = []
-    runs, counts, values, texts, kept = [], [], [], [], []
-    regular, get = True, operator.itemgetter(*_KEYS)
-    for folder in folders:
-        try:
-            rows, text = rundir.read_jsonl_and_text(os.path.join(folder, rundir.METRICS))  # a torn last line (a crash, or an append in flight) is left out
-        except rundir.CorruptFile as e:
-            warnings.append(f"{e}; the run's epochs are left out")
-            rows, text = [], None
-        val = [r["val_err1"] for r in rows]
-        last_wall = rows[-1]["wall_seconds"] if rows else None
-        n = len(rows)
-        if keep_rows:
-            kept.append(rows)
-        if regular:
-            if set(map(len, rows)) - {len(_KEYS)} and any(len(r) != len(_KEYS) and r.keys() & _RUN_KEYS for r in rows):
-                regular = False  # a row that would overwrite a run's column
-            else:
-                try:
-                    values.append(list(map(get, rows)))
-                    texts.append(text if text is not None and all(map(_KEY_LIST.__eq__, map(list, rows))) else None)  # key order: see _text_block
-                except KeyError:
-                    regular = False  # a row without a metric: NaN there, and the column's type changes
-        final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
-        status = final["status"] if final else "unfinished"
-        ok = status == "ok"
-        runs.append(
-            {
-                "status": status,
-                "reason": final.get("reason") if final else None,
-                # The paper's metric exists only for a run that finished: anything else stays empty.
-                "val_err1": final.get("val_err1") if ok else None,
-                "val_err5": final.get("val_err5") if ok else None,
-                "best_val_err1": min(val) if val and ok else None,
-                "epochs_done": n,
-                "gpu_hours": final.get("gpu_hours") if final else None,
-                "wall_seconds": final.get("wall_seconds") if final else last_wall,
-                "_val": val,
-            }
-        )
-        counts.append(n)
-    chunk = Chunk(runs, counts, warnings, kept if keep_rows else None)
-    if regular:
-        _columns_and_blocks(chunk, values, texts)
-    return chunk
-
-
-def _columns_and_blocks(chunk: Chunk, values: list[list[tuple[Any, ...]]], texts: list[bytes | None]) -> None:
-    """Fill the chunk's kinds and columns from its rows' values (per folder, a tuple per row), and its blocks where
-    every column has one kind (from the folder's metrics.jsonl text where it is the writer's, see _text_block)."""
-    columns = list(zip(*itertools.chain.from_iterable(values))) or [()] * len(_KEYS)  # one pass: a tuple per metric
-    regular = True
-    for key, col in zip(_KEYS, columns):
-        types = set(map(type, col))
-        if types == {float}:
-            chunk.kinds[key], chunk.columns[key] = "float", array.array("d", col)
-        elif types == {int}:
-            try:
-                chunk.columns[key] = array.array("q", col)
-                chunk.kinds[key] = "int"
-            except OverflowError:
-                regular = False
-        elif not types:
-            chunk.kinds[key], chunk.columns[key] = "empty", array.array("d")
-        else:
-            regular = False
-    if regular:
-        chunk.blocks = [_text_block(text, rows) or _metric_block(rows) for rows, text in zip(values, texts)]
-
-
-# Numbers only (the kinds say so): no separator spaces to strip, and no container can hold itself.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), check_circular=False)
-
-
-def _metric_block(rows: list[tuple[Any, ...]]) -> str:
-    """A folder's curves.csv lines, each starting with RUN: floats as repr() (numpy's str() of a float64), ints as
-    str(), NaN as nothing, infinities as inf and -inf ('' for no rows).
-
-    json's encoder writes floats and ints exactly so (float.__repr__, int.__repr__), all rows in one call (a
-    folder's rows at a time: its lines are then the rows' brackets swapped for line ends); its only other
-    tokens for numbers, NaN, Infinity and -Infinity, are swapped for pandas' ones.
-    """
-    if not rows:
-        return ""
-    return RUN + _pandas_tokens(_ENCODER.encode(rows)[2:-2]).replace("],[", _LINE) + os.linesep
-
-
-def _pandas_tokens(text: str) -> str:
-    """JSON's tokens for NaN, Infinity and -Infinity swapped for what to_csv writes: nothing, inf, -inf."""
-    if "N" in text or "I" in text:
-        text = text.replace("NaN", "").replace("Infinity", "inf")
-    return text
-
-
-_LINE = os.linesep + RUN  # between two rows of a folder
-# What json.dumps(row) (rundir.write_jsonl: the trainer's metrics.jsonl) writes around the values of a row
-# whose keys are _KEYS in order: the first key, the ones between values, the line end.
-_OPENING = '{"' + _KEYS[0] + '": '
-_BETWEEN = [(f', "{k}": ', ",") for k in _KEYS[1:]]
-
-
-def _text_block(data: bytes | None, rows: list[tuple[Any, ...]]) -> str | None:
-    """_metric_block(rows) cut out of the metrics.jsonl text the rows were parsed from, or None where that text is
-    not json.dumps' of the rows (the caller then encodes them).
-
-    json.dumps writes a float as repr() and an int as str(), as _metric_block does, so only the key names and
-    braces differ: dropping them leaves curves.csv's lines without formatting a number again (a third of the
-    time of reading a folder). The caller passes text only where every row's keys are _KEYS in order, and its
-    kinds say each column holds only floats or only ints; anything else that could differ (other spacing or
-    separators, strings, nested values) leaves a quote, a brace, a bracket or a space behind, or another
-    count of commas or lines, and then the text is not used.
-    """
-    if data is None or not rows:
-        return None
-    text = data.decode()
-    if not text.startswith(_OPENING):
-        return None
-    body = text[len(_OPENING) :].replace("\n" + _OPENING, "\n" + RUN)
-    for old, new in _BETWEEN:
-        body = body.replace(old, new)
-    body = body.replace("}", "")
-    if any(c in body for c in '"{[] ') or body.count(",") != len(rows) * (len(_KEYS) - 1) or body.count("\n") != len(rows):
-        return None
-    body = _pandas_tokens(body)
-    return RUN + (body if os.linesep == "\n" else body.replace("\n", os.linesep))

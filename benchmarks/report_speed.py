@@ -3,9 +3,11 @@
 Generates N synthetic run folders (default 10,000) as the trainer writes them (config.yaml, env.json,
 metrics.jsonl of 100 epochs, final.json) under <workdir>/results/runs/, and sweep folders under
 <workdir>/results/<sweep>/ linking to them (each run in one sweep, a tenth in two); then times
-`report.build` over <workdir>/results, split into phases (find, read, frames, csv, tables, figures).
-Prints the figures and appends one JSON record (figures plus the machine they ran on) to
-benchmarks/results/report_speed.jsonl. Run:
+`report.build` over <workdir>/results, split into phases (find, read, frames, csv, tables, figures):
+cold (a fresh output folder: no collect index, every output made), then warm (the same folder again,
+nothing changed: the index and the outputs already there are used), then after --changed runs gained an
+epoch (their metrics.jsonl rewritten with one more row; put back after). Prints the figures and appends one
+JSON record (figures plus the machine they ran on) to benchmarks/results/report_speed.jsonl. Run:
 
     python benchmarks/report_speed.py [--runs 10000] [--epochs 100] [--workdir DIR] [--repeats 1] [--profile]
 
@@ -16,6 +18,7 @@ the next run; --fresh regenerates). The aggregator never imports torch: neither 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import dataclasses
 import inspect
@@ -32,13 +35,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
 from ablation import config, report
 
 OUT = Path(__file__).resolve().parent / "results" / "report_speed.jsonl"
-SPEC_VERSION = 1  # bump when the generated folders change, so an old workdir is regenerated
+SPEC_VERSION = 2  # bump when the generated folders change, so an old workdir is regenerated
 
 # (overrides, the error the run converges to): the paper's Table 1-3 settings at five batch sizes.
 NORMS = [
@@ -79,6 +83,7 @@ def generate(results: Path, runs: int, epochs: int, seed: int = 0) -> None:
         d = config.derive(cfg)
         doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": dataclasses.asdict(d)}
         (folder / "config.yaml").write_text(yaml.dump(doc, Dumper=_dumper(), sort_keys=False))
+        (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
         (folder / "env.json").write_text(json.dumps({"processes": 8, "cpu_threads": 10, "host": "node01", "starts": [{"resumed_from_step": 0, "processes": 8}]}, indent=2))
         r = rng.random()
         status = "ok" if r < 0.9 else "diverged" if r < 0.93 else "failed" if r < 0.96 else None
@@ -164,6 +169,22 @@ def timed_old_build(results: Path, out: Path, timings: dict[str, float]) -> repo
     return rep
 
 
+@contextlib.contextmanager
+def runs_gain_an_epoch(results: Path, n: int) -> Iterator[None]:
+    """n run folders (spread over the sorted list) whose metrics.jsonl has one more row meanwhile; put back after."""
+    folders = sorted((results / "runs").iterdir())
+    picked = folders[:: max(1, len(folders) // n)][:n]
+    old = {f: (f / "metrics.jsonl").read_bytes() for f in picked}
+    try:
+        for f, data in old.items():
+            last = json.loads(data.splitlines()[-1])
+            (f / "metrics.jsonl").write_bytes(data + (json.dumps({**last, "epoch": last["epoch"] + 1}) + "\n").encode())
+        yield
+    finally:
+        for f, data in old.items():
+            (f / "metrics.jsonl").write_bytes(data)
+
+
 def drop_page_cache_hint() -> str:
     """Whether the file reads are warm: the generator just wrote them, or an earlier run read them."""
     return "warm (files in the page cache)"
@@ -193,12 +214,13 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="regenerate the folders")
     p.add_argument("--repeats", type=int, default=1, help="time the report this many times; the median is recorded")
     p.add_argument("--profile", action="store_true", help="print the 25 most expensive functions (cumulative) of the last repeat")
+    p.add_argument("--changed", type=int, default=5, help="runs that gain an epoch before a third report into the same folder (0: none)")
     p.add_argument("--note", default="", help="free text stored with the record (e.g. 'shared machine')")
     p.add_argument("--no-record", action="store_true", help="print only; append nothing to the results file")
     args = p.parse_args()
     work = workdir_for(args)
     results = work / "results"
-    walls, cpus, phases = [], [], []
+    walls, cpus, phases, warms, warm_phases, partials, partial_phases = [], [], [], [], [], [], []
     for i in range(args.repeats):
         out = work / "report"
         if out.exists():
@@ -219,15 +241,40 @@ def main() -> None:
         cpus.append(c2.user + c2.system + c2.children_user + c2.children_system - (c.user + c.system + c.children_user + c.children_system))
         phases.append(timings)
         print(f"repeat {i + 1}: {walls[-1]:.2f} s (CPU {cpus[-1]:.2f} s, workers included)  " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+        if "timings" in inspect.signature(report.build).parameters:  # again into the same folder, nothing changed
+            warm: dict[str, float] = {}
+            t = time.perf_counter()
+            report.build([results], out, ["bn", "gn"], timings=warm)
+            warms.append(time.perf_counter() - t)
+            warm_phases.append(warm)
+            print(f"  warm: {warms[-1]:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in warm.items()))
+            if args.changed:
+                partial: dict[str, float] = {}
+                with runs_gain_an_epoch(results, args.changed):
+                    t = time.perf_counter()
+                    report.build([results], out, ["bn", "gn"], timings=partial)
+                    partials.append(time.perf_counter() - t)
+                partial_phases.append(partial)
+                print(f"  {args.changed} runs changed: {partials[-1]:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in partial.items()))
         if prof:
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
             print(s.getvalue())
     k = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
     n_runs, n_curves = len(rep.runs), len(rep.curves)
-    print(f"report over {n_runs} runs ({n_curves} epoch rows, roots: {results}): {walls[k]:.2f} s (median of {len(walls)}), CPU {cpus[k]:.2f} s")
+    print(f"report over {n_runs} runs ({n_curves} epoch rows, roots: {results}): cold {walls[k]:.2f} s (median of {len(walls)}), CPU {cpus[k]:.2f} s")
     for name, sec in phases[k].items():
         print(f"  {name:8s} {sec:6.2f} s")
+    w = sorted(range(len(warms)), key=warms.__getitem__)[len(warms) // 2] if warms else None
+    if w is not None:
+        print(f"warm (same output folder, nothing changed): {warms[w]:.2f} s (median of {len(warms)})")
+        for name, sec in warm_phases[w].items():
+            print(f"  {name:8s} {sec:6.2f} s")
+    c = sorted(range(len(partials)), key=partials.__getitem__)[len(partials) // 2] if partials else None
+    if c is not None:
+        print(f"after {args.changed} runs gained an epoch (same output folder): {partials[c]:.2f} s (median of {len(partials)})")
+        for name, sec in partial_phases[c].items():
+            print(f"  {name:8s} {sec:6.2f} s")
     if args.no_record:
         return
     record = {
@@ -242,6 +289,12 @@ def main() -> None:
         "cpu_seconds": cpus[k],  # user + system, this process and its workers: steadier than wall time on a shared machine
         "all_seconds": walls,
         "phases": phases[k],
+        "warm_seconds": warms[w] if w is not None else None,  # the same output folder again, nothing changed
+        "all_warm_seconds": warms,
+        "warm_phases": warm_phases[w] if w is not None else None,
+        "changed_runs": args.changed,
+        "changed_seconds": partials[c] if c is not None else None,  # the same folder again after that many runs gained an epoch
+        "changed_phases": partial_phases[c] if c is not None else None,
         "runs_rows": n_runs,
         "curve_rows": n_curves,
     }

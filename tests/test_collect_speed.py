@@ -1,19 +1,19 @@
-"""The fast paths of the collector give exactly what the plain ones give: YAML, JSON lines, CSV, parallel reads."""
+"""The fast paths of the collector give exactly what the plain ones give: config.json, JSON lines, CSV, parallel reads, the index."""
 
 from __future__ import annotations
 
 import json
 import math
-import random
+import os
+import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from ablation import collect, config, fastyaml, report, rundir
+from ablation import collect, config, report, rundir, runfiles
 from test_report import curve, write_run
 
 
@@ -28,20 +28,6 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
     return a == b
-
-
-def _safe_load(text: str) -> tuple[str, object]:
-    try:
-        return "ok", yaml.safe_load(text)
-    except yaml.YAMLError:
-        return "error", None
-
-
-def _fast_load(text: str) -> tuple[str, object]:
-    try:
-        return "ok", fastyaml.load(text)
-    except yaml.YAMLError:
-        return "error", None
 
 
 YAML_CASES = [
@@ -74,35 +60,37 @@ YAML_CASES = [
 
 
 @pytest.mark.parametrize("text", YAML_CASES)
-def test_fastyaml_reads_what_safe_load_reads(text: str) -> None:
-    want, got = _safe_load(text), _fast_load(text)
-    assert want[0] == got[0] and _same(want[1], got[1]), (text, want, got)
+def test_config_json_holds_the_yaml_values_or_is_not_written(text: str) -> None:
+    """config.json is written only where JSON gives back exactly what yaml.safe_load reads from config.yaml."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return
+    if not isinstance(doc, dict):
+        return
+    twin = rundir.config_json_text(doc)
+    assert (twin is not None) == _jsonable(doc), (text, twin)
+    if twin is not None:
+        assert _same(json.loads(twin), doc), (text, twin)
 
 
-def test_fastyaml_agrees_on_random_block_yaml() -> None:
-    rng = random.Random(0)
-    values = ["1", "1.5", "-2", "yes", "No", "null", "~", "[]", "{}", "'a''b'", "''", "a b", "1:30", "0x10", "1e5", "x:", "- y", "#c", "a #c", "@x", "'x"]
-    for _ in range(3000):
-        lines = []
-        for _ in range(rng.randint(1, 8)):
-            indent = " " * rng.choice([0, 0, 2, 2, 4, 1])
-            kind = rng.random()
-            if kind < 0.5:
-                lines.append(f"{indent}{rng.choice(['a', 'b', 'on', 'null', 'k_1'])}: {rng.choice(values)}")
-            elif kind < 0.75:
-                lines.append(f"{indent}{rng.choice(['a', 'b', 'c'])}:")
-            else:
-                lines.append(f"{indent}- {rng.choice(values)}")
-        text = "\n".join(lines) + rng.choice(["\n", ""])
-        want, got = _safe_load(text), _fast_load(text)
-        assert want[0] == got[0] and _same(want[1], got[1]), (text, want, got)
+def _jsonable(v: object) -> bool:
+    """True where JSON holds exactly this value: string keys, finite floats, no dates."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
+    if isinstance(v, list):
+        return all(map(_jsonable, v))
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return v is None or isinstance(v, (str, int, bool))
 
 
-def test_fastyaml_reads_a_run_config_without_pyyaml() -> None:
-    """A config.yaml as the trainer writes it takes the line-by-line path (that is the speed) and equals safe_load."""
+def test_a_run_config_has_a_json_twin() -> None:
     cfg = config.load(None, ["norm.name=gn", "norm.options={alpha: 0.5, beta: yes}", "data.root=/data/a b"])
-    text = yaml.safe_dump({"run_id": config.run_id(cfg), **config.to_dict(cfg), "derived": {"milestone_steps": [1, 2]}}, sort_keys=False)
-    assert _same(fastyaml._parse(text), yaml.safe_load(text))
+    written = {"run_id": config.run_id(cfg), **config.to_dict(cfg), "derived": {"milestone_steps": [1, 2]}}
+    doc = yaml.safe_load(yaml.safe_dump(written, sort_keys=False))
+    twin = rundir.config_json_text(doc)
+    assert twin is not None and _same(json.loads(twin), doc)
 
 
 def _reference_read_jsonl(data: bytes) -> list[dict] | str:
@@ -155,7 +143,7 @@ def test_read_jsonl_fast_path_reads_what_lines_read(data: bytes, tmp_path: Path)
         assert _same(rundir.read_jsonl(p), want)
 
 
-def test_write_csv_is_to_csv_byte_for_byte(tmp_path: Path) -> None:
+def test_write_csv_is_to_csv_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     floats = [0.1, 1e-5, 1e16, 9999999999999998.0, 1e-4, -0.0, 5e-324, 1.7976931348623157e308, float("nan"), float("inf"), -float("inf"), 123456789.123, 2.5]
     strings = ["plain", "with, comma", 'with "quote"', "new\nline", "carriage\rreturn", "", None, "  spaced ", "é", "a;b", float("nan"), "'single'", "GN (G=32)"]
     df = pd.DataFrame({
@@ -165,18 +153,13 @@ def test_write_csv_is_to_csv_byte_for_byte(tmp_path: Path) -> None:
         "o": pd.Series(strings, dtype=object),
         "with,comma": floats[::-1],
     })
-    for frame in (df, df[["f", "i"]], df.iloc[:0], df[["s"]], df.assign(b=[True] * 13), df.assign(c=pd.Categorical(["x"] * 13))):
-        collect.write_csv(frame, tmp_path / "fast.csv")
+    monkeypatch.setattr(report, "CSV_PARALLEL_ROWS", 2)  # pieces of 1 to 4 rows, made by two processes
+    frames = (df, df[["f", "i"]], df.iloc[:0], df[["s"]], df.assign(b=[True] * 13), df.assign(c=pd.Categorical(["x"] * 13)))
+    frames += (pd.concat([df] * 50),)
+    for frame in frames:
+        report.write_csv(frame, tmp_path / "fast.csv", workers=2)
         frame.to_csv(tmp_path / "pandas.csv", index=False)
         assert (tmp_path / "fast.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
-
-
-def test_repr_is_what_numpy_writes_for_a_float64() -> None:
-    """curves.csv's text is made with repr(); pandas makes it with numpy's str(): the same for every float64."""
-    rng = np.random.default_rng(0)
-    values = np.concatenate([rng.random(20000) * 100, 10.0 ** rng.uniform(-30, 30, 20000), rng.standard_normal(20000), np.nextafter(1e16, [0, 2e16]), np.nextafter(1e-4, [0, 1])])
-    assert values.astype(str).tolist() == list(map(repr, values.tolist()))
-    assert collect._repr_is_numpy_str()
 
 
 @pytest.fixture(scope="module")
@@ -220,14 +203,13 @@ def _reference(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_chunked_and_parallel_collect_equal_the_plain_construction(many: Path, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(collect, "_CHUNK", 4)  # several pieces, runs with and without NaN in different ones
-    assert collect._workers(workers, 31) == workers  # a single-threaded process on Linux forks its readers
+    assert collect.reader_count(workers, 31) == workers  # a single-threaded process on Linux forks its readers
     roots = [many / "results", many / "other"]
-    runs, curves, text = collect.collect_with_text(roots, workers=workers)
+    runs, curves = collect.collect(roots, workers=workers)
     want_runs, want_curves = _reference(roots)
     pd.testing.assert_frame_equal(runs, want_runs)
     pd.testing.assert_frame_equal(curves, want_curves)
-    assert len(runs) == 30 and len(curves) == sum(len(c) for c in [want_curves]) and text is not None
-    assert collect.csv_header(collect.CURVE_COLUMNS) + "".join(text) == want_curves.to_csv(index=False)
+    assert len(runs) == 30 and len(curves) == len(want_curves)
     assert runs["sweeps"].str.contains("sweep_a").sum() == 12
 
 
@@ -245,11 +227,11 @@ def test_irregular_metrics_fall_back_to_the_row_dicts(many: Path, tmp_path: Path
         else:
             rows[1]["seed"] = 99
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        runs, curves, text = collect.collect_with_text([base], workers=2)
+        runs, curves = collect.collect([base], workers=2)
         want_runs, want_curves = _reference([base])
         pd.testing.assert_frame_equal(runs, want_runs)
         pd.testing.assert_frame_equal(curves, want_curves)
-        assert text is None
+        assert runfiles.read_folder(str(folder))["rows"] is not None  # kept as rows: not one float or int per metric
         if change != "seed_key":
             rows = rundir.read_jsonl(folder / "metrics.jsonl")
             (folder / "metrics.jsonl").write_text("".join(json.dumps({k: r.get(k, 0.1) for k in rundir.METRIC_KEYS}) + "\n" for r in rows))
@@ -284,44 +266,202 @@ def test_each_run_folder_is_found_once_through_links(many: Path) -> None:
     assert [f.name for f in folders] == sorted(f.name for f in folders)
 
 
-def test_curves_lines_cut_from_the_metrics_text_equal_the_encoded_ones(tmp_path: Path) -> None:
-    """runfiles takes a folder's curves.csv lines from its metrics.jsonl text only where that text is json.dumps'
-    of the rows with the keys in order; anything else (another key order, spacing, an extra key, a torn last
-    line) is encoded from the values. Either way the lines are _metric_block's, NaN and infinities included."""
-    from ablation import runfiles
+def _tables(roots: list[Path], **kw: object) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return collect.collect(roots, workers=1, **kw)  # type: ignore[arg-type]
 
-    keys = rundir.METRIC_KEYS
-    rng = random.Random(0)
 
-    def row(epoch: int) -> dict:
-        r = {k: rng.choice([rng.random() * 10 ** rng.randint(-8, 8), 1e16, 0.1, -0.0, 1e-05]) for k in keys}
-        r["epoch"] = epoch
-        return r
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folders runfiles.read_folder reads from now on (in this process: workers=1)."""
+    seen: list[str] = []
+    real = runfiles.read_folder
 
-    plain = [row(i + 1) for i in range(6)]
-    odd = [dict(r) for r in plain]
-    odd[2]["train_loss"], odd[3]["val_err5"], odd[4]["lr"] = math.nan, math.inf, -math.inf
-    line = lambda r: json.dumps(r) + "\n"  # noqa: E731 - what rundir.write_jsonl writes
-    cases = {
-        "plain": ("".join(map(line, plain)), True),
-        "nan and infinities": ("".join(map(line, odd)), True),
-        "keys reordered": ("".join(json.dumps(dict(reversed(list(r.items())))) + "\n" for r in plain), False),
-        "second key swapped": ("".join(json.dumps({"epoch": r["epoch"], "train_loss": r["train_loss"], **r}) + "\n" for r in plain), False),
-        "compact separators": ("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in plain), False),
-        "extra key": ("".join(json.dumps({**r, "note": 1.5}) + "\n" for r in plain), False),
-        "torn last line": ("".join(map(line, plain)) + line(plain[0])[:20], False),
-    }
-    for name, (text, from_text) in cases.items():
-        folder = tmp_path / name.replace(" ", "_")
-        folder.mkdir()
-        (folder / rundir.METRICS).write_text(text)
-        rows, data = rundir.read_jsonl_and_text(folder / rundir.METRICS)
-        values = [tuple(r[k] for k in keys) for r in rows]
-        chunk = runfiles.read_chunk([str(folder)])
-        assert chunk.blocks == [runfiles._metric_block(values)], name
-        cut = runfiles._text_block(data, values) if all(list(r) == list(keys) for r in rows) else None
-        assert (cut is not None) == from_text, name
-        if cut is not None:
-            assert cut == runfiles._metric_block(values), name
-    lines = runfiles._metric_block([tuple(r[k] for k in keys) for r in odd]).splitlines()
-    assert ",," in lines[2] and ",inf," in lines[3] and ",-inf," in lines[4]  # pandas' NaN, inf, -inf
+    def counted(folder: str) -> dict:
+        seen.append(folder)
+        return real(folder)
+
+    monkeypatch.setattr(runfiles, "read_folder", counted)
+    return seen
+
+
+def _assert_same(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("change", ["metrics rewritten", "final mtime only", "config.json replaced", "config.json removed"])
+def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "copy"
+    shutil.copytree(many / "results", base, symlinks=True)
+    index = tmp_path / "out" / runfiles.INDEX_NAME
+    cold = _tables([base], index=index)
+    _assert_same(cold, _tables([base]))  # the index changes nothing in the tables
+    seen = _count_reads(monkeypatch)
+    _assert_same(_tables([base], index=index), cold)
+    assert seen == []  # nothing changed: nothing read
+    folder = sorted((base / "runs").iterdir())[3]
+    if change == "metrics rewritten":
+        rows = rundir.read_jsonl(folder / rundir.METRICS)[:-1]
+        rundir.write_jsonl(folder / rundir.METRICS, rows)
+    elif change == "final mtime only":
+        st = (folder / rundir.FINAL).stat()
+        os.utime(folder / rundir.FINAL, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    elif change == "config.json replaced":
+        doc = json.loads((folder / rundir.CONFIG_JSON).read_text())
+        rundir.write_text(folder / rundir.CONFIG_JSON, json.dumps({**doc, "epochs": 11}))
+    else:
+        (folder / rundir.CONFIG_JSON).unlink()
+    warm = _tables([base], index=index)
+    assert [Path(s).name for s in seen] == [folder.name]
+    _assert_same(warm, _tables([base]))
+    if change == "metrics rewritten":
+        assert len(warm[1]) == len(cold[1]) - 1
+    elif change == "config.json replaced":
+        assert (warm[0]["epochs"] == 11).sum() == 1
+    else:
+        _assert_same(warm, cold)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "cut", "a class", "another version"])
+def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+    index = tmp_path / runfiles.INDEX_NAME
+    roots = [many / "results", many / "other"]
+    want = _tables(roots, index=index)
+    data = index.read_bytes()
+    index.write_bytes({
+        "garbage": b"not a pickle at all",
+        "cut": data[: len(data) // 2],
+        "a class": pickle.dumps({"version": runfiles.INDEX_VERSION, "entries": {"x": Path("/")}}),
+        "another version": pickle.dumps({"version": runfiles.INDEX_VERSION + 1, "entries": {}}),
+    }[damage])
+    with caplog.at_level("WARNING", logger="ablation"):
+        _assert_same(_tables(roots, index=index), want)
+    warned = [r.getMessage() for r in caplog.records if "collect index" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0] and "read again" in warned[0]
+    assert runfiles.load_index(index)  # rebuilt whole
+
+
+def test_old_folders_without_config_json_collect_to_the_same_tables(many: Path, tmp_path: Path) -> None:
+    base = tmp_path / "old" / "results"  # the same folder name: a root with a manifest names a sweep
+    shutil.copytree(many / "results", base, symlinks=True)
+    for p in base.glob(f"runs/*/{rundir.CONFIG_JSON}"):
+        p.unlink()
+    assert not list(base.glob(f"runs/*/{rundir.CONFIG_JSON}"))
+    _assert_same(_tables([base, many / "other"]), _tables([many / "results", many / "other"]))
+    assert runfiles.read_folder(str(next((base / "runs").iterdir())))["identity"][0] == rundir.CONFIG
+
+
+def test_concurrent_reports_leave_a_whole_index(many: Path, tmp_path: Path) -> None:
+    """Two collectors writing one index at once: each renames a whole file into place; the last one's stays."""
+    import multiprocessing
+
+    index = tmp_path / runfiles.INDEX_NAME
+    roots = [many / "results", many / "other"]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=collect.collect, args=(roots,), kwargs={"workers": 1, "index": index}) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    entries = runfiles.load_index(index)
+    assert len(entries) == 31 and not list(tmp_path.glob("*.tmp"))
+    _assert_same(_tables(roots, index=index), _tables(roots))
+
+
+def test_report_cold_and_warm_are_byte_identical(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second report into the same folder reads nothing and leaves unchanged outputs as they are; a deleted or edited
+    output is made again; every file is the bytes a fresh report writes (PDFs: their creation time aside)."""
+    roots = [many / "results", many / "other"]
+    out = tmp_path / "out"
+    report.build(roots, out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    seen = _count_reads(monkeypatch)
+    (out / "fig_curves.png").write_bytes(b"edited")
+    (out / "runs.csv").unlink()
+    rep = report.build(roots, out)
+    assert seen == []
+    assert (out / "curves.csv").stat().st_mtime_ns == stamps["curves.csv"]  # unchanged: not written again
+    fresh = tmp_path / "fresh"
+    report.build(roots, fresh)
+    for p in fresh.iterdir():
+        if p.name.startswith("."):
+            continue
+        data = (out / p.name).read_bytes()
+        assert data == p.read_bytes() or p.suffix == ".pdf" and data.startswith(b"%PDF"), p.name
+    assert (out / "curves.csv").read_text() == rep.curves.to_csv(index=False)
+    assert (out / "runs.csv").read_text() == rep.runs.to_csv(index=False)
+    assert [p.name for p in rep.files] == [p.name for p in report.build(roots, fresh).files]
+
+
+def test_a_damaged_outputs_record_makes_every_output_again(many: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    roots = [many / "results"]
+    out = tmp_path / "out"
+    report.build(roots, out)
+    before = (out / "curves.csv").read_bytes()
+    (out / report.OUTPUTS_NAME).write_text("[1, 2")
+    (out / "curves.csv").write_bytes(before)  # the same bytes, but not the file recorded: made again
+    stamp = (out / "curves.csv").stat().st_ino
+    with caplog.at_level("WARNING", logger="ablation"):
+        report.build(roots, out)
+    assert sum(report.OUTPUTS_NAME in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert (out / "curves.csv").read_bytes() == before and (out / "curves.csv").stat().st_ino != stamp  # renamed into place anew
+    assert json.loads((out / report.OUTPUTS_NAME).read_text())["version"] == report.OUTPUTS_VERSION
+
+
+@pytest.mark.parametrize("change", ["one run's metrics", "a run added", "a run removed", "an output edited"])
+def test_curves_csv_pieces_not_changed_are_copied_and_the_file_is_to_csv(many: Path, tmp_path: Path, change: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report into a folder with an earlier report's curves.csv copies the pieces of rows that are the same and makes
+    the others with pandas: the file is what to_csv writes for the whole table (also with 2 processes making pieces)."""
+    monkeypatch.setattr(report, "CSV_PARALLEL_ROWS", 10)
+    monkeypatch.setattr(report, "PIECE_RUNS", 3)
+    base = tmp_path / "copy" / "results"
+    shutil.copytree(many / "results", base, symlinks=True)
+    out = tmp_path / "out"
+    first = report.build([base], out)
+    assert (out / "curves.csv").read_text() == first.curves.to_csv(index=False)
+    assert len(report.piece_bounds(first.curves)) > 3
+    made: list[int] = []
+    real = report.csv_pieces
+
+    def counted(df: pd.DataFrame, bounds: list, workers: int | None = None) -> list[str]:
+        made.append(sum(b - a for a, b in bounds))
+        return real(df, bounds, 2)
+
+    monkeypatch.setattr(report, "csv_pieces", counted)
+    folders = sorted((base / "runs").iterdir())
+    if change == "one run's metrics":
+        rows = rundir.read_jsonl(folders[5] / rundir.METRICS)
+        rundir.write_jsonl(folders[5] / rundir.METRICS, [{**r, "lr": r["lr"] / 3} for r in rows])
+    elif change == "a run added":
+        write_run(base / "runs", ["norm.name=gn", "batch_per_gpu=4", "seed=77"], curve(30.0))
+    elif change == "a run removed":
+        shutil.rmtree(folders[7])
+    else:
+        with open(out / "curves.csv", "r+b") as f:
+            f.seek(200)
+            f.write(b"X")
+    second = report.build([base], out)
+    assert (out / "curves.csv").read_text() == second.curves.to_csv(index=False)
+    if change == "an output edited":
+        assert made == [len(second.curves)]  # not the recorded file: nothing copied from it
+    else:
+        assert made and 0 < made[0] < len(second.curves)  # some pieces copied, the changed ones made
+    made.clear()
+    report.build([base], out)
+    assert made == []  # nothing changed: the file is left as it is
+
+
+def test_a_damaged_config_json_is_read_from_config_yaml_with_a_warning(many: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    base = tmp_path / "copy" / "results"
+    shutil.copytree(many / "results", base, symlinks=True)
+    folder = sorted((base / "runs").iterdir())[2]
+    (folder / rundir.CONFIG_JSON).write_text('{"run_id": ')
+    entry = runfiles.read_folder(str(folder))
+    assert entry["config"] == yaml.safe_load((folder / rundir.CONFIG).read_text())
+    assert len(entry["warnings"]) == 1 and rundir.CONFIG_JSON in entry["warnings"][0]
+    with caplog.at_level("WARNING", logger="ablation"):
+        _assert_same(_tables([base]), _tables([many / "results"]))
+    assert sum(rundir.CONFIG_JSON in r.getMessage() for r in caplog.records) == 1
+    assert rundir.read_config(folder / rundir.CONFIG) == entry["config"]  # what the launcher reads too

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ablation import config, report, rundir
+from ablation import config, report, rundir, runfiles
 from ablation.collect import collect
 
 PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
@@ -21,13 +21,15 @@ PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
 
 def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
               train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
-    """A run folder as the trainer writes it: config.yaml, env.json, metrics.jsonl, final.json (trained on ImageNet's image count unless told)."""
+    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json
+    (trained on ImageNet's image count unless told)."""
     cfg = config.load(None, ["epochs=10", *overrides])
     rid = config.run_id(cfg)
     folder = root / rid
     folder.mkdir(parents=True)
     doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
     (folder / "config.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "config.json").write_text(rundir.config_json_text(doc))
     (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
     rows = [
         {"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0, "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
@@ -167,6 +169,8 @@ def test_a_report_that_fails_half_way_leaves_every_file_whole(results: Path, tmp
     for name, data in now.items():
         if name.endswith(".pdf"):  # PDFs carry their creation time
             assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF"), name
+        elif name == runfiles.INDEX_NAME:  # the collector's cache, not an output: whole (loads) is what counts
+            assert runfiles.load_index(out / name)
         else:
             assert data in (before[name], after[name]), name
 

@@ -55,6 +55,28 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_config_json_twin_is_written_and_restored(tmp_path: Path) -> None:
+    """write_config writes config.yaml and config.json with the same values; a restart of a folder without the twin
+    (an older version's, or a crash between the two files) writes it; a config JSON cannot hold gets config.yaml alone."""
+    from ablation import bookkeeping
+
+    cfg = config.load(None, ["norm.name=gn", "norm.options={alpha: 0.5}"])
+    rd = rundir.RunDir(tmp_path / "a")
+    rd.root.mkdir()
+    bookkeeping.write_config(rd, cfg, config.derive(cfg))
+    written = yaml.safe_load(rd.config.read_text())
+    assert json.loads(rd.config_json.read_text()) == written and written["run_id"] == config.run_id(cfg)
+    rd.config_json.unlink()
+    before = rd.config.read_bytes()
+    bookkeeping.write_config(rd, cfg, config.derive(cfg))
+    assert rd.config.read_bytes() == before and json.loads(rd.config_json.read_text()) == written
+    odd = config.load(None, ["norm.options={x: .inf}"])  # JSON has no infinity (config_hash refuses dates and non-text keys)
+    rd = rundir.RunDir(tmp_path / "b")
+    rd.root.mkdir()
+    bookkeeping.write_config(rd, odd, config.derive(odd))
+    assert rd.config.exists() and not rd.config_json.exists()
+
+
 def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     folder = run_folder(proc)
@@ -64,6 +86,7 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
     written = yaml.safe_load((folder / "config.yaml").read_text())
+    assert json.loads((folder / "config.json").read_text()) == written  # its JSON twin, what the aggregator reads
     # config.yaml holds the config with every default resolved (norm.eps null -> the norm's paper eps)
     assert written["run_id"] == folder.name and config.from_dict(written) == config.normalized(cfg)
     assert written["derived"] == {
