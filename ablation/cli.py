@@ -34,8 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train one run into <results>/<run_id>/ (resuming or skipping as its folder says)."""
     cfg = _load(args)
     from ablation.config import run_id
-    from ablation.distributed import setup, teardown
-    from ablation.models import check_model_norm
+    from ablation.train.distributed import setup, teardown
+    from ablation.train.models import check_model_norm
 
     from ablation.signals import StopRequest
 
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = setup(cfg.device)
     folder = Path(args.results) / run_id(cfg)
     try:
-        from ablation.trainer import train
+        from ablation.train.trainer import train
 
         final = train(cfg, folder, env, should_stop=stop)
     finally:
@@ -78,7 +78,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """Write a deterministic synthetic ImageFolder dataset of JPEG files."""
-    from ablation.synth import SynthSpec, write_synth
+    from ablation.data.synth import SynthSpec, write_synth
 
     spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size, seed=args.seed)
     wrote = write_synth(args.root, spec, progress=sys.stderr.isatty())
@@ -88,7 +88,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Check an ImageFolder dataset's layout and print its summary."""
-    from ablation.data import check_layout
+    from ablation.data.layout import check_layout
 
     info = check_layout(args.root)
     print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, fingerprint {info.fingerprint}")
@@ -99,7 +99,8 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
     """Time the training data pipelines' CPU side on a dataset: images/s per core, cores to feed the GPUs."""
     import dataclasses
 
-    from ablation import config, databench
+    from ablation import config
+    from ablation.data import bench as databench
 
     if args.images < 1:
         from ablation.errors import ConfigError
@@ -120,7 +121,7 @@ DEFAULT_RESULTS = "results"
 
 def _profile(args: argparse.Namespace):
     """The --profile file, or the built-in local profile: one process standing in for all GPUs."""
-    from ablation.cluster import Profile, load_profile
+    from ablation.sweep.cluster import Profile, load_profile
 
     if args.profile:
         return load_profile(args.profile, args.executor)
@@ -133,9 +134,10 @@ def _profile(args: argparse.Namespace):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
-    from ablation import launch, status
-    from ablation import sweep as sweepmod
-    from ablation.cluster import check_run_fits
+    from ablation.sweep import launch
+    from ablation.sweep import status
+    from ablation.sweep import spec as sweepmod
+    from ablation.sweep.cluster import check_run_fits
 
     sweep = sweepmod.load(args.spec, args.overrides)
     profile = _profile(args)
@@ -144,7 +146,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
-    from ablation.models import checkpoint_bytes
+    from ablation.train.models import checkpoint_bytes
 
     warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], results / "runs", checkpoint_bytes)
     if warning:
@@ -181,7 +183,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _check_data(cfgs: list) -> None:
     """Each distinct data.root has train/ and val/ here, so a typo fails before any job is queued."""
-    from ablation.data import check_splits
+    from ablation.data.layout import check_splits
     from ablation.errors import DataError
 
     for root in sorted({c.data.root for c in cfgs}):
@@ -193,7 +195,7 @@ def _check_data(cfgs: list) -> None:
 
 def _check_models(cfgs: list) -> None:
     """Build each distinct model/norm on the meta device: G not dividing C fails before submission."""
-    from ablation.models import check_model_norm
+    from ablation.train.models import check_model_norm
 
     seen = set()
     for cfg in cfgs:
@@ -205,7 +207,7 @@ def _check_models(cfgs: list) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA."""
-    from ablation import status
+    from ablation.sweep import status
 
     sweep_dir = Path(args.sweep_dir)
     manifest = status.load_manifest(sweep_dir)
@@ -223,7 +225,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Collect run folders and write the paper's tables and figures with its numbers beside ours."""
-    from ablation import report
+    from ablation.results import report
 
     rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference)
     counts = rep.runs["status"].value_counts().to_dict()

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from ablation import config, report
+from ablation import config
+from ablation.results import report
 
 OUT = Path(__file__).resolve().parent / "results" / "report_speed.jsonl"
 SPEC_VERSION = 1  # bump when the generated folders change, so an old workdir is regenerated
@@ -127,7 +128,7 @@ def workdir_for(args: argparse.Namespace) -> Path:
 
 def timed_old_build(results: Path, out: Path, timings: dict[str, float]) -> report.Report:
     """report.build of a version without `timings`: the same phases, from its functions wrapped here."""
-    from ablation import collect
+    from ablation.results import collect
 
     spent: dict[str, float] = {}
 

@@ -13,7 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from ablation import collect, config, fastyaml, report, rundir
+from ablation import config, fastyaml, rundir
+from ablation.results import collect
+from ablation.results import report
 from test_report import curve, write_run
 
 
@@ -288,7 +290,7 @@ def test_curves_lines_cut_from_the_metrics_text_equal_the_encoded_ones(tmp_path:
     """runfiles takes a folder's curves.csv lines from its metrics.jsonl text only where that text is json.dumps'
     of the rows with the keys in order; anything else (another key order, spacing, an extra key, a torn last
     line) is encoded from the values. Either way the lines are _metric_block's, NaN and infinities included."""
-    from ablation import runfiles
+    from ablation.results import runfiles
 
     keys = rundir.METRIC_KEYS
     rng = random.Random(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ablation import cluster
+from ablation.sweep import cluster
 
 LAUNCH_VARS = ("SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID",
                "OMP_NUM_THREADS", cluster.CPUS_ENV, "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -74,8 +74,9 @@ def test_compact_cpu_lists() -> None:
 
 
 def test_threads_and_loader_workers_follow_the_budget(node) -> None:
-    from ablation import config, loaders
-    from ablation.distributed import DistEnv, cpu_threads
+    from ablation import config
+    from ablation.train import loaders
+    from ablation.train.distributed import DistEnv, cpu_threads
 
     node(range(10), **SLURM_TASK)
     assert cpu_threads(8) == 10
@@ -85,8 +86,9 @@ def test_threads_and_loader_workers_follow_the_budget(node) -> None:
 
 
 def test_env_json_records_the_cpu_budget(node) -> None:
-    from ablation import bookkeeping, config
-    from ablation.distributed import DistEnv
+    from ablation import config
+    from ablation.train import bookkeeping
+    from ablation.train.distributed import DistEnv
 
     node(range(10), **SLURM_TASK)
     cfg = config.load(None, ["data.workers=8"])
@@ -114,7 +116,7 @@ class _DoneChild:
 
 def test_local_executor_gives_each_child_its_share(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run inside a SLURM task of 10 CPUs, two local runs at a time get 5 cores each, as threads and as their budget."""
-    from ablation import launch
+    from ablation.sweep import launch
 
     node(range(10), **SLURM_TASK)
     envs = _DoneChild.envs = []

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablation import config, launch, sweep
-from ablation.cluster import Profile, interpolate, load_profile
+from ablation import config
+from ablation.sweep import launch
+from ablation.sweep import spec as sweep
+from ablation.sweep.cluster import Profile, interpolate, load_profile
 from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
 from conftest import ROOT
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablation import config, rundir, status, sweep
+from ablation import config, rundir
+from ablation.sweep import status
+from ablation.sweep import spec as sweep
 from ablation.config import ConfigError
 from conftest import ROOT
 from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
@@ -73,7 +75,7 @@ def test_variants_is_every_builtin_variant_at_five_batch_sizes() -> None:
 def test_every_preset_loads_and_passes_the_checks_before_queueing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every YAML under sweeps/ is a sweep spec (it has a name) or a run config; each expands, and each distinct
     model and norm in it builds and runs (check_model_norm), as `ablation sweep` checks before queueing."""
-    from ablation.models import check_model_norm
+    from ablation.train.models import check_model_norm
 
     monkeypatch.syspath_prepend(str(ROOT / "sweeps" / "examples"))  # the worked example's norm, as its README says
     files = sorted((ROOT / "sweeps").rglob("*.yaml"))
@@ -191,8 +193,8 @@ def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slur
 
 def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins the private submitit names sbatch_script uses: its text is the file submitit hands to sbatch."""
-    from ablation import launch
-    from ablation.cluster import load_profile
+    from ablation.sweep import launch
+    from ablation.sweep.cluster import load_profile
 
     fake = write_fake_slurm(tmp_path / "fake-slurm", job_id=4242)
     monkeypatch.setenv("PATH", os.pathsep.join([str(fake), path_without_slurm(tmp_path / "farm")]))
@@ -290,7 +292,7 @@ def test_status_summary_and_eta() -> None:
 def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tmp_path: Path) -> None:
     """The local executor forks each run from a server that imported torch once; the child writes its
     log, which is echoed prefixed, and exits with the command's code."""
-    from ablation import launch
+    from ablation.sweep import launch
 
     log, lines = tmp_path / "run.out", []
     ok = launch._Child(["config", "seed=3"], dict(os.environ), log, "[1/2] ", lines.append, 1)

@@ -16,8 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ablation import collect, rundir, status
-from ablation.trainer import FAULT_KILL_ENV
+from ablation import rundir
+from ablation.results import collect
+from ablation.sweep import status
+from ablation.train.trainer import FAULT_KILL_ENV
 from conftest import ROOT, TINY
 
 # --- rundir's readers and appender ------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import yaml
 from conftest import TINY
 
 from ablation import config, rundir
-from ablation.distributed import DistEnv
-from ablation.trainer import FAULT_KILL_ENV, train
+from ablation.train.distributed import DistEnv
+from ablation.train.trainer import FAULT_KILL_ENV, train
 
 # 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
 RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
@@ -120,8 +120,8 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
 
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
-    from ablation.loop import build_optimizer
-    from ablation.models import create_model
+    from ablation.train.loop import build_optimizer
+    from ablation.train.models import create_model
 
     cfg = config.load(None, TINY)
     model = create_model(cfg, 4)
@@ -252,7 +252,7 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], 
 def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ablation import loop
+    from ablation.train import loop
     from ablation.norms import PerGPUBatchNorm2d
 
     synced_after: list[int] = []  # training steps done at each sync (a BN layer's batch count)
@@ -280,7 +280,7 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
 
 
 def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablation.bookkeeping import backend_settings, configure_backends
+    from ablation.train.bookkeeping import backend_settings, configure_backends
 
     for flag in ("benchmark", "allow_tf32"):
         monkeypatch.setattr(torch.backends.cudnn, flag, getattr(torch.backends.cudnn, flag))  # restored afterwards
@@ -298,7 +298,7 @@ def test_cuda_backends_follow_the_config_and_are_recorded(monkeypatch: pytest.Mo
 
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
-    from ablation.loaders import GlobalBatchSampler
+    from ablation.train.loaders import GlobalBatchSampler
     from ablation.norms import split_per_gpu
 
     cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])

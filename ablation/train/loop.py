@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ablation import faults, rundir
-from ablation.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
+from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
 from ablation.config import RunConfig, lr_at
-from ablation.coordination import StopVote
-from ablation.distributed import DistEnv
+from ablation.train.coordination import StopVote
+from ablation.train.distributed import DistEnv
 from ablation.errors import DiskFullError
-from ablation.loaders import to_device
+from ablation.train.loaders import to_device
 from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
 

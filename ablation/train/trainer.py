@@ -1,9 +1,9 @@
 """The trainer: a function of a run config and a run folder. It knows nothing of sweeps or SLURM.
 
-train() sets a run up and hands it to the pieces, one concern each: ablation.loaders (which images,
-loaders, batches on the device), ablation.loop (steps, evaluation, checkpoints at boundaries, stops),
-ablation.bookkeeping (config, env, checkpoints, final status, failures in the run folder) and
-ablation.coordination (stop votes, one failing rank ending all).
+train() sets a run up and hands it to the pieces, one concern each: ablation.train.loaders (which images,
+loaders, batches on the device), ablation.train.loop (steps, evaluation, checkpoints at boundaries, stops),
+ablation.train.bookkeeping (config, env, checkpoints, final status, failures in the run folder) and
+ablation.train.coordination (stop votes, one failing rank ending all).
 
 Reproducibility rests on three choices:
 - every image's augmentation is seeded by (seed, epoch, index) and every global batch is a fixed
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ablation import faults, rundir
-from ablation.bookkeeping import (
+from ablation.train.bookkeeping import (
     TrainState,
     configure_backends,
     disk_full_error,
@@ -40,13 +40,13 @@ from ablation.bookkeeping import (
     write_final,
 )
 from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
-from ablation.coordination import FailureGuard, eval_polls
-from ablation.data import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
-from ablation.distributed import DistEnv, setup
+from ablation.train.coordination import FailureGuard, eval_polls
+from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
+from ablation.train.distributed import DistEnv, setup
 from ablation.errors import last_line
-from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
-from ablation.loop import FAULT_KILL_ENV, Diverged, EpochLoop, build_optimizer
-from ablation.models import create_model
+from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
+from ablation.train.loop import FAULT_KILL_ENV, Diverged, EpochLoop, build_optimizer
+from ablation.train.models import create_model
 from ablation.norms import count_steps_per_layer
 
 __all__ = ["FAULT_KILL_ENV", "train"]  # FAULT_KILL_ENV: what the kill-and-resume tests set

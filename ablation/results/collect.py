@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from ablation import config, rundir, runfiles
+from ablation import config, rundir
+from ablation.results import runfiles
 from ablation.errors import ConfigError
 from ablation.norms import registry
 
@@ -395,7 +396,7 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
 def _workers(asked: int | None, folders: int) -> int:
     """Processes to read the metrics with: 1 unless there are many folders (or asked) and this process may fork."""
     if asked is None:
-        from ablation.cluster import usable_cores
+        from ablation.sweep.cluster import usable_cores
 
         asked = min(8, usable_cores(1)[0]) if folders >= PARALLEL_MIN_FOLDERS else 1
     # fork: no re-import in the workers (spawn would run __main__ again); never from a threaded process (Jupyter).

@@ -28,11 +28,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from ablation import config, rundir, status
-from ablation.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, interpolate, usable_cores
+from ablation import config, rundir
+from ablation.sweep import status
+from ablation.sweep.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, interpolate, usable_cores
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
 from ablation.errors import AblationError
-from ablation.sweep import Sweep
+from ablation.sweep.spec import Sweep
 
 # What re-running a sweep does with a run in each state.
 ACTIONS = {
@@ -172,7 +173,7 @@ GPU_RECORDS = Path("benchmarks") / "results" / "gpu.jsonl"
 
 def gpu_records_path() -> Path | None:
     """The GPU benchmark's records here (./benchmarks/results/gpu.jsonl) or in the repository, else None."""
-    for p in (GPU_RECORDS, Path(__file__).resolve().parents[1] / GPU_RECORDS):
+    for p in (GPU_RECORDS, Path(__file__).resolve().parents[2] / GPU_RECORDS):
         if p.is_file():
             return p
     return None
@@ -315,9 +316,9 @@ class TrainJob:
 
     def __call__(self, config_path: str, runs_root: str) -> dict[str, Any]:
         """Train the run described by config_path under runs_root."""
-        from ablation.distributed import setup, teardown
+        from ablation.train.distributed import setup, teardown
         from ablation.signals import StopRequest
-        from ablation.trainer import train
+        from ablation.train.trainer import train
 
         cfg = config.load(config_path)
         stop = StopRequest().install()
@@ -460,7 +461,7 @@ def _expected_steps(config_path: str) -> float:
     return cfg.epochs / (cfg.gpus * cfg.batch_per_gpu)
 
 
-PRELOAD = ["ablation.cli", "ablation.trainer"]  # what every `ablation train` imports: torch, torchvision, timm
+PRELOAD = ["ablation.cli", "ablation.train.trainer"]  # what every `ablation train` imports: torch, torchvision, timm
 
 
 def _forkserver() -> Any:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ablation.data import (DatasetInfo, DatasetScan, SeededImageFolder, _class_dirs, _image_files, _walk_order,
+from ablation.data.layout import (DatasetInfo, DatasetScan, SeededImageFolder, _class_dirs, _image_files, _walk_order,
                            check_splits, load_rgb, open_image, pipeline_transforms)
 from ablation.errors import DataError
 from ablation.config import PIPELINES

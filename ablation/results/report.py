@@ -31,12 +31,12 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ablation.norms import registry
-from ablation.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
+from ablation.results.collect import CURVE_COLUMNS, collect_with_text, csv_header, variant, write_csv
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
 
-REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[1] / "results" / "reference")
+REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[2] / "results" / "reference")
 PAPER_MODELS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101"}
 REFERENCE_COLUMNS = ["paper", "table", "model", "norm", "batch_per_gpu", "groups", "channels_per_group", "val_error_pct", "status"]
 # Optional columns of a reference file: `fields` (config fields the run must match, "norm.r_max=1.5;

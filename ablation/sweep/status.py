@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ablation import rundir
-from ablation.cluster import squeue_states
+from ablation.sweep.cluster import squeue_states
 
 MANIFEST = "manifest.json"
 JOBS = "jobs.jsonl"
