@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from ablation.errors import AblationError, last_line
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+from ablation.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_status, one_line  # noqa: F401
 DEFAULT_RUNS = "results/runs"
 
 
@@ -33,29 +30,9 @@ def _load(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run into <results>/<run_id>/ (resuming or skipping as its folder says)."""
     cfg = _load(args)
-    from ablation.config import run_id
-    from ablation.train.distributed import setup, teardown
-    from ablation.train.models import check_model_norm
+    from ablation.train.trainer import train_command
 
-    from ablation.signals import StopRequest
-
-    check_model_norm(cfg)
-    stop = StopRequest().install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, exit 4
-    env = setup(cfg.device)
-    folder = Path(args.results) / run_id(cfg)
-    try:
-        from ablation.train.trainer import train
-
-        final = train(cfg, folder, env, should_stop=stop)
-    finally:
-        teardown()
-        if env.is_main and folder.exists():
-            print(folder, flush=True)
-    status = final.get("status")
-    if status == "diverged":
-        print(f"error: run diverged: {final.get('reason')}", file=sys.stderr)
-        return EXIT_DIVERGED
-    return EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK
+    return train_command(cfg, args.results)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -378,25 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its message's last line, else its type."""
-    return last_line(e) or type(e).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command, turning user errors into one line and a non-zero exit."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AblationError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:  # output piped into `head`: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # the run folder already says 'failed' with the reason
-        print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
-        return EXIT_FAILED
+    return exit_status(lambda: args.func(args))

@@ -104,7 +104,7 @@ class _DoneChild:
     returncode = 0
     pid = 4242
 
-    def __init__(self, argv: list[str], env: dict[str, str], *rest: object) -> None:
+    def __init__(self, config_path: str, runs_root: str, env: dict[str, str], *rest: object) -> None:
         self.envs.append(env)
 
     def poll(self) -> int:

@@ -16,7 +16,7 @@ from ablation import config, rundir
 from ablation.sweep import status
 from ablation.sweep import spec as sweep
 from ablation.config import ConfigError
-from conftest import ROOT
+from conftest import ROOT, TINY
 from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
 
 PAPER = ROOT / "sweeps" / "paper"
@@ -289,19 +289,25 @@ def test_status_summary_and_eta() -> None:
     assert status.summary(s, parallel=1) == "3 runs: 1 ok, 1 running, 1 new; ETA ~1m20s"  # (6 + 10) epochs x 5 s
 
 
-def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tmp_path: Path) -> None:
+def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tiny_data: Path, tmp_path: Path) -> None:
     """The local executor forks each run from a server that imported torch once; the child writes its
-    log, which is echoed prefixed, and exits with the command's code."""
+    log, which is echoed prefixed, and exits with `ablation train`'s code."""
+    import yaml
+
     from ablation.sweep import launch
 
+    ok_cfg, bad_cfg, runs = tmp_path / "ok.yaml", tmp_path / "bad.yaml", tmp_path / "runs"
+    cfg = config.load(None, [*TINY, f"data.root={tiny_data}", "epochs=1", "gpus=1", "batch_per_gpu=32"])
+    ok_cfg.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    bad_cfg.write_text("nosuchkey: 1\n")
     log, lines = tmp_path / "run.out", []
-    ok = launch._Child(["config", "seed=3"], dict(os.environ), log, "[1/2] ", lines.append, 1)
+    ok = launch._Child(str(ok_cfg), str(runs), dict(os.environ), log, "[1/2] ", lines.append, 1)
     assert ok.wait() == 0
     ok.finish()
-    assert "seed: 3" in log.read_text() and "[1/2] seed: 3" in lines
-    bad = launch._Child(["config", "nosuchkey=1"], dict(os.environ), log, "[2/2] ", lines.append, 1)
+    assert (runs / config.run_id(cfg) / "final.json").is_file() and f"[1/2] {runs / config.run_id(cfg)}" in lines
+    bad = launch._Child(str(bad_cfg), str(runs), dict(os.environ), log, "[2/2] ", lines.append, 1)
     assert bad.wait() == 2
     bad.finish()
     assert any(line.startswith("[2/2] error: ") and "nosuchkey" in line for line in lines)
-    assert log.read_text().startswith("run_id")  # the second child appended to the same log
+    assert str(runs / config.run_id(cfg)) in log.read_text().splitlines()  # the second child appended to the same log
     assert launch._forkserver() is not None and bad.pid != ok.pid != os.getpid()

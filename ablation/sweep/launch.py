@@ -316,26 +316,20 @@ class TrainJob:
 
     def __call__(self, config_path: str, runs_root: str) -> dict[str, Any]:
         """Train the run described by config_path under runs_root."""
-        from ablation.train.distributed import setup, teardown
         from ablation.signals import StopRequest
-        from ablation.train.trainer import train
+        from ablation.train.trainer import run_training
 
         cfg = config.load(config_path)
         stop = StopRequest().install()
         submitit_handler = stop.previous(signal.SIGUSR2)
-        env = setup(cfg.device)
-        folder = Path(runs_root) / config.run_id(cfg)
         try:
-            final = train(cfg, folder, env, should_stop=stop)
+            final = run_training(cfg, runs_root, stop)
         except Exception as e:
-            if callable(submitit_handler) and self.failures < self.retries and _failed(folder):
+            if callable(submitit_handler) and self.failures < self.retries and _failed(Path(runs_root) / config.run_id(cfg)):
                 print(f"ablation: run failed ({type(e).__name__}: {e}); requeueing, retry {self.failures + 1} of {self.retries}", file=sys.stderr, flush=True)
                 self._retry = True
-                teardown()
-                _hand_to(submitit_handler, stop)
+                _hand_to(submitit_handler, stop)  # the process group is already left
             raise
-        finally:
-            teardown()
         if final.get("status") == "interrupted" and callable(submitit_handler):
             _hand_to(submitit_handler, stop)
         return final
@@ -423,8 +417,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
         while queue or running:
             while queue and len(running) < parallel:
                 i, (rid, path) = queue.pop(0)
-                argv = ["train", path, "--results", runs_root]
-                proc = _Child(argv, env, logs / f"{rid}.out", f"[{i}/{len(run_ids)}] ", on_line, profile.processes_per_job)
+                proc = _Child(path, runs_root, env, logs / f"{rid}.out", f"[{i}/{len(run_ids)}] ", on_line, profile.processes_per_job)
                 _record(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": _now()}])
                 running.append((proc, rid))
             time.sleep(0.2)
@@ -461,7 +454,7 @@ def _expected_steps(config_path: str) -> float:
     return cfg.epochs / (cfg.gpus * cfg.batch_per_gpu)
 
 
-PRELOAD = ["ablation.cli", "ablation.train.trainer"]  # what every `ablation train` imports: torch, torchvision, timm
+PRELOAD = ["ablation.train.trainer"]  # what training a run imports: torch, torchvision, timm
 
 
 def _forkserver() -> Any:
@@ -489,8 +482,9 @@ def start_local_server() -> None:
         forkserver.ensure_running()
 
 
-def _child_main(argv: list[str], environ: dict[str, str], log_path: str) -> None:
-    """In a forkserver child: the environment and output `ablation ARGV` would have as a process of its own."""
+def _child_main(config_path: str, runs_root: str, environ: dict[str, str], log_path: str) -> None:
+    """In a forkserver child: train the run with the environment, output and exit code that
+    `ablation train CONFIG --results RUNS_ROOT` would have as a process of its own."""
     os.environ.clear()
     os.environ.update(environ)
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -501,25 +495,27 @@ def _child_main(argv: list[str], environ: dict[str, str], log_path: str) -> None
     os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # line-buffered, as the parent tails the file
     sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-    from ablation.cli import main
+    from ablation.errors import exit_status
+    from ablation.train.trainer import train_command
 
-    sys.exit(main(argv))
+    sys.exit(exit_status(lambda: train_command(config.load(config_path), runs_root)))
 
 
 class _Child:
-    """One `ablation ARGV` started by the local executor, its output appended to its log file and echoed.
+    """One run trained by the local executor (as `ablation train CONFIG --results RUNS_ROOT`), its output appended to its log file and echoed.
 
     A single process is forked from the preloaded forkserver; several (processes_per_job > 1) start under
     torchrun as a new program. Either way the output goes to the log file, which a thread echoes, prefixed.
     """
 
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, prefix: str, on_line: Callable[[str], None], processes: int) -> None:
+    def __init__(self, config_path: str, runs_root: str, env: dict[str, str], log: Path, prefix: str, on_line: Callable[[str], None], processes: int) -> None:
         offset = log.stat().st_size if log.exists() else 0  # a retry appends to the same log
         ctx = _forkserver() if processes == 1 else None
         if ctx is not None:
-            self._proc: Any = ctx.Process(target=_child_main, args=(argv, env, str(log)), name=f"ablation {argv[0]}")
+            self._proc: Any = ctx.Process(target=_child_main, args=(config_path, runs_root, env, str(log)), name="ablation train")
             self._proc.start()
         else:
+            argv = ["train", config_path, "--results", runs_root]
             cmd = [sys.executable, "-m", "ablation", *argv]
             if processes > 1:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "ablation", *argv]
