@@ -131,7 +131,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if not (args.dry_run or args.no_data_check):
         _check_data([r.config for r in sweep.runs])
     planned = launch.plan(sweep, results, args.retry_failed)
-    todo = [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
+    todo = launch.to_submit(planned)
     cfg_of = {r.run_id: r.config for r in sweep.runs}
     hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, results / "runs")
     unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
@@ -149,8 +149,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not todo:
             print("nothing to submit")
         return EXIT_OK
-    sweep_dir = launch.prepare(sweep, results, args.overrides)
-    failed = launch.submit(sweep_dir, todo, profile, results)
+    sweep_dir, failed = launch.launch_sweep(sweep, results, args.overrides, profile, todo)
     if profile.executor == "slurm":
         print(f"follow with: ablation status {sweep_dir}")
     else:

@@ -89,6 +89,20 @@ def plan(sweep: Sweep, results: Path, retry_failed: bool) -> list[tuple[status.R
     return out
 
 
+def to_submit(planned: list[tuple[status.RunState, str]]) -> list[str]:
+    """The run ids of a plan that launching submits: new runs, stopped ones (resumed) and failed ones being retried."""
+    return [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
+
+
+def launch_sweep(sweep: Sweep, results: Path, overrides: list[str], profile: Profile, todo: list[str],
+                 *, on_line: Callable[[str], None] = print) -> tuple[Path, int]:
+    """Write the sweep folder and submit the runs `todo` through the profile's executor (nothing when empty):
+    (the sweep folder, how many runs failed locally)."""
+    sweep_dir = prepare(sweep, results, overrides)
+    failed = submit(sweep_dir, todo, profile, results, on_line=on_line) if todo else 0
+    return sweep_dir, failed
+
+
 def train_images(cfg: RunConfig) -> int:
     """Training images for estimates: counted when the dataset is here, else ImageNet's."""
     train = Path(cfg.data.root) / "train"
