@@ -111,6 +111,7 @@ def _profile(args: argparse.Namespace):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
+    from ablation import sweepdir
     from ablation.sweep import launch
     from ablation.sweep import status
     from ablation.sweep import spec as sweepmod
@@ -119,13 +120,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sweep = sweepmod.load(args.spec, args.overrides)
     profile = _profile(args)
     results = Path(args.results)
-    launch.require_sweep_folder(results / sweep.name)
+    sweepdir.require_sweep_folder(results / sweep.name)
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
     from ablation.train.models import checkpoint_bytes
 
-    warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], results / "runs", checkpoint_bytes)
+    warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)
     if warning:
         print(warning, file=sys.stderr)
     if not (args.dry_run or args.no_data_check):
@@ -133,7 +134,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     planned = launch.plan(sweep, results, args.retry_failed)
     todo = launch.to_submit(planned)
     cfg_of = {r.run_id: r.config for r in sweep.runs}
-    hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, results / "runs")
+    hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, sweepdir.runs_root(results))
     unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
     est = f"~{hours:.1f} {unit} ({source})" if hours is not None else f"{unit}: unknown ({source})"
     first = cfg_of[todo[0]] if todo else sweep.runs[0].config
@@ -183,10 +184,11 @@ def _check_models(cfgs: list) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA."""
+    from ablation import sweepdir
     from ablation.sweep import status
 
     sweep_dir = Path(args.sweep_dir)
-    manifest = status.load_manifest(sweep_dir)
+    manifest = sweepdir.load_manifest(sweep_dir)
     while True:
         states = status.sweep_states(sweep_dir)
         running = sum(s.state == "running" for s in states)

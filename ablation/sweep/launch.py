@@ -1,13 +1,4 @@
-"""Launch a sweep: write its folder, decide what runs, submit through an executor.
-
-The sweep folder (results/<sweep>/):
-  sweep.yaml        the spec and the overrides it was launched with
-  manifest.json     the expanded runs: run id, axis values, epochs
-  configs/<id>.yaml each run's config: what the job reads
-  runs/<id>         link to the shared run folder results/runs/<id> (shared between sweeps by hash)
-  jobs.jsonl        one line per submission: run id, executor, job id, time
-  slurm/            submitit's job files and logs
-  logs/<id>.out     local executor: each run's output
+"""Launch a sweep: write its folder (laid out as ablation.sweepdir says), decide what runs, submit through an executor.
 
 Executors: `slurm` (submitit job arrays, one DDP job per run, checkpoint-and-requeue on the
 pre-timeout signal), `local` (this machine, runs `ablation train` processes, N at a time, in the
@@ -28,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
-from ablation import config, rundir
+from ablation import config, rundir, sweepdir
 from ablation.sweep import status
 from ablation.sweep.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, interpolate, usable_cores
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
@@ -56,32 +47,33 @@ def _now() -> str:
 def prepare(sweep: Sweep, results: Path, overrides: list[str]) -> Path:
     """Write the sweep folder (spec, manifest, run configs, links to the shared run folders)."""
     sweep_dir = results / sweep.name
-    (sweep_dir / status.CONFIGS).mkdir(parents=True, exist_ok=True)
-    (sweep_dir / status.RUNS_LINKS).mkdir(exist_ok=True)
-    (results / "runs").mkdir(parents=True, exist_ok=True)
-    rundir.write_text(sweep_dir / "sweep.yaml", yaml.safe_dump({"spec": dict(sweep.spec), "overrides": overrides}, sort_keys=False))
+    (sweep_dir / sweepdir.CONFIGS).mkdir(parents=True, exist_ok=True)
+    (sweep_dir / sweepdir.RUNS_LINKS).mkdir(exist_ok=True)
+    sweepdir.runs_root(results).mkdir(parents=True, exist_ok=True)
+    rundir.write_text(sweep_dir / sweepdir.SPEC, yaml.safe_dump({"spec": dict(sweep.spec), "overrides": overrides}, sort_keys=False))
     runs = []
     for run in sweep.runs:
-        cfg_path = sweep_dir / status.CONFIGS / f"{run.run_id}.yaml"
+        cfg_path = sweep_dir / sweepdir.config_file(run.run_id)
         rundir.write_text(cfg_path, yaml.safe_dump({"run_id": run.run_id, **config.to_dict(run.config)}, sort_keys=False))
-        link = sweep_dir / status.RUNS_LINKS / run.run_id
+        link = sweepdir.run_link(sweep_dir, run.run_id)
         if not link.is_symlink():
-            link.symlink_to(Path("..") / ".." / "runs" / run.run_id)  # relative: the results tree can move
-        runs.append({"run_id": run.run_id, "axes": dict(run.axes), "epochs": run.config.epochs, "config": f"{status.CONFIGS}/{run.run_id}.yaml"})
+            link.symlink_to(sweepdir.link_target(run.run_id))
+        runs.append({"run_id": run.run_id, "axes": dict(run.axes), "epochs": run.config.epochs, "config": sweepdir.config_file(run.run_id)})
     keep = {r["run_id"] for r in runs}
-    for link in (sweep_dir / status.RUNS_LINKS).iterdir():
+    for link in (sweep_dir / sweepdir.RUNS_LINKS).iterdir():
         if link.is_symlink() and link.name not in keep:
             link.unlink()  # a run no longer in the spec; its shared folder stays
-    rundir.write_json(sweep_dir / status.MANIFEST, {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axes), "runs": runs})
+    manifest = {"name": sweep.name, "description": sweep.description, "axes": list(sweep.axes), "runs": runs}
+    rundir.write_json(sweep_dir / sweepdir.MANIFEST, manifest)
     return sweep_dir
 
 
 def plan(sweep: Sweep, results: Path, retry_failed: bool) -> list[tuple[status.RunState, str]]:
     """Each run's state and what launching the sweep does with it (reads files only; writes nothing)."""
     runs = [{"run_id": r.run_id, "axes": dict(r.axes), "epochs": r.config.epochs} for r in sweep.runs]
-    jobs = status.latest_jobs(results / sweep.name)
+    jobs = sweepdir.latest_jobs(results / sweep.name)
     out = []
-    for s in status.states(runs, lambda rid: results / "runs" / rid, jobs):
+    for s in status.states(runs, lambda rid: sweepdir.runs_root(results) / rid, jobs):
         action = ACTIONS[s.state]
         if action == "retry" and not retry_failed:
             action = "skip (failed: use --retry-failed)"
@@ -374,17 +366,12 @@ def _failed(folder: Path) -> bool:
 # ---------------------------------------------------------------- executors
 
 
-def _record(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:
-    """Append submission records to jobs.jsonl (whole lines in one write, fsynced: rare, and worth keeping)."""
-    rundir.append_jsonl(sweep_dir / status.JOBS, rows, fsync=True)
-
-
 def submit(sweep_dir: Path, run_ids: list[str], profile: Profile, results: Path, *, on_line: Callable[[str], None] = print) -> int:
     """Submit these runs of the sweep through the profile's executor; returns how many failed locally."""
-    manifest = status.load_manifest(sweep_dir)
+    manifest = sweepdir.load_manifest(sweep_dir)
     by_id = {r["run_id"]: r for r in manifest["runs"]}
     paths = [str(sweep_dir / by_id[r]["config"]) for r in run_ids]
-    runs_root = str(results / "runs")
+    runs_root = str(sweepdir.runs_root(results))
     if profile.executor == "slurm":
         _submit_slurm(sweep_dir, run_ids, paths, runs_root, profile, manifest["name"], on_line)
         return 0
@@ -397,7 +384,7 @@ def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     """Train each run in this process, one after another (a failed run again, up to profile.retries times)."""
     failed = 0
     for i, (rid, path) in enumerate(zip(run_ids, paths), 1):
-        _record(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}", "submitted_at": _now()}])
+        sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}", "submitted_at": _now()}])
         on_line(f"[{i}/{len(run_ids)}] {rid}")
         for attempt in range(profile.retries + 1):
             try:
@@ -418,7 +405,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
     # Every process started here shares this process's cores: each gets its share as threads and as its
     # CPU budget (ABLATION_CPUS), so a child under SLURM does not take the whole task's CPUs for itself.
     cores = max(1, usable_cores(1)[0] // (parallel * profile.processes_per_job))
-    logs = sweep_dir / "logs"
+    logs = sweepdir.logs_folder(sweep_dir)
     logs.mkdir(exist_ok=True)
     # Longest first (most optimizer steps: more epochs, smaller global batch), so no core idles at the end.
     order = sorted(zip(run_ids, paths), key=lambda item: _expected_steps(item[1]), reverse=True)
@@ -432,7 +419,7 @@ def _run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root:
             while queue and len(running) < parallel:
                 i, (rid, path) = queue.pop(0)
                 proc = _Child(path, runs_root, env, logs / f"{rid}.out", f"[{i}/{len(run_ids)}] ", on_line, profile.processes_per_job)
-                _record(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": _now()}])
+                sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": _now()}])
                 running.append((proc, rid))
             time.sleep(0.2)
             for item in list(running):
@@ -603,7 +590,7 @@ def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str,
     """A submitit SLURM executor set up for one run's job geometry; `after`: an array job id to wait for."""
     import submitit
 
-    ex = submitit.AutoExecutor(folder=sweep_dir / "slurm" / "%j", cluster="slurm", slurm_max_num_timeout=profile.max_requeues)
+    ex = submitit.AutoExecutor(folder=sweepdir.slurm_folder(sweep_dir), cluster="slurm", slurm_max_num_timeout=profile.max_requeues)
     ex.update_parameters(**_slurm_parameters(profile, cfg, name, array_size, after))
     return ex
 
@@ -625,7 +612,7 @@ def _submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_ro
             chunk = items[start : start + profile.max_array_size]
             ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk), after=previous)
             jobs = ex.map_array(TrainJob(profile.retries), [p for _, p, _ in chunk], [runs_root] * len(chunk))
-            _record(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": _now()} for (rid, _, _), j in zip(chunk, jobs)])
+            sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": _now()} for (rid, _, _), j in zip(chunk, jobs)])
             array_id = jobs[0].job_id.split("_")[0]
             waits = f", after array {previous}" if previous else ""
             on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) (throttle {min(profile.array_parallelism, len(chunk))}{waits})")
@@ -651,7 +638,7 @@ def sbatch_script(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str) 
         def affinity(cls) -> int:
             return 2  # what SlurmExecutor.affinity() returns when it finds srun
 
-    ex = ScriptOnlySlurmExecutor(folder=sweep_dir / "slurm" / "%j", max_num_timeout=profile.max_requeues)
+    ex = ScriptOnlySlurmExecutor(folder=sweepdir.slurm_folder(sweep_dir), max_num_timeout=profile.max_requeues)
     params = {k: v for k, v in _slurm_parameters(profile, cfg, f"ablation-{name}", 1, None).items() if v is not None}
     # As AutoExecutor.update_parameters does: generic names translated (timeout_min -> time, ...), the
     # slurm_ prefix dropped from the others.
@@ -669,10 +656,3 @@ def describe_profile(profile: Profile, cfg: RunConfig) -> str:
     if profile.gpus_per_node:
         return f"{procs} GPU(s) per job ({where})" + (f", standing in for {cfg.gpus}" if procs != cfg.gpus else "")
     return f"{procs} CPU process(es) per job ({where}), standing in for {cfg.gpus} GPUs"
-
-
-def require_sweep_folder(sweep_dir: Path) -> None:
-    """Refuse a results/<name> folder that exists and is not a sweep folder of ours."""
-    if sweep_dir.exists() and any(sweep_dir.iterdir()) and not (sweep_dir / status.MANIFEST).exists():
-        raise AblationError(f"{sweep_dir} exists and is not a sweep folder; pick another --results root or sweep name")
-
