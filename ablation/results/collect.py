@@ -396,7 +396,7 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
 def _workers(asked: int | None, folders: int) -> int:
     """Processes to read the metrics with: 1 unless there are many folders (or asked) and this process may fork."""
     if asked is None:
-        from ablation.sweep.cluster import usable_cores
+        from ablation.cpus import usable_cores
 
         asked = min(8, usable_cores(1)[0]) if folders >= PARALLEL_MIN_FOLDERS else 1
     # fork: no re-import in the workers (spawn would run __main__ again); never from a threaded process (Jupyter).

@@ -21,7 +21,8 @@ import yaml
 
 from ablation import config, rundir, sweepdir
 from ablation.sweep import status
-from ablation.sweep.cluster import CPUS_ENV, Profile, check_run_fits, executor_parameters, interpolate, usable_cores
+from ablation.cpus import CPUS_ENV, usable_cores
+from ablation.sweep.cluster import Profile, check_run_fits, executor_parameters, interpolate
 from ablation.config import IMAGENET_TRAIN_IMAGES, RunConfig
 from ablation.errors import AblationError
 from ablation.sweep.spec import Sweep

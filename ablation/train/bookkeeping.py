@@ -23,7 +23,7 @@ from torch import nn
 
 import ablation
 from ablation import rundir
-from ablation.sweep.cluster import cpu_budget
+from ablation.cpus import cpu_budget
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, run_id, to_dict
 from ablation.data.layout import DatasetInfo
 from ablation.train.distributed import DistEnv

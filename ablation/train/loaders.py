@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ablation.sweep.cluster import cpu_budget
+from ablation.cpus import cpu_budget
 from ablation.config import Derived, RunConfig
 from ablation.data.layout import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
 from ablation.train.distributed import DistEnv
@@ -89,7 +89,7 @@ def scan_dataset(root: str, env: DistEnv) -> DatasetScan:
 
 
 def make_loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
-    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.sweep.cluster.cpu_budget)."""
+    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cpus.cpu_budget)."""
     # More workers than cores only adds contention; the images do not depend on the worker count.
     workers = cpu_budget(env.local_world_size, env.device, cfg.data.workers).workers
     return DataLoader(
