@@ -32,7 +32,8 @@ from ablation.config import derive
 from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
-from ablation.train.loop import autocast, build_optimizer
+from ablation.train.loop import autocast
+from ablation.train.optim import build_optimizer
 from ablation.train.models import create_model
 from ablation.data.synth import SynthSpec, write_synth
 

@@ -120,7 +120,7 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
 
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
-    from ablation.train.loop import build_optimizer
+    from ablation.train.optim import build_optimizer
     from ablation.train.models import create_model
 
     cfg = config.load(None, TINY)

@@ -132,7 +132,7 @@ def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
     except ConfigError:
         flat = _written_fields(cfg_doc)
     else:
-        flat = config.flatten(config._canonical(config._hash_view(cfg)))
+        flat = config.flatten(config.canonical(config.hash_view(cfg)))
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in flat.items()}
 
 
@@ -141,11 +141,11 @@ def _written_fields(cfg_doc: Any) -> dict[str, Any]:
     fields that are not hashed and optional fields at their default are left out; unknown keys are kept."""
     if not isinstance(cfg_doc, dict):
         return {}
-    flat = config.flatten(config._canonical({k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS}))
+    flat = config.flatten(config.canonical({k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS}))
     out = {}
     for key, value in flat.items():
         f = _field(key)
-        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config._canonical(f.default))):
+        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config.canonical(f.default))):
             continue
         out[key] = value
     return out

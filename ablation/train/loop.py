@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader
 
 from ablation import faults, rundir
 from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
-from ablation.config import RunConfig, lr_at
+from ablation.config import RunConfig
 from ablation.train.coordination import StopVote
 from ablation.train.distributed import DistEnv
 from ablation.errors import DiskFullError
 from ablation.train.loaders import to_device
+from ablation.train.optim import lr_at
 from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
 
@@ -44,20 +45,6 @@ class Diverged(Exception):
     def __init__(self, step: int, epoch: int, value: float):
         super().__init__(f"loss is {value} at step {step} (epoch {epoch + 1})")
         self.step, self.epoch = step, epoch
-
-
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov by default) with decay on every parameter, or not on 1-D ones if asked."""
-    o = cfg.optim
-    params = list(model.parameters())
-    if o.no_decay_1d:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    else:
-        groups = [{"params": params, "weight_decay": o.weight_decay}]
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
 def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
