@@ -16,7 +16,7 @@ from test_trainer import RUN, assert_same_run, cli, run_folder
 
 from ablation import lock, rundir
 from ablation.errors import AblationError
-from ablation.train.trainer import FAULT_KILL_ENV
+from ablation.faults import FAULT_ENV
 
 ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=true"]
 
@@ -46,7 +46,7 @@ def test_a_killed_trainer_with_loader_workers_restarts_at_once_and_resumes_bitwi
     )
     # Wait for the trainer only (cli() would wait for its pipes, which the workers hold until they exit).
     with open(tmp_path / "killed.out", "w") as out:
-        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_KILL_ENV: "18"}, stdout=out, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out, stderr=subprocess.STDOUT)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.out").read_text()  # last checkpoint: step 15
     stdout, stderr = restart.communicate("go\n", timeout=600)  # at once: no sleep
     assert restart.returncode == 0, stderr

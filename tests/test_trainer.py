@@ -16,7 +16,8 @@ from conftest import TINY
 
 from ablation import config, rundir
 from ablation.train.distributed import DistEnv
-from ablation.train.trainer import FAULT_KILL_ENV, train
+from ablation.faults import FAULT_ENV
+from ablation.train.trainer import train
 
 # 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
 RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
@@ -194,7 +195,7 @@ def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline:
     args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", f"data.pipeline={pipeline}", "checkpoint_every_steps=5", "log_steps=true"]
     whole = run_folder(cli([*args, "--results", str(tmp_path / "whole")], cli_env))
 
-    killed_env = {**cli_env, FAULT_KILL_ENV: "18"}  # last checkpoint before the kill: step 15, mid epoch 2
+    killed_env = {**cli_env, FAULT_ENV: "step:18:kill"}  # last checkpoint before the kill: step 15, mid epoch 2
     proc = cli([*args, "--results", str(tmp_path / "resumed")], killed_env, check=False)
     assert proc.returncode == -9
     folder = tmp_path / "resumed" / whole.name

@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,9 +32,6 @@ from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
 
 log = logging.getLogger("ablation")
-
-
-FAULT_KILL_ENV = "ABLATION_FAULT_KILL_AT_STEP"
 
 
 class Diverged(Exception):
@@ -108,7 +103,6 @@ class EpochLoop:
         self.session_start = time.monotonic()
         self.last_save = time.monotonic()
         self.accounted = time.monotonic()
-        self.kill_at_step = int(os.environ.get(FAULT_KILL_ENV, "0"))
         self.images = 0  # images trained in this epoch since this start (run_epoch)
         self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
 
@@ -190,9 +184,7 @@ class EpochLoop:
             self.losses.append(loss.detach().float())
             st.step += 1
             st.step_in_epoch += 1
-            if st.step == self.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            faults.hit("step", st.step)
+            faults.hit("step", st.step)  # ABLATION_FAULT=step:<n>:kill: the kill-and-resume tests stop the process here
             if self.vote.poll():
                 self._flush(epoch, lr, bar)
                 bar.close()

@@ -47,13 +47,13 @@ from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, p
 from ablation.train.distributed import DistEnv, setup, teardown
 from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
-from ablation.train.loop import FAULT_KILL_ENV, Diverged, EpochLoop
+from ablation.train.loop import Diverged, EpochLoop
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
 from ablation.norms import count_steps_per_layer
 from ablation.signals import StopRequest
 
-__all__ = ["FAULT_KILL_ENV", "run_training", "train", "train_command"]  # FAULT_KILL_ENV: what the kill-and-resume tests set
+__all__ = ["run_training", "train", "train_command"]
 
 log = logging.getLogger("ablation")
 
