@@ -28,7 +28,7 @@ import yaml
 
 from ablation.errors import ConfigError
 from ablation.norms import registry
-from ablation.norms.registry import RUNNING_STATS_RULES, check_channels, resolved_groups  # noqa: F401 (re-exported)
+from ablation.norms.registry import RUNNING_STATS_RULES
 
 # Bump only with a deliberate break of every run id (documented in the README's changelog).
 HASH_VERSION = 1

@@ -73,10 +73,20 @@ def test_measured_runs_are_matched_by_model_image_size_and_batch(tmp_path: Path)
     write_measured(runs, 2, 8 * 999, model="resnet101")
     write_measured(runs, 2, 8 * 999, image_size=112)
     write_measured(runs, 2, 999, processes=1, seed=1)  # one process standing in for 8 GPUs: another layout
-    assert launch.measured_throughput(runs, cfg_at(32)) == pytest.approx(1010)
-    assert launch.measured_throughput(runs, cfg_at(2)) == pytest.approx(101)  # not the batch-32 figure
-    assert launch.measured_throughput(runs, cfg_at(2), gpus_per_process=8) == pytest.approx(999 * 1.01)
-    assert launch.measured_throughput(runs, cfg_at(8)) is None
+    assert measured(runs, cfg_at(32)) == "32: 1010"  # median of 1000, 1010 and 1020 per process
+    assert measured(runs, cfg_at(2)) == "2: 101"  # not the batch-32 figure
+    assert measured(runs, cfg_at(2), gpus_per_process=8) == "2: 1009"  # 999 x 1.01
+    assert measured(runs, cfg_at(8)) is None
+
+
+def measured(runs: Path, cfg: config.RunConfig, gpus_per_process: int = 1) -> str | None:
+    """'<per-GPU batch>: <images/s per process>' as the estimates print a figure measured on earlier runs, else None."""
+    prof = Profile(name="p", stand_in=gpus_per_process > 1, processes_per_job=cfg.gpus // gpus_per_process)
+    hours, source = launch.estimate_hours([cfg], prof, runs, gpu_records=runs / "none.jsonl")
+    if hours is None:
+        return None
+    assert source.endswith(" (measured on 1 run(s))"), source
+    return source.removeprefix("images/s per process by per-GPU batch: ").removesuffix(" (measured on 1 run(s))")
 
 
 def write_records(path: Path, rows: list[dict]) -> Path:

@@ -60,10 +60,6 @@ class Profile:
         """Processes (SLURM tasks) one run's job uses."""
         return self.processes_per_job if self.stand_in else cfg.gpus
 
-    def gpus_per_job(self, cfg: RunConfig) -> int:
-        """GPUs one run's job holds (0 on CPU-only nodes)."""
-        return self.processes(cfg) if self.gpus_per_node else 0
-
     def geometry(self, cfg: RunConfig) -> tuple[int, int]:
         """(nodes, tasks per node) for one run: one task per GPU, several nodes when one is too small."""
         procs = self.processes(cfg)

@@ -157,15 +157,6 @@ def _measured(runs_root: Path, models: set[tuple[str, int]]) -> dict[tuple[str, 
     return out
 
 
-def measured_throughput(runs_root: Path, cfg: RunConfig, gpus_per_process: int = 1) -> float | None:
-    """Median images/s per process of finished epochs of runs with the same model, image size, per-GPU batch
-    and GPUs per process (a batch of 2 does not run at the speed of 32)."""
-    figures, _ = _measured(runs_root, {(cfg.model.name, cfg.data.image_size)}).get(
-        (cfg.model.name, cfg.data.image_size, cfg.batch_per_gpu, gpus_per_process), ([], 0)
-    )
-    return _median(figures) if figures else None
-
-
 def _median(xs: list[float]) -> float:
     """The median (upper middle for an even count, as the estimates always took it)."""
     return sorted(xs)[len(xs) // 2]
