@@ -112,8 +112,7 @@ def _profile(args: argparse.Namespace):
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
     from ablation import sweepdir
-    from ablation.sweep import launch
-    from ablation.sweep import status
+    from ablation.sweep import estimates, launch, slurmjobs, status
     from ablation.sweep import spec as sweepmod
     from ablation.sweep.cluster import check_run_fits
 
@@ -126,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _check_models([r.config for r in sweep.runs])
     from ablation.train.models import checkpoint_bytes
 
-    warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)
+    warning = estimates.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)
     if warning:
         print(warning, file=sys.stderr)
     if not (args.dry_run or args.no_data_check):
@@ -134,7 +133,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     planned = launch.plan(sweep, results, args.retry_failed)
     todo = launch.to_submit(planned)
     cfg_of = {r.run_id: r.config for r in sweep.runs}
-    hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, sweepdir.runs_root(results))
+    hours, source = estimates.estimate_hours([cfg_of[r] for r in todo], profile, sweepdir.runs_root(results))
     unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
     est = f"~{hours:.1f} {unit} ({source})" if hours is not None else f"{unit}: unknown ({source})"
     first = cfg_of[todo[0]] if todo else sweep.runs[0].config
@@ -145,7 +144,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{len(todo)} jobs on {profile.executor} ({profile.name}), {launch.describe_profile(profile, first)}; {est}"
     )
     if args.print_sbatch:
-        print(launch.sbatch_script(results / sweep.name, profile, first, sweep.name))
+        print(slurmjobs.sbatch_script(results / sweep.name, profile, first, sweep.name))
     if args.dry_run or not todo:
         if not todo:
             print("nothing to submit")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import ablation
-from ablation.sweep import launch
+from ablation.sweep import launch, local
 from ablation.results import report
 from ablation.sweep import status
 from ablation.sweep import spec as sweepmod
@@ -54,7 +54,7 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     t0 = time.monotonic()
     spec = QUICK_DATA if quick else DATA
     data = out / ("data-quick" if quick else "data")
-    launch.start_local_server()  # torch's imports for the runs, on the other core while the data is written
+    local.start_local_server()  # torch's imports for the runs, on the other core while the data is written
     print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / {spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
     write_synth(data, spec, progress=True)
     overrides = [f"data.root={data}", f"seed={seed}"]

@@ -15,6 +15,7 @@ As ablation.rundir is for one run's folder, this module is the one place that na
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,11 @@ def latest_jobs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
         log.warning(f"{e}; read as missing")
         rows = []
     return {r["run_id"]: r for r in rows if "run_id" in r}
+
+
+def now() -> str:
+    """UTC time for the submission records (submitted_at)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def record_jobs(sweep_dir: Path, rows: list[dict[str, Any]]) -> None:

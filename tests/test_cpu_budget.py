@@ -117,18 +117,18 @@ class _DoneChild:
 
 def test_local_executor_gives_each_child_its_share(node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run inside a SLURM task of 10 CPUs, two local runs at a time get 5 cores each, as threads and as their budget."""
-    from ablation.sweep import launch
+    from ablation.sweep import local
 
     node(range(10), **SLURM_TASK)
     envs = _DoneChild.envs = []
-    monkeypatch.setattr(launch, "_Child", _DoneChild)
-    monkeypatch.setattr(launch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(local, "_Child", _DoneChild)
+    monkeypatch.setattr(local.time, "sleep", lambda s: None)
     paths = []
     for i in range(2):
         (tmp_path / f"c{i}.yaml").write_text(f"seed: {i}\n")
         paths.append(str(tmp_path / f"c{i}.yaml"))
     profile = cluster.Profile(executor="local", array_parallelism=2)
-    assert launch._run_local(tmp_path, ["a", "b"], paths, str(tmp_path / "runs"), profile, lambda line: None) == 0
+    assert local.run_local(tmp_path, ["a", "b"], paths, str(tmp_path / "runs"), profile, lambda line: None) == 0
     assert [(e["OMP_NUM_THREADS"], e[cpus.CPUS_ENV]) for e in envs] == [("5", "5"), ("5", "5")]
     monkeypatch.setenv(cpus.CPUS_ENV, "5")
     assert cpus.cpu_budget(1, "cpu", 8).cores_usable == 5  # the child's view, under the same SLURM variables

@@ -193,7 +193,7 @@ def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slur
 
 def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins the private submitit names sbatch_script uses: its text is the file submitit hands to sbatch."""
-    from ablation.sweep import launch
+    from ablation.sweep import launch, slurmjobs
     from ablation.sweep.cluster import load_profile
 
     fake = write_fake_slurm(tmp_path / "fake-slurm", job_id=4242)
@@ -205,7 +205,7 @@ def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch
     launch.submit(sweep_dir, [s.runs[0].run_id], profile, results, on_line=lambda line: None)
     submitted = (sweep_dir / "slurm" / "4242" / "4242_submission.sh").read_text()
     assert "#SBATCH --job-name=ablation-table1_norms" in submitted
-    assert launch.sbatch_script(sweep_dir, profile, s.runs[0].config, s.name) == submitted
+    assert slurmjobs.sbatch_script(sweep_dir, profile, s.runs[0].config, s.name) == submitted
 
 
 def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -294,20 +294,20 @@ def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_o
     log, which is echoed prefixed, and exits with `ablation train`'s code."""
     import yaml
 
-    from ablation.sweep import launch
+    from ablation.sweep import local
 
     ok_cfg, bad_cfg, runs = tmp_path / "ok.yaml", tmp_path / "bad.yaml", tmp_path / "runs"
     cfg = config.load(None, [*TINY, f"data.root={tiny_data}", "epochs=1", "gpus=1", "batch_per_gpu=32"])
     ok_cfg.write_text(yaml.safe_dump(config.to_dict(cfg)))
     bad_cfg.write_text("nosuchkey: 1\n")
     log, lines = tmp_path / "run.out", []
-    ok = launch._Child(str(ok_cfg), str(runs), dict(os.environ), log, "[1/2] ", lines.append, 1)
+    ok = local._Child(str(ok_cfg), str(runs), dict(os.environ), log, "[1/2] ", lines.append, 1)
     assert ok.wait() == 0
     ok.finish()
     assert (runs / config.run_id(cfg) / "final.json").is_file() and f"[1/2] {runs / config.run_id(cfg)}" in lines
-    bad = launch._Child(str(bad_cfg), str(runs), dict(os.environ), log, "[2/2] ", lines.append, 1)
+    bad = local._Child(str(bad_cfg), str(runs), dict(os.environ), log, "[2/2] ", lines.append, 1)
     assert bad.wait() == 2
     bad.finish()
     assert any(line.startswith("[2/2] error: ") and "nosuchkey" in line for line in lines)
     assert str(runs / config.run_id(cfg)) in log.read_text().splitlines()  # the second child appended to the same log
-    assert launch._forkserver() is not None and bad.pid != ok.pid != os.getpid()
+    assert local._forkserver() is not None and bad.pid != ok.pid != os.getpid()

@@ -141,3 +141,11 @@ def summary(states: list[RunState], parallel: int = 1) -> str:
     if eta and any(s.state not in ("ok", "diverged", "failed") for s in states):
         line += f"; ETA ~{_fmt_duration(eta)}"
     return line
+
+
+def is_failed(folder: Path) -> bool:
+    """True when the run folder says the run failed (not a full disk, not a stop): a retry may start it again."""
+    try:
+        return (rundir.RunDir(folder).final_status() or {}).get("status") == "failed"
+    except rundir.CorruptFile:
+        return False
