@@ -136,13 +136,15 @@ def _child_main(config_path: str, runs_root: str, environ: dict[str, str], log_p
 
 
 class _Child:
-    """One run trained by the local executor (as `ablation train CONFIG --results RUNS_ROOT`), its output appended to its log file and echoed.
+    """One run trained by the local executor (as `ablation train CONFIG --results RUNS_ROOT`), its output appended
+    to its log file and echoed.
 
     A single process is forked from the preloaded forkserver; several (processes_per_job > 1) start under
     torchrun as a new program. Either way the output goes to the log file, which a thread echoes, prefixed.
     """
 
-    def __init__(self, config_path: str, runs_root: str, env: dict[str, str], log: Path, prefix: str, on_line: Callable[[str], None], processes: int) -> None:
+    def __init__(self, config_path: str, runs_root: str, env: dict[str, str], log: Path, prefix: str, on_line: Callable[[str], None],
+                 processes: int) -> None:
         offset = log.stat().st_size if log.exists() else 0  # a retry appends to the same log
         ctx = _forkserver() if processes == 1 else None
         if ctx is not None:
