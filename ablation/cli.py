@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-from ablation.errors import AblationError, last_line
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+from ablation.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_status, one_line  # noqa: F401
 DEFAULT_RUNS = "results/runs"
 
 
@@ -33,29 +30,9 @@ def _load(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one run into <results>/<run_id>/ (resuming or skipping as its folder says)."""
     cfg = _load(args)
-    from ablation.config import run_id
-    from ablation.distributed import setup, teardown
-    from ablation.models import check_model_norm
+    from ablation.train.trainer import train_command
 
-    from ablation.signals import StopRequest
-
-    check_model_norm(cfg)
-    stop = StopRequest().install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, exit 4
-    env = setup(cfg.device)
-    folder = Path(args.results) / run_id(cfg)
-    try:
-        from ablation.trainer import train
-
-        final = train(cfg, folder, env, should_stop=stop)
-    finally:
-        teardown()
-        if env.is_main and folder.exists():
-            print(folder, flush=True)
-    status = final.get("status")
-    if status == "diverged":
-        print(f"error: run diverged: {final.get('reason')}", file=sys.stderr)
-        return EXIT_DIVERGED
-    return EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK
+    return train_command(cfg, args.results)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -78,7 +55,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
     """Write a deterministic synthetic ImageFolder dataset of JPEG files."""
-    from ablation.synth import SynthSpec, write_synth
+    from ablation.data.synth import SynthSpec, write_synth
 
     spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size, seed=args.seed)
     wrote = write_synth(args.root, spec, progress=sys.stderr.isatty())
@@ -88,7 +65,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Check an ImageFolder dataset's layout and print its summary."""
-    from ablation.data import check_layout
+    from ablation.data.layout import check_layout
 
     info = check_layout(args.root)
     print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, fingerprint {info.fingerprint}")
@@ -99,7 +76,8 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
     """Time the training data pipelines' CPU side on a dataset: images/s per core, cores to feed the GPUs."""
     import dataclasses
 
-    from ablation import config, databench
+    from ablation import config
+    from ablation.data import bench as databench
 
     if args.images < 1:
         from ablation.errors import ConfigError
@@ -120,7 +98,7 @@ DEFAULT_RESULTS = "results"
 
 def _profile(args: argparse.Namespace):
     """The --profile file, or the built-in local profile: one process standing in for all GPUs."""
-    from ablation.cluster import Profile, load_profile
+    from ablation.sweep.cluster import Profile, load_profile
 
     if args.profile:
         return load_profile(args.profile, args.executor)
@@ -133,28 +111,29 @@ def _profile(args: argparse.Namespace):
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
-    from ablation import launch, status
-    from ablation import sweep as sweepmod
-    from ablation.cluster import check_run_fits
+    from ablation import sweepdir
+    from ablation.sweep import estimates, launch, slurmjobs, status
+    from ablation.sweep import spec as sweepmod
+    from ablation.sweep.cluster import check_run_fits
 
     sweep = sweepmod.load(args.spec, args.overrides)
     profile = _profile(args)
     results = Path(args.results)
-    launch.require_sweep_folder(results / sweep.name)
+    sweepdir.require_sweep_folder(results / sweep.name)
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
-    from ablation.models import checkpoint_bytes
+    from ablation.train.models import checkpoint_bytes
 
-    warning = launch.signal_delay_warning(profile, [r.config for r in sweep.runs], results / "runs", checkpoint_bytes)
+    warning = estimates.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)
     if warning:
         print(warning, file=sys.stderr)
     if not (args.dry_run or args.no_data_check):
         _check_data([r.config for r in sweep.runs])
     planned = launch.plan(sweep, results, args.retry_failed)
-    todo = [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
+    todo = launch.to_submit(planned)
     cfg_of = {r.run_id: r.config for r in sweep.runs}
-    hours, source = launch.estimate_hours([cfg_of[r] for r in todo], profile, results / "runs")
+    hours, source = estimates.estimate_hours([cfg_of[r] for r in todo], profile, sweepdir.runs_root(results))
     unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
     est = f"~{hours:.1f} {unit} ({source})" if hours is not None else f"{unit}: unknown ({source})"
     first = cfg_of[todo[0]] if todo else sweep.runs[0].config
@@ -165,13 +144,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{len(todo)} jobs on {profile.executor} ({profile.name}), {launch.describe_profile(profile, first)}; {est}"
     )
     if args.print_sbatch:
-        print(launch.sbatch_script(results / sweep.name, profile, first, sweep.name))
+        print(slurmjobs.sbatch_script(results / sweep.name, profile, first, sweep.name))
     if args.dry_run or not todo:
         if not todo:
             print("nothing to submit")
         return EXIT_OK
-    sweep_dir = launch.prepare(sweep, results, args.overrides)
-    failed = launch.submit(sweep_dir, todo, profile, results)
+    sweep_dir, failed = launch.launch_sweep(sweep, results, args.overrides, profile, todo)
     if profile.executor == "slurm":
         print(f"follow with: ablation status {sweep_dir}")
     else:
@@ -181,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def _check_data(cfgs: list) -> None:
     """Each distinct data.root has train/ and val/ here, so a typo fails before any job is queued."""
-    from ablation.data import check_splits
+    from ablation.data.layout import check_splits
     from ablation.errors import DataError
 
     for root in sorted({c.data.root for c in cfgs}):
@@ -193,7 +171,7 @@ def _check_data(cfgs: list) -> None:
 
 def _check_models(cfgs: list) -> None:
     """Build each distinct model/norm on the meta device: G not dividing C fails before submission."""
-    from ablation.models import check_model_norm
+    from ablation.train.models import check_model_norm
 
     seen = set()
     for cfg in cfgs:
@@ -205,10 +183,11 @@ def _check_models(cfgs: list) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA."""
-    from ablation import status
+    from ablation import sweepdir
+    from ablation.sweep import status
 
     sweep_dir = Path(args.sweep_dir)
-    manifest = status.load_manifest(sweep_dir)
+    manifest = sweepdir.load_manifest(sweep_dir)
     while True:
         states = status.sweep_states(sweep_dir)
         running = sum(s.state == "running" for s in states)
@@ -226,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Collect run folders and write the paper's tables and figures with its numbers beside ours."""
-    from ablation import report
+    from ablation.results import report
 
     rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference)
     counts = rep.runs["status"].value_counts().to_dict()
@@ -379,25 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def one_line(e: BaseException) -> str:
-    """An exception as one line: its message's last line, else its type."""
-    return last_line(e) or type(e).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run a command, turning user errors into one line and a non-zero exit."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AblationError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return e.exit_code
-    except BrokenPipeError:  # output piped into `head`: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # the run folder already says 'failed' with the reason
-        print(f"error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
-        return EXIT_FAILED
+    return exit_status(lambda: args.func(args))

@@ -28,7 +28,7 @@ import yaml
 
 from ablation.errors import ConfigError
 from ablation.norms import registry
-from ablation.norms.registry import RUNNING_STATS_RULES, check_channels, resolved_groups  # noqa: F401 (re-exported)
+from ablation.norms.registry import RUNNING_STATS_RULES
 
 # Bump only with a deliberate break of every run id (documented in the README's changelog).
 HASH_VERSION = 1
@@ -519,17 +519,7 @@ def derive(cfg: RunConfig, train_images: int = IMAGENET_TRAIN_IMAGES) -> Derived
     )
 
 
-def lr_at(cfg: RunConfig, d: Derived, step: int) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
-    if step < d.warmup_steps:
-        return d.lr * (step + 1) / d.warmup_steps
-    if cfg.optim.schedule == "cosine":
-        t = (step - d.warmup_steps) / max(1, d.total_steps - d.warmup_steps)
-        return d.lr * 0.5 * (1 + math.cos(math.pi * t))
-    return d.lr * cfg.optim.gamma ** sum(step >= m for m in d.milestone_steps)
-
-
-def _hash_view(obj: Any) -> dict[str, Any]:
+def hash_view(obj: Any) -> dict[str, Any]:
     """The result-affecting fields of a config, as a nested dict."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
@@ -538,16 +528,16 @@ def _hash_view(obj: Any) -> dict[str, Any]:
         v = getattr(obj, f.name)
         if f.metadata.get("omit_if_default") and v == f.default:
             continue
-        out[f.name] = _hash_view(v) if dataclasses.is_dataclass(v) else v
+        out[f.name] = hash_view(v) if dataclasses.is_dataclass(v) else v
     return out
 
 
-def _canonical(v: Any) -> Any:
+def canonical(v: Any) -> Any:
     """Values in a JSON form that does not depend on Python types (tuple vs list, 1 vs 1.0)."""
     if isinstance(v, Mapping):
-        return {str(k): _canonical(x) for k, x in sorted(v.items())}
+        return {str(k): canonical(x) for k, x in sorted(v.items())}
     if isinstance(v, (list, tuple)):
-        return [_canonical(x) for x in v]
+        return [canonical(x) for x in v]
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
@@ -555,7 +545,7 @@ def _canonical(v: Any) -> Any:
 
 def config_hash(cfg: RunConfig) -> str:
     """A stable 10-hex-digit hash of the fields that change results."""
-    view = _canonical({"hash_version": HASH_VERSION, **_hash_view(normalized(cfg))})
+    view = canonical({"hash_version": HASH_VERSION, **hash_view(normalized(cfg))})
     blob = json.dumps(view, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 

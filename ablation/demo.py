@@ -14,10 +14,13 @@ import time
 from pathlib import Path
 
 import ablation
-from ablation import launch, provenance, report, status
-from ablation import sweep as sweepmod
-from ablation.cluster import Profile
-from ablation.synth import SynthSpec, spec_to_json, write_synth
+from ablation import provenance
+from ablation.sweep import launch, local
+from ablation.results import report
+from ablation.sweep import status
+from ablation.sweep import spec as sweepmod
+from ablation.sweep.cluster import Profile
+from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 
 SWEEPS = Path(ablation.__file__).resolve().parents[1] / "sweeps"
 # Shape is the class; foreground/background colour, position, size, brightness and contrast vary per
@@ -64,19 +67,17 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     t0 = time.monotonic()
     spec = QUICK_DATA if quick else DATA
     data = out / ("data-quick" if quick else "data")
-    launch.start_local_server()  # torch's imports for the runs, on the other core while the data is written
+    local.start_local_server()  # torch's imports for the runs, on the other core while the data is written
     print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / {spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
     write_synth(data, spec, progress=True)
-    sweep = sweepmod.load(SWEEPS / ("demo_quick.yaml" if quick else "demo.yaml"), [f"data.root={data}", f"seed={seed}"])
+    overrides = [f"data.root={data}", f"seed={seed}"]
+    sweep = sweepmod.load(SWEEPS / ("demo_quick.yaml" if quick else "demo.yaml"), overrides)
     results = out / "results"
     # Two runs at a time, one thread each: on a 2-core laptop this beats one run with two threads.
     profile = Profile(name="demo", executor="local", stand_in=True, processes_per_job=1, array_parallelism=parallel)
-    planned = launch.plan(sweep, results, retry_failed=True)
-    todo = [s.run_id for s, action in planned if action in ("submit", "resume", "retry")]
+    todo = launch.to_submit(launch.plan(sweep, results, retry_failed=True))
     print(f"demo: {len(sweep.runs)} runs ({len(sweep.runs) - len(todo)} already done), {parallel} at a time", flush=True)
-    sweep_dir = launch.prepare(sweep, results, [f"data.root={data}", f"seed={seed}"])
-    if todo:
-        launch.submit(sweep_dir, todo, profile, results, on_line=lambda line: print(line, flush=True))
+    sweep_dir, _ = launch.launch_sweep(sweep, results, overrides, profile, todo, on_line=lambda line: print(line, flush=True))
     states = status.sweep_states(sweep_dir)
     print(status.summary(states))
     rep_dir = out / "report"

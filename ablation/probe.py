@@ -1,7 +1,7 @@
 """`ablation probe`: how much each norm makes an image's output depend on its batch, per images per GPU.
 
 Seconds on a CPU, no training and no dataset: a small ResNet (freshly initialized, the same weights for
-every norm and batch size) and generated images (``ablation.synth``'s shapes with the demo's per-image
+every norm and batch size) and generated images (``ablation.data.synth``'s shapes with the demo's per-image
 brightness and contrast, rendered in memory). For each norm and each per-GPU batch size ``b`` (a probe
 batch is one modelled GPU's ``b`` images, ``gpus_per_process=1``; ``--gpus K`` makes it K GPUs' worth,
 ``K x b`` images in one process as a stand-in run has them) it measures two figures on the network's
@@ -52,7 +52,7 @@ import numpy as np
 from ablation import config
 from ablation.errors import AblationError, ConfigError, NormError
 from ablation.norms import registry
-from ablation.synth import SynthSpec, render_image, validate_spec
+from ablation.data.synth import SynthSpec, render_image, validate_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -170,7 +170,7 @@ def configs(path: str | None, overrides: Sequence[str], norms: Sequence[str] | N
 
 def check_models(cfgs: Sequence[config.RunConfig]) -> None:
     """Build every norm on the model (meta device): a G not dividing C or a broken factory fails now."""
-    from ablation.models import check_model_norm
+    from ablation.train.models import check_model_norm
 
     for cfg in cfgs:
         check_model_norm(cfg, NUM_CLASSES)
@@ -231,7 +231,7 @@ def _model(cfg: config.RunConfig, gpus: int) -> torch.nn.Module:
     """The probe's network for one norm: seeded init, classifier removed (outputs = pooled features)."""
     import torch
 
-    from ablation.models import create_model
+    from ablation.train.models import create_model
 
     torch.manual_seed(cfg.seed)
     model = create_model(cfg, NUM_CLASSES, gpus_per_process=gpus)

@@ -1,4 +1,4 @@
-"""The library versions behind a run's numbers: recorded in env.json, pinned per sweep in constraints.txt. Torch-free."""
+"""The library versions behind a run's numbers: recorded in env.json, pinned per sweep in its constraints file. Torch-free."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from importlib import metadata
 
 # The distributions a run's numbers or its outputs depend on: the model, the pixels, the tables and figures.
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "matplotlib", "submitit", "pyyaml", "tqdm")
-CONSTRAINTS = "constraints.txt"  # in a sweep folder: `pip install -c` it to run the sweep's versions again
 
 
 def package_versions() -> dict[str, str | None]:

@@ -3,7 +3,7 @@
 Prints a table and appends one JSON record (figures plus the machine they ran on) to
 benchmarks/results/data_speed.jsonl. Run:  python benchmarks/data_speed.py [--size 448 --size 896] [--quick]
 
-Questions it answers, per source image size (synthetic JPEGs from ablation.synth, the paper's
+Questions it answers, per source image size (synthetic JPEGs from ablation.data.synth, the paper's
 augmentation at 224 px):
 - images/s per core of a loader worker: decode only (PIL, full size), reference, split, device-decode
   (whose worker only reads the file and draws the parameters);
@@ -30,9 +30,10 @@ import torch
 import torchvision
 from PIL import features
 
-from ablation import config, databench
-from ablation.data import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
-from ablation.synth import SynthSpec, write_synth
+from ablation import config
+from ablation.data import bench as databench
+from ablation.data.layout import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
+from ablation.data.synth import SynthSpec, write_synth
 
 OUT = Path(__file__).resolve().parent / "results" / "data_speed.jsonl"
 

@@ -29,12 +29,13 @@ import torch.nn.functional as F
 
 from ablation import config
 from ablation.config import derive
-from ablation.data import SeededImageFolder, pipeline_transforms, scan_layout
-from ablation.distributed import DistEnv
-from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
-from ablation.loop import autocast, build_optimizer
-from ablation.models import create_model
-from ablation.synth import SynthSpec, write_synth
+from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
+from ablation.train.distributed import DistEnv
+from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
+from ablation.train.loop import autocast
+from ablation.train.optim import build_optimizer
+from ablation.train.models import create_model
+from ablation.data.synth import SynthSpec, write_synth
 
 OUT = Path(__file__).resolve().parent / "results" / "gpu.jsonl"
 TINY = ["model.name=resnet18", "model.widths=[8,16,16,16]", "model.stem_width=8", "model.stem=small", "data.image_size=32", "data.eval_resize=32"]

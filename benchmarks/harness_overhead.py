@@ -29,13 +29,13 @@ import torch.nn.functional as F
 
 from ablation import config
 from ablation.config import derive
-from ablation.data import SeededImageFolder, pipeline_transforms, scan_layout
-from ablation.distributed import DistEnv
-from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
-from ablation.loop import build_optimizer
-from ablation.models import create_model
-from ablation.synth import SynthSpec, write_synth
-from ablation.trainer import train
+from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
+from ablation.train.distributed import DistEnv
+from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
+from ablation.train.optim import build_optimizer
+from ablation.train.models import create_model
+from ablation.data.synth import SynthSpec, write_synth
+from ablation.train.trainer import train
 
 OUT = Path(__file__).resolve().parent / "results" / "harness_overhead.jsonl"
 RUN = ["model.name=resnet18", "data.image_size=64", "data.eval_resize=64", "data.workers=0", "gpus=2", "batch_per_gpu=16", "log_every_steps=10"]

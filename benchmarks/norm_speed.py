@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ablation import config
-from ablation.models import create_model
+from ablation.train.models import create_model
 from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, split_per_gpu
 
 OUT = Path(__file__).resolve().parent / "results" / "norm_speed.jsonl"

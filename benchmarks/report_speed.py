@@ -39,7 +39,8 @@ from typing import Iterator
 
 import yaml
 
-from ablation import config, report
+from ablation import config
+from ablation.results import report
 
 OUT = Path(__file__).resolve().parent / "results" / "report_speed.jsonl"
 SPEC_VERSION = 2  # bump when the generated folders change, so an old workdir is regenerated
@@ -132,7 +133,7 @@ def workdir_for(args: argparse.Namespace) -> Path:
 
 def timed_old_build(results: Path, out: Path, timings: dict[str, float]) -> report.Report:
     """report.build of a version without `timings`: the same phases, from its functions wrapped here."""
-    from ablation import collect
+    from ablation.results import collect
 
     spent: dict[str, float] = {}
 

@@ -32,7 +32,7 @@ TINY = [
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 4-class synthetic ImageFolder of 16x16 JPEGs (48 train / 8 val per class)."""
-    from ablation.synth import SynthSpec, write_synth
+    from ablation.data.synth import SynthSpec, write_synth
 
     root = tmp_path_factory.mktemp("data") / "tiny"
     write_synth(root, SynthSpec(classes=4, train_per_class=48, val_per_class=8, size=16))

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from ablation import collect, config, report, rundir, runfiles
+from ablation import config, rundir
+from ablation.results import collect, report, runfiles
 from test_report import curve, write_run
 
 

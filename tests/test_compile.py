@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ablation import config, rundir
-from ablation.models import create_model
+from ablation.train.models import create_model
 from conftest import TINY
 from test_trainer import RUN, cli, run_folder
 

@@ -10,6 +10,7 @@ import pytest
 
 from ablation import config
 from ablation.config import ConfigError, RunConfig
+from ablation.train.optim import lr_at
 
 
 def test_defaults_are_the_papers_recipe() -> None:
@@ -42,7 +43,7 @@ def test_schedule_keeps_epochs_fixed_so_small_batches_take_more_steps() -> None:
     assert big.milestone_steps == tuple(round(f * big.total_steps) for f in (0.3, 0.6, 0.9))
     cfg = config.load(None, ["epochs=10"])
     d = config.derive(cfg, train_images=2560)  # 10 steps per epoch, 100 steps
-    lrs = [config.lr_at(cfg, d, s) for s in range(d.total_steps)]
+    lrs = [lr_at(cfg, d, s) for s in range(d.total_steps)]
     assert lrs[0] == lrs[29] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
     assert lrs[60] == pytest.approx(0.001) and lrs[99] == pytest.approx(0.0001)
 
@@ -50,8 +51,8 @@ def test_schedule_keeps_epochs_fixed_so_small_batches_take_more_steps() -> None:
 def test_warmup_and_cosine() -> None:
     cfg = config.load(None, ["epochs=4", "optim.warmup_epochs=1", "optim.schedule=cosine"])
     d = config.derive(cfg, train_images=256 * 10)
-    assert config.lr_at(cfg, d, 0) == pytest.approx(0.01) and config.lr_at(cfg, d, 9) == pytest.approx(0.1)
-    assert config.lr_at(cfg, d, 39) < 0.001
+    assert lr_at(cfg, d, 0) == pytest.approx(0.01) and lr_at(cfg, d, 9) == pytest.approx(0.1)
+    assert lr_at(cfg, d, 39) < 0.001
 
 
 def test_too_few_images_for_one_global_batch() -> None:
@@ -175,8 +176,8 @@ def test_omit_if_default_keeps_old_run_ids() -> None:
     class Later(RunConfig):
         new_knob: int = config._f(0, "added later", omit_if_default=True)
 
-    assert config._hash_view(Later()) == config._hash_view(RunConfig())
-    assert config._hash_view(Later(new_knob=1)) != config._hash_view(RunConfig())
+    assert config.hash_view(Later()) == config.hash_view(RunConfig())
+    assert config.hash_view(Later(new_knob=1)) != config.hash_view(RunConfig())
 
 
 def test_data_pipeline_is_in_the_run_id_only_when_split() -> None:

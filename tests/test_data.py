@@ -1,4 +1,4 @@
-"""Tests for ablation.data: layout check, transforms and the seeded ImageFolder."""
+"""Tests for ablation.data.layout: layout check, transforms and the seeded ImageFolder."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ from PIL import Image
 
 from torchvision.transforms import v2
 
-import ablation.data as data_module
-from ablation.data import (DatasetInfo, Lighting, SeededImageFolder, SplitEvalTransform, SplitSample,
+import ablation.data.layout as data_module
+from ablation.data.layout import (DatasetInfo, Lighting, SeededImageFolder, SplitEvalTransform, SplitSample,
                            SplitTrainTransform, check_layout, draft_scale, eval_transform, finish_on_device,
                            load_rgb, pipeline_transforms, read_crop, sample_seed, scan_layout, train_transform)
 from ablation.errors import DataError
-from ablation.synth import SynthSpec, write_synth
+from ablation.data.synth import SynthSpec, write_synth
 
 SPEC = SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=3)
 
@@ -553,7 +553,7 @@ def test_draft_scale() -> None:
 @pytest.fixture(scope="module")
 def big_jpeg(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 448-px JPEG (4:2:0, as cameras write them) of a synthetic image."""
-    from ablation.synth import render_image
+    from ablation.data.synth import render_image
 
     path = tmp_path_factory.mktemp("big") / "big.jpg"
     Image.fromarray(render_image(SynthSpec(size=448, noise=0.02), 0, 3, 0)).save(path, quality=90)
@@ -612,7 +612,7 @@ ONE_LEVEL = 1.4**3 / 255 / 0.224 + 1e-5
 
 
 def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixels(split_root: Path) -> None:
-    from ablation.data import DeviceDecodeTrainTransform, EncodedSample, collate
+    from ablation.data.layout import DeviceDecodeTrainTransform, EncodedSample, collate
 
     cfg = split_cfg(pipeline="device-decode")
     split_ds = SeededImageFolder(split_root, "train", SplitTrainTransform(cfg), seed=3)
@@ -654,7 +654,7 @@ def test_split_equals_reference_at_the_demos_settings(split_root: Path) -> None:
 
 
 def test_device_decode_takes_non_jpeg_files_on_the_loader(copy_root: Path) -> None:
-    from ablation.data import DeviceDecodeTrainTransform, collate
+    from ablation.data.layout import DeviceDecodeTrainTransform, collate
 
     jpeg = copy_root / "train" / "01_ring" / "01_ring_00002.JPEG"
     png = jpeg.with_suffix(".png")
@@ -711,7 +711,7 @@ def test_data_bench_on_a_missing_folder_is_one_line(tmp_path: Path, cli_env: dic
 
 
 def test_pick_images_spreads_over_the_classes(synth_root: Path) -> None:
-    from ablation.databench import pick_images
+    from ablation.data.bench import pick_images
 
     scan = pick_images(synth_root, 5)
     samples = scan.samples("train")

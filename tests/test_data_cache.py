@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import ablation.data as data_module
+import ablation.data.layout as data_module
 from ablation import config
-from ablation.data import DecodedCache, SeededImageFolder, SplitTrainTransform, load_rgb, pipeline_transforms
+from ablation.data.layout import DecodedCache, SeededImageFolder, SplitTrainTransform, load_rgb, pipeline_transforms
 from ablation.errors import ConfigError
-from ablation.synth import SynthSpec, write_synth
-from ablation.trainer import decoded_cache, train
+from ablation.data.synth import SynthSpec, write_synth
+from ablation.train.trainer import decoded_cache, train
 from test_data import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
 # 96 px images cropped to 24 px with the paper's crop scales: some crops decode at reduced scale, some at full size.
@@ -116,7 +116,7 @@ def test_cache_gb_is_checked_and_leaves_the_run_id_alone(caplog: pytest.LogCaptu
 def test_a_run_with_the_cache_equals_one_without(tiny_data: Path, tmp_path: Path) -> None:
     from conftest import TINY
 
-    from ablation.distributed import DistEnv
+    from ablation.train.distributed import DistEnv
 
     args = [*TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "data.workers=0", "data.pipeline=split"]
     env = DistEnv(device="cpu")

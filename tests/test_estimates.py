@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablation import config, launch, sweep
-from ablation.cluster import Profile, interpolate, load_profile
+from ablation import config
+from ablation.sweep import estimates
+from ablation.sweep import spec as sweep
+from ablation.sweep.cluster import Profile, interpolate, load_profile
 from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
 from conftest import ROOT
 
@@ -71,10 +73,20 @@ def test_measured_runs_are_matched_by_model_image_size_and_batch(tmp_path: Path)
     write_measured(runs, 2, 8 * 999, model="resnet101")
     write_measured(runs, 2, 8 * 999, image_size=112)
     write_measured(runs, 2, 999, processes=1, seed=1)  # one process standing in for 8 GPUs: another layout
-    assert launch.measured_throughput(runs, cfg_at(32)) == pytest.approx(1010)
-    assert launch.measured_throughput(runs, cfg_at(2)) == pytest.approx(101)  # not the batch-32 figure
-    assert launch.measured_throughput(runs, cfg_at(2), gpus_per_process=8) == pytest.approx(999 * 1.01)
-    assert launch.measured_throughput(runs, cfg_at(8)) is None
+    assert measured(runs, cfg_at(32)) == "32: 1010"  # median of 1000, 1010 and 1020 per process
+    assert measured(runs, cfg_at(2)) == "2: 101"  # not the batch-32 figure
+    assert measured(runs, cfg_at(2), gpus_per_process=8) == "2: 1009"  # 999 x 1.01
+    assert measured(runs, cfg_at(8)) is None
+
+
+def measured(runs: Path, cfg: config.RunConfig, gpus_per_process: int = 1) -> str | None:
+    """'<per-GPU batch>: <images/s per process>' as the estimates print a figure measured on earlier runs, else None."""
+    prof = Profile(name="p", stand_in=gpus_per_process > 1, processes_per_job=cfg.gpus // gpus_per_process)
+    hours, source = estimates.estimate_hours([cfg], prof, runs, gpu_records=runs / "none.jsonl")
+    if hours is None:
+        return None
+    assert source.endswith(" (measured on 1 run(s))"), source
+    return source.removeprefix("images/s per process by per-GPU batch: ").removesuffix(" (measured on 1 run(s))")
 
 
 def write_records(path: Path, rows: list[dict]) -> Path:
@@ -93,13 +105,13 @@ def test_gpu_benchmark_records_are_a_source(tmp_path: Path) -> None:
         record(8, 1, norm="gn"), {"not": "a record"},
     ])
     prof = Profile(name="p", executor="slurm", gpus_per_node=8)
-    hours, source = launch.estimate_hours([cfg_at(32)], prof, tmp_path / "runs", gpu_records=records)
+    hours, source = estimates.estimate_hours([cfg_at(32)], prof, tmp_path / "runs", gpu_records=records)
     assert hours == pytest.approx(100 * IMAGENET_TRAIN_IMAGES / 1200 / 3600)  # the median of the A100 and V100 records at 32
     assert "32: 1200 (GPU benchmark (NVIDIA A100-SXM4-80GB, Tesla V100-SXM2-32GB))" in source
     a100 = Profile(name="p", executor="slurm", gpus_per_node=8, gpu="a100")
-    _, source = launch.estimate_hours([cfg_at(32), cfg_at(8)], a100, tmp_path / "runs", gpu_records=records)
+    _, source = estimates.estimate_hours([cfg_at(32), cfg_at(8)], a100, tmp_path / "runs", gpu_records=records)
     assert "32: 1300, 8: 800 interpolated (GPU benchmark (NVIDIA A100-SXM4-80GB))" in source  # the A100's, not gn's, records
-    _, source = launch.estimate_hours([cfg_at(8, "norm.name=gn")], a100, tmp_path / "runs", gpu_records=records)
+    _, source = estimates.estimate_hours([cfg_at(8, "norm.name=gn")], a100, tmp_path / "runs", gpu_records=records)
     assert "8: 1 (GPU benchmark" in source  # the run's norm's records first
 
 
@@ -109,15 +121,15 @@ def test_sources_in_order_measured_then_records_then_profile(tmp_path: Path) -> 
     records = write_records(tmp_path / "gpu.jsonl", [record(32, 700), record(16, 600)])
     prof = load_profile(profile_file(tmp_path, TABLE))
     cfgs = [cfg_at(b) for b in (32, 16, 8, 2, 64)]
-    measured = launch._measured(runs, {("resnet50", 224)})
+    measured = estimates._measured(runs, {("resnet50", 224)})
     recs = [json.loads(line) for line in records.read_text().splitlines()]
-    got = {c.batch_per_gpu: launch.throughput(c, prof, measured, recs) for c in cfgs}
+    got = {c.batch_per_gpu: estimates.throughput(c, prof, measured, recs) for c in cfgs}
     assert got[32][:2] == (pytest.approx(1010), "measured on 1 run(s)")
     assert got[16] == (600.0, "GPU benchmark (NVIDIA A100-SXM4-80GB)", "")
     assert got[8] == (330.0, "profile p's table", "")  # the records would only extrapolate below 16
     assert got[2] == (150.0, "profile p's table", "")
     assert got[64] == (700.0, "GPU benchmark (NVIDIA A100-SXM4-80GB)", "extrapolated")  # every source extrapolates: the first
-    hours, source = launch.estimate_hours(cfgs, prof, runs, gpu_records=records)
+    hours, source = estimates.estimate_hours(cfgs, prof, runs, gpu_records=records)
     assert "measured on 1 run(s)" in source and "GPU benchmark" in source and "profile p's table" in source and "extrapolated" in source
     assert hours == pytest.approx(sum(100 * IMAGENET_TRAIN_IMAGES / t[0] / 3600 for t in got.values()))
 
@@ -125,11 +137,11 @@ def test_sources_in_order_measured_then_records_then_profile(tmp_path: Path) -> 
 def test_a_sweep_from_32_to_2_images_per_gpu_costs_more_hours_at_2(tmp_path: Path) -> None:
     prof = load_profile(ROOT / "slurm" / "profiles" / "example-cluster.yaml")
     runs = [r.config for r in sweep.load(ROOT / "sweeps" / "paper" / "fig1_batch_size.yaml").runs]
-    by_batch = {b: launch.estimate_hours([c for c in runs if c.batch_per_gpu == b], prof, tmp_path / "runs", gpu_records=tmp_path / "none.jsonl")[0] for b in (32, 16, 8, 4, 2)}
+    by_batch = {b: estimates.estimate_hours([c for c in runs if c.batch_per_gpu == b], prof, tmp_path / "runs", gpu_records=tmp_path / "none.jsonl")[0] for b in (32, 16, 8, 4, 2)}
     assert by_batch[2] > by_batch[4] > by_batch[8] > by_batch[16] > by_batch[32]
     assert by_batch[2] / by_batch[32] == pytest.approx(400 / 150)
 
 
 def test_no_figure_for_a_batch_is_unknown_hours(tmp_path: Path) -> None:
-    hours, why = launch.estimate_hours([cfg_at(4)], Profile(name="p"), tmp_path / "runs", gpu_records=tmp_path / "none.jsonl")
+    hours, why = estimates.estimate_hours([cfg_at(4)], Profile(name="p"), tmp_path / "runs", gpu_records=tmp_path / "none.jsonl")
     assert hours is None and "at 4 images per GPU" in why and "throughput_images_per_s" in why

@@ -25,9 +25,11 @@ import torch
 from test_faults import ARGS
 from test_trainer import assert_same_run
 
-from ablation import collect, config, faults, rundir, status
-from ablation.distributed import DistEnv
-from ablation.report import build
+from ablation import config, faults, rundir
+from ablation.results import collect
+from ablation.sweep import status
+from ablation.train.distributed import DistEnv
+from ablation.results.report import build
 
 CFG_ARGS = [a for a in ARGS[1:]] + ["checkpoint_every_steps=4"]  # 36 steps, a checkpoint every 4
 TOTAL_STEPS, EPOCHS = 36, 3
@@ -48,7 +50,7 @@ def start(cfg: config.RunConfig, folder: Path, fault: str | None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            from ablation.trainer import train
+            from ablation.train.trainer import train
 
             code = 0 if train(cfg, folder, DistEnv()).get("status") == "ok" else 3
         finally:

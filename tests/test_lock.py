@@ -16,7 +16,7 @@ from test_trainer import RUN, assert_same_run, cli, run_folder
 
 from ablation import lock, rundir
 from ablation.errors import AblationError
-from ablation.trainer import FAULT_KILL_ENV
+from ablation.faults import FAULT_ENV
 
 ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=true"]
 
@@ -41,12 +41,12 @@ def test_a_killed_trainer_with_loader_workers_restarts_at_once_and_resumes_bitwi
     # milliseconds of the kill, while the killed trainer's forked loader workers (~5 s to notice) still live.
     resume = [*args, "--results", str(tmp_path / "resumed")]
     restart = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, ablation.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
+        [sys.executable, "-c", f"import sys, ablation.train.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
         env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     # Wait for the trainer only (cli() would wait for its pipes, which the workers hold until they exit).
     with open(tmp_path / "killed.out", "w") as out:
-        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_KILL_ENV: "18"}, stdout=out, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out, stderr=subprocess.STDOUT)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.out").read_text()  # last checkpoint: step 15
     stdout, stderr = restart.communicate("go\n", timeout=600)  # at once: no sleep
     assert restart.returncode == 0, stderr
@@ -200,7 +200,7 @@ def test_a_lock_file_of_a_dead_pid_on_this_machine_is_taken_over_at_once(mode: s
 
 
 def test_a_killed_file_mode_holder_shows_as_not_running_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ablation import status
+    from ablation.sweep import status
 
     monkeypatch.setenv(lock.ENV, "file")
     proc, child = start_holder(tmp_path / rundir.LOCK)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ablation import config
 from ablation.errors import ConfigError
-from ablation.models import check_model_norm, create_model, last_norms
+from ablation.train.models import check_model_norm, create_model, last_norms
 from ablation.norms import PerGPUBatchNorm2d
 from conftest import TINY
 

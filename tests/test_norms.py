@@ -385,7 +385,7 @@ def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) 
 def test_shared_affine_repeats_change_nothing_but_the_op_count() -> None:
     """A model whose per-GPU BN layers get gamma/beta repeated by the model-level hook trains exactly like
     one whose layers repeat their own (float64: outputs, every gradient, parameters after SGD steps)."""
-    from ablation.models import create_model
+    from ablation.train.models import create_model
     from conftest import TINY
 
     models = []

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from ablation import config, report, rundir, runfiles
-from ablation.collect import collect
+from ablation import config, rundir
+from ablation.results import report, runfiles
+from ablation.results.collect import collect
 
 PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
 PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}

@@ -19,8 +19,9 @@ import pytest
 import yaml
 from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
 
-from ablation import config, report, rundir
-from ablation.collect import collect, unlike_paper
+from ablation import config, rundir
+from ablation.results import report
+from ablation.results.collect import collect, unlike_paper
 
 IMAGENET = config.IMAGENET_TRAIN_IMAGES
 SMALL_MODEL = {"name": "resnet18", "widths": [8, 16, 16, 16], "stem_width": 8, "stem": "small"}

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ablation import config, rundir, status, sweep
+from ablation import config, rundir
+from ablation.sweep import status
+from ablation.sweep import spec as sweep
 from ablation.config import ConfigError
-from conftest import ROOT
+from conftest import ROOT, TINY
 from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
 
 PAPER = ROOT / "sweeps" / "paper"
@@ -73,7 +75,7 @@ def test_variants_is_every_builtin_variant_at_five_batch_sizes() -> None:
 def test_every_preset_loads_and_passes_the_checks_before_queueing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every YAML under sweeps/ is a sweep spec (it has a name) or a run config; each expands, and each distinct
     model and norm in it builds and runs (check_model_norm), as `ablation sweep` checks before queueing."""
-    from ablation.models import check_model_norm
+    from ablation.train.models import check_model_norm
 
     monkeypatch.syspath_prepend(str(ROOT / "sweeps" / "examples"))  # the worked example's norm, as its README says
     files = sorted((ROOT / "sweeps").rglob("*.yaml"))
@@ -191,8 +193,8 @@ def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slur
 
 def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Pins the private submitit names sbatch_script uses: its text is the file submitit hands to sbatch."""
-    from ablation import launch
-    from ablation.cluster import load_profile
+    from ablation.sweep import launch, slurmjobs
+    from ablation.sweep.cluster import load_profile
 
     fake = write_fake_slurm(tmp_path / "fake-slurm", job_id=4242)
     monkeypatch.setenv("PATH", os.pathsep.join([str(fake), path_without_slurm(tmp_path / "farm")]))
@@ -203,7 +205,7 @@ def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch
     launch.submit(sweep_dir, [s.runs[0].run_id], profile, results, on_line=lambda line: None)
     submitted = (sweep_dir / "slurm" / "4242" / "4242_submission.sh").read_text()
     assert "#SBATCH --job-name=ablation-table1_norms" in submitted
-    assert launch.sbatch_script(sweep_dir, profile, s.runs[0].config, s.name) == submitted
+    assert slurmjobs.sbatch_script(sweep_dir, profile, s.runs[0].config, s.name) == submitted
 
 
 def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -287,19 +289,25 @@ def test_status_summary_and_eta() -> None:
     assert status.summary(s, parallel=1) == "3 runs: 1 ok, 1 running, 1 new; ETA ~1m20s"  # (6 + 10) epochs x 5 s
 
 
-def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tmp_path: Path) -> None:
+def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_own(tiny_data: Path, tmp_path: Path) -> None:
     """The local executor forks each run from a server that imported torch once; the child writes its
-    log, which is echoed prefixed, and exits with the command's code."""
-    from ablation import launch
+    log, which is echoed prefixed, and exits with `ablation train`'s code."""
+    import yaml
 
+    from ablation.sweep import local
+
+    ok_cfg, bad_cfg, runs = tmp_path / "ok.yaml", tmp_path / "bad.yaml", tmp_path / "runs"
+    cfg = config.load(None, [*TINY, f"data.root={tiny_data}", "epochs=1", "gpus=1", "batch_per_gpu=32"])
+    ok_cfg.write_text(yaml.safe_dump(config.to_dict(cfg)))
+    bad_cfg.write_text("nosuchkey: 1\n")
     log, lines = tmp_path / "run.out", []
-    ok = launch._Child(["config", "seed=3"], dict(os.environ), log, "[1/2] ", lines.append, 1)
+    ok = local._Child(str(ok_cfg), str(runs), dict(os.environ), log, "[1/2] ", lines.append, 1)
     assert ok.wait() == 0
     ok.finish()
-    assert "seed: 3" in log.read_text() and "[1/2] seed: 3" in lines
-    bad = launch._Child(["config", "nosuchkey=1"], dict(os.environ), log, "[2/2] ", lines.append, 1)
+    assert (runs / config.run_id(cfg) / "final.json").is_file() and f"[1/2] {runs / config.run_id(cfg)}" in lines
+    bad = local._Child(str(bad_cfg), str(runs), dict(os.environ), log, "[2/2] ", lines.append, 1)
     assert bad.wait() == 2
     bad.finish()
     assert any(line.startswith("[2/2] error: ") and "nosuchkey" in line for line in lines)
-    assert log.read_text().startswith("run_id")  # the second child appended to the same log
-    assert launch._forkserver() is not None and bad.pid != ok.pid != os.getpid()
+    assert str(runs / config.run_id(cfg)) in log.read_text().splitlines()  # the second child appended to the same log
+    assert local._forkserver() is not None and bad.pid != ok.pid != os.getpid()

@@ -1,4 +1,4 @@
-"""Tests for ablation.synth: files, determinism, cache, safety and class structure."""
+"""Tests for ablation.data.synth: files, determinism, cache, safety and class structure."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from ablation.errors import DataError
-from ablation.synth import (MAX_CLASSES, SHAPES, SynthSpec, class_names, draw_colours,
+from ablation.data.synth import (MAX_CLASSES, SHAPES, SynthSpec, class_names, draw_colours,
                             render_image, shape_coverage, write_synth)
 
 TINY = SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=1)
@@ -53,7 +53,7 @@ def test_same_spec_is_byte_identical_and_seed_matters(tmp_path: Path) -> None:
 def test_subprocess_gives_identical_bytes(tmp_path: Path) -> None:
     """A fresh interpreter (other hash seed, other process) writes the same bytes."""
     write_synth(tmp_path / "a", TINY)
-    code = ("import sys; from ablation.synth import SynthSpec, write_synth; "
+    code = ("import sys; from ablation.data.synth import SynthSpec, write_synth; "
             "write_synth(sys.argv[1], SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=1))")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True,
                    cwd=Path(__file__).resolve().parents[1])
@@ -99,7 +99,7 @@ def test_no_temp_folder_left_behind(tmp_path: Path) -> None:
 
 
 def test_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ablation.synth as synth
+    import ablation.data.synth as synth
 
     calls = {"n": 0}
     real = synth.encode_jpeg
@@ -180,7 +180,7 @@ def test_shapes_table_has_the_required_classes() -> None:
 
 
 def test_synth_does_not_import_torch() -> None:
-    code = "import sys, ablation.synth; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, ablation.data.synth; sys.exit(1 if 'torch' in sys.modules else 0)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ablation import collect, rundir, status
-from ablation.trainer import FAULT_KILL_ENV
+from ablation import rundir
+from ablation.results import collect
+from ablation.sweep import status
+from ablation.faults import FAULT_ENV
 from conftest import ROOT, TINY
 
 # --- rundir's readers and appender ------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_
 def test_resume_after_a_torn_steps_file_leaves_no_fragment_and_no_duplicate(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     # 4 modelled GPUs x 4 images = global batch 16: 12 steps per epoch, 24 in all; checkpoint at step 10, killed after 13.
     args = ["train", *TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "log_steps=true", "checkpoint_every_steps=5", "--results", str(tmp_path)]
-    killed = subprocess.run([sys.executable, "-m", "ablation", *args], env={**cli_env, FAULT_KILL_ENV: "13"}, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-m", "ablation", *args], env={**cli_env, FAULT_ENV: "step:13:kill"}, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr
     (folder,) = tmp_path.iterdir()
     steps = folder / "steps.jsonl"

@@ -15,8 +15,9 @@ import yaml
 from conftest import TINY
 
 from ablation import config, rundir
-from ablation.distributed import DistEnv
-from ablation.trainer import FAULT_KILL_ENV, train
+from ablation.train.distributed import DistEnv
+from ablation.faults import FAULT_ENV
+from ablation.train.trainer import train
 
 # 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
 RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
@@ -58,7 +59,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 def test_config_json_twin_is_written_and_restored(tmp_path: Path) -> None:
     """write_config writes config.yaml and config.json with the same values; a restart of a folder without the twin
     (an older version's, or a crash between the two files) writes it; a config JSON cannot hold gets config.yaml alone."""
-    from ablation import bookkeeping
+    from ablation.train import bookkeeping
 
     cfg = config.load(None, ["norm.name=gn", "norm.options={alpha: 0.5}"])
     rd = rundir.RunDir(tmp_path / "a")
@@ -148,8 +149,8 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
 
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
-    from ablation.loop import build_optimizer
-    from ablation.models import create_model
+    from ablation.train.optim import build_optimizer
+    from ablation.train.models import create_model
 
     cfg = config.load(None, TINY)
     model = create_model(cfg, 4)
@@ -222,7 +223,7 @@ def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline:
     args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", f"data.pipeline={pipeline}", "checkpoint_every_steps=5", "log_steps=true"]
     whole = run_folder(cli([*args, "--results", str(tmp_path / "whole")], cli_env))
 
-    killed_env = {**cli_env, FAULT_KILL_ENV: "18"}  # last checkpoint before the kill: step 15, mid epoch 2
+    killed_env = {**cli_env, FAULT_ENV: "step:18:kill"}  # last checkpoint before the kill: step 15, mid epoch 2
     proc = cli([*args, "--results", str(tmp_path / "resumed")], killed_env, check=False)
     assert proc.returncode == -9
     folder = tmp_path / "resumed" / whole.name
@@ -280,7 +281,7 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], 
 def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ablation import loop
+    from ablation.train import loop
     from ablation.norms import PerGPUBatchNorm2d
 
     synced_after: list[int] = []  # training steps done at each sync (a BN layer's batch count)
@@ -308,7 +309,7 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
 
 
 def test_cuda_backends_follow_the_config_and_are_recorded() -> None:
-    from ablation.bookkeeping import backend_settings, configure_backends, set_backends
+    from ablation.train.bookkeeping import backend_settings, configure_backends, set_backends
 
     before = backend_settings()
     assert set(before) == {"cudnn_benchmark", "matmul_fp32_precision", "conv_fp32_precision"}
@@ -329,7 +330,7 @@ def test_cuda_backends_follow_the_config_and_are_recorded() -> None:
 
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
-    from ablation.loaders import GlobalBatchSampler
+    from ablation.train.loaders import GlobalBatchSampler
     from ablation.norms import split_per_gpu
 
     cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])

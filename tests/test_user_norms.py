@@ -16,9 +16,10 @@ import torch
 import yaml
 from conftest import ROOT, TINY
 
-from ablation import config, sweep
+from ablation import config
+from ablation.sweep import spec as sweep
 from ablation.errors import NormError
-from ablation.models import check_model_norm
+from ablation.train.models import check_model_norm
 from ablation.norms import NormSpec, create_norm
 
 EXAMPLES = ROOT / "sweeps" / "examples"

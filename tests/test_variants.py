@@ -19,11 +19,11 @@ from torch import nn
 
 from ablation import config, rundir
 from ablation.errors import ConfigError
-from ablation.models import check_model_norm, create_model, init_weights, last_norms
+from ablation.train.models import check_model_norm, create_model, init_weights, last_norms
 from ablation.norms import NormSpec, create_norm
 from ablation.norms.evonorm import EvoNormS0
 from ablation.norms.weight_std import WSConv2d, standardize
-from ablation.trainer import train
+from ablation.train.trainer import train
 
 NORM_ACT = ("frn", "evonorm_s0")
 

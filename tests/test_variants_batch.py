@@ -422,8 +422,8 @@ RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
 def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_images(name: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each epoch: 12 steps, then PreciseBN over 20 images = 2 global batches (the epoch's first two, same
     augmentation), then one evaluation batch; everything goes through loop.to_device, in that order."""
-    from ablation import loop
-    from ablation.trainer import train
+    from ablation.train import loop
+    from ablation.train.trainer import train
 
     seen: list[torch.Tensor] = []
     real = loop.to_device
@@ -453,8 +453,8 @@ def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_ima
 def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop right after PreciseBN (in the evaluation) checkpoints precise mu, sigma; the resumed run must
     not recompute them from themselves, and ends bitwise equal to an uninterrupted run."""
-    from ablation import loop
-    from ablation.trainer import train
+    from ablation.train import loop
+    from ablation.train.trainer import train
 
     cfg = config.load(None, RUN + [f"data.root={tiny_data}", "norm.name=brn", "norm.precise_bn_images=20", "log_steps=true"])
     assert train(cfg, tmp_path / "whole")["status"] == "ok"

@@ -1,6 +1,6 @@
 """What a norm's layers do, checked before any work is queued: one line naming norm.name and the fault.
 
-``ablation.models.check_model_norm`` builds the whole model on the meta device, which shows that every
+``ablation.train.models.check_model_norm`` builds the whole model on the meta device, which shows that every
 norm position can be built (an import path that does not import, a factory that raises or returns no
 module, G not dividing C). It cannot show what a layer computes, so ``check_layers`` then builds one real
 layer per distinct channel count of the model on the CPU (and, for a norm+activation layer, both forms)

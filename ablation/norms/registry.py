@@ -87,11 +87,6 @@ def spellings(name: str) -> set[str]:
     return {name.upper(), *((info.label.upper(), *(a.upper() for a in info.aliases)) if info else ())}
 
 
-def with_running_stats() -> tuple[str, ...]:
-    """Names of the norms that keep population statistics for evaluation."""
-    return tuple(i.name for i in _ENTRIES.values() if i.running_stats)
-
-
 # ---------------------------------------------------------------- group arithmetic (gn, ln, in, evonorm_s0)
 
 

@@ -11,7 +11,7 @@ The layer is timm's ``FilterResponseNormTlu2d``, configured to that definition: 
 replaced by the run's ``norm.eps`` (registry default 1e-6), and it has no learnable ε, which the
 definition above does not use. It computes ν² in float32 under mixed precision. ``spec.apply_act``
 chooses the TLU: True gives FRN+TLU (a position followed by the network's activation, which the layer
-replaces: see ``ablation.models``); False gives FRN alone, y = γ x̂ + β, with no τ parameter (a position
+replaces: see ``ablation.train.models``); False gives FRN alone, y = γ x̂ + β, with no τ parameter (a position
 that stays linear: a block's last norm before the residual add, the downsample's norm).
 """
 

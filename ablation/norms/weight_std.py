@@ -11,7 +11,7 @@ This is the WS authors' official code (joe-siyuan-qiao/WeightStandardization: ``
 The two differ by the factor sqrt(n / (n − 1)) (n = C_in·kH·kW: 1.7 % for the small stem's 27, 0.2 % for
 a 3×3×64 conv) and in how ε enters; a rerun of the published numbers takes the definition that made them.
 
-The raw weight stays the parameter (He-initialized by ``ablation.models.init_weights``, weight-decayed,
+The raw weight stays the parameter (He-initialized by ``ablation.train.models.init_weights``, weight-decayed,
 saved under the same state-dict key); only the forward pass standardizes it, as in the official code.
 """
 

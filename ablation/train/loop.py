@@ -9,8 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -23,19 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ablation import faults, rundir
-from ablation.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
-from ablation.config import RunConfig, lr_at
-from ablation.coordination import StopVote
-from ablation.distributed import DistEnv
+from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
+from ablation.config import RunConfig
+from ablation.train.coordination import StopVote
+from ablation.train.distributed import DistEnv
 from ablation.errors import DiskFullError
-from ablation.loaders import to_device
+from ablation.train.loaders import to_device
+from ablation.train.optim import lr_at
 from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
 
 log = logging.getLogger("ablation")
-
-
-FAULT_KILL_ENV = "ABLATION_FAULT_KILL_AT_STEP"
 
 
 class Diverged(Exception):
@@ -44,20 +40,6 @@ class Diverged(Exception):
     def __init__(self, step: int, epoch: int, value: float):
         super().__init__(f"loss is {value} at step {step} (epoch {epoch + 1})")
         self.step, self.epoch = step, epoch
-
-
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov by default) with decay on every parameter, or not on 1-D ones if asked."""
-    o = cfg.optim
-    params = list(model.parameters())
-    if o.no_decay_1d:
-        groups = [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ]
-    else:
-        groups = [{"params": params, "weight_decay": o.weight_decay}]
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
 def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -121,7 +103,6 @@ class EpochLoop:
         self.session_start = time.monotonic()
         self.last_save = time.monotonic()
         self.accounted = time.monotonic()
-        self.kill_at_step = int(os.environ.get(FAULT_KILL_ENV, "0"))
         self.images = 0  # images trained in this epoch since this start (run_epoch)
         self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
 
@@ -203,9 +184,7 @@ class EpochLoop:
             self.losses.append(loss.detach().float())
             st.step += 1
             st.step_in_epoch += 1
-            if st.step == self.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            faults.hit("step", st.step)
+            faults.hit("step", st.step)  # ABLATION_FAULT=step:<n>:kill: the kill-and-resume tests stop the process here
             if self.vote.poll():
                 self._flush(epoch, lr, bar)
                 bar.close()

@@ -17,13 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ablation import provenance, rundir
-from ablation.cluster import squeue_states
+from ablation import provenance, rundir, sweepdir
+from ablation.sweep.cluster import squeue_states
 
-MANIFEST = "manifest.json"
-JOBS = "jobs.jsonl"
-RUNS_LINKS = "runs"
-CONFIGS = "configs"
 log = logging.getLogger("ablation")
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
@@ -51,11 +47,6 @@ def _read(reader: Callable[[Path], Any], path: Path, default: Any) -> Any:
     except rundir.CorruptFile as e:
         log.warning(f"{e}; read as missing")
         return default
-
-
-def latest_jobs(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    """The latest submission record of each run id in jobs.jsonl."""
-    return {r["run_id"]: r for r in _read(rundir.read_jsonl, sweep_dir / JOBS, []) if "run_id" in r}
 
 
 def run_state(folder: Path, epochs: int, job: dict[str, Any] | None, slurm: dict[str, str] | None) -> tuple[str, int, float | None, int, float | None]:
@@ -101,18 +92,8 @@ def states(runs: list[dict[str, Any]], folder_of: Callable[[str], Path], jobs: d
 
 def sweep_states(sweep_dir: Path) -> list[RunState]:
     """The state of every run in a sweep folder."""
-    manifest = load_manifest(sweep_dir)
-    return states(manifest["runs"], lambda rid: sweep_dir / RUNS_LINKS / rid, latest_jobs(sweep_dir))
-
-
-def load_manifest(sweep_dir: Path) -> dict[str, Any]:
-    """manifest.json of a sweep folder, with a clear error when it is not one."""
-    path = Path(sweep_dir) / MANIFEST
-    if not path.is_file():
-        from ablation.errors import AblationError
-
-        raise AblationError(f"{sweep_dir} is not a sweep folder (no {MANIFEST}); pass results/<sweep name>")
-    return rundir.read_json(path)  # written atomically; a damaged one is a one-line CorruptFile naming it
+    manifest = sweepdir.load_manifest(sweep_dir)
+    return states(manifest["runs"], lambda rid: sweepdir.run_link(sweep_dir, rid), sweepdir.latest_jobs(sweep_dir))
 
 
 def eta_seconds(states: list[RunState], parallel: int) -> float | None:
@@ -162,15 +143,23 @@ def summary(states: list[RunState], parallel: int = 1) -> str:
     return line
 
 
+def is_failed(folder: Path) -> bool:
+    """True when the run folder says the run failed (not a full disk, not a stop): a retry may start it again."""
+    try:
+        return (rundir.RunDir(folder).final_status() or {}).get("status") == "failed"
+    except rundir.CorruptFile:
+        return False
+
+
 def version_drift(sweep_dir: Path, run_ids: list[str]) -> str | None:
     """One line naming the runs whose env.json records library versions other than the sweep's constraints.txt."""
-    path = sweep_dir / provenance.CONSTRAINTS
+    path = sweep_dir / sweepdir.CONSTRAINTS
     pins = provenance.parse_constraints(path.read_text()) if path.is_file() else None
     if not pins:
         return None
     drift: dict[str, dict[tuple[str, str], list[str]]] = {}
     for run_id in run_ids:
-        env = _read(rundir.read_json, sweep_dir / RUNS_LINKS / run_id / rundir.ENV, None)
+        env = _read(rundir.read_json, sweep_dir / sweepdir.RUNS_LINKS / run_id / rundir.ENV, None)
         if isinstance(env, dict):
             for name, pair in provenance.differences(provenance.recorded_versions(env), pins).items():
                 drift.setdefault(name, {}).setdefault(pair, []).append(run_id)
@@ -179,4 +168,4 @@ def version_drift(sweep_dir: Path, run_ids: list[str]) -> str | None:
     parts = [f"{name} {got} in {len(ids)} run{'s' * (len(ids) > 1)} ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
              for name, pairs in drift.items() for (got, _), ids in pairs.items()]
     pinned = ", ".join(f"{name} {pins[name]}" for name in drift)
-    return f"versions: {'; '.join(parts)}, not the sweep's {provenance.CONSTRAINTS} ({pinned}): their numbers may differ in the last digits"
+    return f"versions: {'; '.join(parts)}, not the sweep's {sweepdir.CONSTRAINTS} ({pinned}): their numbers may differ in the last digits"

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ablation.cluster import cpu_budget
+from ablation.cpus import cpu_budget
 from ablation.config import Derived, RunConfig
-from ablation.data import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
-from ablation.distributed import DistEnv
+from ablation.data.layout import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
+from ablation.train.distributed import DistEnv
 from ablation.errors import DataError
 from ablation.norms import interleave
 
@@ -89,7 +89,7 @@ def scan_dataset(root: str, env: DistEnv) -> DatasetScan:
 
 
 def make_loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
-    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cluster.cpu_budget)."""
+    """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cpus.cpu_budget)."""
     # More workers than cores only adds contention; the images do not depend on the worker count.
     workers = cpu_budget(env.local_world_size, env.device, cfg.data.workers).workers
     return DataLoader(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ablation.cluster import cpu_budget
+from ablation.cpus import cpu_budget
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def pick_device(preference: str, local_rank: int) -> str:
 
 
 def cpu_threads(local_world: int) -> int:
-    """Threads for one CPU process: OMP_NUM_THREADS, else the cores it may use (ablation.cluster.usable_cores:
+    """Threads for one CPU process: OMP_NUM_THREADS, else the cores it may use (ablation.cpus.usable_cores:
     SLURM's CPUs per task under SLURM, never divided again; else its share of the affinity mask).
 
     Oversubscribed cores make OpenMP's spin-waits collapse throughput (60x seen with two jobs on two cores).

@@ -1,9 +1,11 @@
 """The trainer: a function of a run config and a run folder. It knows nothing of sweeps or SLURM.
 
-train() sets a run up and hands it to the pieces, one concern each: ablation.loaders (which images,
-loaders, batches on the device), ablation.loop (steps, evaluation, checkpoints at boundaries, stops),
-ablation.bookkeeping (config, env, checkpoints, final status, failures in the run folder) and
-ablation.coordination (stop votes, one failing rank ending all).
+run_training() is the one way a run is trained (the `ablation train` command, a SLURM job and the local
+executor's runs all call it): it joins the process group, trains, and leaves it. train() sets a run up
+and hands it to the pieces, one concern each: ablation.train.loaders (which images,
+loaders, batches on the device), ablation.train.loop (steps, evaluation, checkpoints at boundaries, stops),
+ablation.train.bookkeeping (config, env, checkpoints, final status, failures in the run folder) and
+ablation.train.coordination (stop votes, one failing rank ending all).
 
 Reproducibility rests on three choices:
 - every image's augmentation is seeded by (seed, epoch, index) and every global batch is a fixed
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from ablation import faults, rundir
-from ablation.bookkeeping import (
+from ablation.train.bookkeeping import (
     TrainState,
     configure_backends,
     disk_full_error,
@@ -40,16 +42,18 @@ from ablation.bookkeeping import (
     write_final,
 )
 from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
-from ablation.coordination import FailureGuard, eval_polls
-from ablation.data import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
-from ablation.distributed import DistEnv, setup
-from ablation.errors import last_line
-from ablation.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
-from ablation.loop import FAULT_KILL_ENV, Diverged, EpochLoop, build_optimizer
-from ablation.models import create_model
+from ablation.train.coordination import FailureGuard, eval_polls
+from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
+from ablation.train.distributed import DistEnv, setup, teardown
+from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
+from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
+from ablation.train.loop import Diverged, EpochLoop
+from ablation.train.models import check_model_norm, create_model
+from ablation.train.optim import build_optimizer
 from ablation.norms import count_steps_per_layer
+from ablation.signals import StopRequest
 
-__all__ = ["FAULT_KILL_ENV", "train"]  # FAULT_KILL_ENV: what the kill-and-resume tests set
+__all__ = ["run_training", "train", "train_command"]
 
 log = logging.getLogger("ablation")
 
@@ -70,6 +74,37 @@ def setup_logging(rd: rundir.RunDir | None, env: DistEnv) -> None:
         fh = logging.FileHandler(rd.log)
         fh.setFormatter(fmt)
         log.addHandler(fh)
+
+
+def run_training(cfg: RunConfig, runs_root: str | Path, stop: Callable[[], bool] | None = None, *,
+                 print_folder: bool = False) -> dict[str, Any]:
+    """Train cfg's run in runs_root/<run id> as one process of its run: join the process group (torchrun's or
+    SLURM's, when there is one), train, leave it; return final.json's content.
+
+    `stop` (a StopRequest installed on the stop signals) asks for a checkpoint and {"status": "interrupted"}.
+    print_folder: print the run folder on rank 0 at the end (the `ablation train` command does).
+    """
+    env = setup(cfg.device)
+    folder = Path(runs_root) / run_id(cfg)
+    try:
+        return train(cfg, folder, env, should_stop=stop)
+    finally:
+        teardown()
+        if print_folder and env.is_main and folder.exists():
+            print(folder, flush=True)
+
+
+def train_command(cfg: RunConfig, runs_root: str | Path) -> int:
+    """`ablation train`: check the model, route the stop signals to a checkpoint, train; the exit code
+    (0 done, 3 diverged, 4 stopped with a checkpoint: run it again to resume)."""
+    check_model_norm(cfg)
+    stop = StopRequest().install()  # SIGTERM / SIGUSR2: checkpoint at the next step boundary, exit 4
+    final = run_training(cfg, runs_root, stop, print_folder=True)
+    status = final.get("status")
+    if status == "diverged":
+        print(f"error: run diverged: {final.get('reason')}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return EXIT_INTERRUPTED if status == "interrupted" else EXIT_OK
 
 
 def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from ablation.data import (DatasetInfo, DatasetScan, SeededImageFolder, _class_dirs, _image_files, _walk_order,
-                           check_splits, load_rgb, open_image, pipeline_transforms)
+from ablation.data.layout import (DatasetInfo, DatasetScan, SeededImageFolder, check_splits, class_folders, class_images, load_rgb,
+                                  open_image, pipeline_transforms)
 from ablation.errors import DataError
 from ablation.config import PIPELINES
 
@@ -53,14 +53,14 @@ def pick_images(root: str | Path, n: int) -> DatasetScan:
     """
     root = Path(root).expanduser()
     check_splits(root)
-    classes = _class_dirs(root / "train")
+    classes = class_folders(root / "train")
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders; put each class's images in its own sub-folder")
     chosen = [classes[round(i * len(classes) / n)] for i in range(n)] if len(classes) > n else classes
     per_class = math.ceil(n / len(chosen))
     files: list[tuple[str, ...]] = []
     for name in chosen:
-        names = sorted(_image_files(str(root / "train" / name), ""), key=_walk_order)
+        names = class_images(root / "train" / name)
         files.append(tuple(names[:per_class]))
     while sum(map(len, files)) > n:  # trim the overshoot from the last classes
         last = max(i for i, f in enumerate(files) if f)

@@ -23,10 +23,10 @@ from torch import nn
 
 import ablation
 from ablation import provenance, rundir
-from ablation.cluster import cpu_budget
+from ablation.cpus import cpu_budget
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, run_id, to_dict
-from ablation.data import DatasetInfo
-from ablation.distributed import DistEnv
+from ablation.data.layout import DatasetInfo
+from ablation.train.distributed import DistEnv
 from ablation.errors import AblationError, DataError, DiskFullError
 
 log = logging.getLogger("ablation")

@@ -38,14 +38,14 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from ablation import runfiles
-from ablation.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
+from ablation.results import runfiles
+from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
 from ablation.norms import registry
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
 
-REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[1] / "results" / "reference")
+REFERENCE_DIRS = (Path("results/reference"), Path(__file__).resolve().parents[2] / "results" / "reference")
 PAPER_MODELS = {"resnet50": "ResNet-50", "resnet101": "ResNet-101"}
 REFERENCE_COLUMNS = ["paper", "table", "model", "norm", "batch_per_gpu", "groups", "channels_per_group", "val_error_pct", "status"]
 # Optional columns of a reference file: `fields` (config fields the run must match, "norm.r_max=1.5;

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from ablation.distributed import DistEnv
+from ablation.train.distributed import DistEnv
 
 log = logging.getLogger("ablation")
 ABORT = ".abort.json"  # the first failing rank's note (run-folder file, hidden: not part of the results)

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -171,15 +171,6 @@ def validate_spec(spec: SynthSpec) -> None:
 def spec_to_json(spec: SynthSpec) -> dict[str, Any]:
     """JSON-ready dict of the spec (tuples become lists)."""
     return json.loads(json.dumps(asdict(spec)))
-
-
-def spec_from_json(data: dict[str, Any]) -> SynthSpec:
-    """Inverse of spec_to_json; unknown keys are ignored so older readers survive additions."""
-    known = {f.name for f in fields(SynthSpec)}
-    kwargs = {k: v for k, v in data.items() if k in known}
-    if "scale" in kwargs:
-        kwargs["scale"] = tuple(kwargs["scale"])
-    return SynthSpec(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

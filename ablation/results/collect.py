@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from ablation import config, rundir, runfiles
+from ablation import config, rundir
+from ablation.results import runfiles
 from ablation.errors import ConfigError
 from ablation.norms import registry
 
@@ -129,7 +130,7 @@ def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
     except ConfigError:
         flat = _written_fields(cfg_doc)
     else:
-        flat = config.flatten(config._canonical(config._hash_view(cfg)))
+        flat = config.flatten(config.canonical(config.hash_view(cfg)))
     return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in flat.items()}
 
 
@@ -138,11 +139,11 @@ def _written_fields(cfg_doc: Any) -> dict[str, Any]:
     fields that are not hashed and optional fields at their default are left out; unknown keys are kept."""
     if not isinstance(cfg_doc, dict):
         return {}
-    flat = config.flatten(config._canonical({k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS}))
+    flat = config.flatten(config.canonical({k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS}))
     out = {}
     for key, value in flat.items():
         f = _field(key)
-        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config._canonical(f.default))):
+        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config.canonical(f.default))):
             continue
         out[key] = value
     return out
@@ -387,7 +388,7 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
 def reader_count(asked: int | None, folders: int) -> int:
     """Processes to read run folders with: 1 unless there are many folders (or asked) and this process may fork."""
     if asked is None:
-        from ablation.cluster import usable_cores
+        from ablation.cpus import usable_cores
 
         asked = min(8, usable_cores(1)[0]) if folders >= PARALLEL_MIN_FOLDERS else 1
     # fork: no re-import in the workers (spawn would run __main__ again); never from a threaded process (Jupyter).

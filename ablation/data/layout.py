@@ -64,7 +64,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _class_dirs(split_dir: Path) -> list[str]:
+def class_folders(split_dir: Path) -> list[str]:
     """Sorted class folder names of a split, as torchvision's find_classes lists them."""
     with os.scandir(split_dir) as it:
         return sorted(entry.name for entry in it if entry.is_dir())
@@ -82,6 +82,11 @@ def _image_files(folder: str, prefix: str) -> Iterator[str]:
             yield prefix + entry.name
 
 
+def class_images(class_dir: Path) -> list[str]:
+    """A class folder's image files (names relative to it, nested ones too), in torchvision's make_dataset order."""
+    return sorted(_image_files(str(class_dir), ""), key=_walk_order)
+
+
 def _require_dir(path: Path, what: str, fix: str) -> None:
     """Raise a one-line DataError unless path is an existing folder."""
     if not path.exists():
@@ -94,7 +99,7 @@ def _scan_split(root: Path, split: str, digest: Any) -> tuple[list[str], list[tu
     """Class names and, per class, its image files (relative to the class folder, in torchvision's
     order); feeds the split-relative file names into digest."""
     split_dir = root / split  # exists: check_splits ran first
-    classes = _class_dirs(split_dir)
+    classes = class_folders(split_dir)
     if not classes:
         raise DataError(f"{split_dir} has no class folders; put each class's images in its own "
                         f"sub-folder, e.g. {split_dir}/<class>/<image>.JPEG")
