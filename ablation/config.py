@@ -20,9 +20,10 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -73,8 +74,12 @@ class FrozenMapping(Mapping[str, Any]):
 class NormConfig:
     """Which normalization layer goes in every norm position of the network (names: ablation.norms.registry)."""
 
-    name: str = _f("bn", "a registry name (`ablation norms` lists them: bn, syncbn, gn, ln, in, ...) or a user factory 'package.module:function'")
-    groups: int | None = _f(None, "gn, evonorm_s0: number of groups G in every layer (32 when neither groups nor channels_per_group is set)")
+    name: str = _f(
+        "bn", "a registry name (`ablation norms` lists them: bn, syncbn, gn, ln, in, ...) or a user factory 'package.module:function'"
+    )
+    groups: int | None = _f(
+        None, "gn, evonorm_s0: number of groups G in every layer (32 when neither groups nor channels_per_group is set)"
+    )
     channels_per_group: int | None = _f(None, "gn: channels per group instead of a fixed G (so G varies by layer)")
     # None resolves to the norm's paper default (registry.NormInfo.eps) in normalized(), so every run
     # made when this was a plain 1e-5 keeps its id.
@@ -85,13 +90,17 @@ class NormConfig:
         "BN running statistics across GPUs: rank0 (GPU 0's, as PyTorch DDP and Caffe2 broadcast) | mean (averaged over GPUs)",
     )
     precise_bn_images: int = _f(
-        0, "PreciseBN: before each evaluation, recompute population statistics over this many training images (0 = off)", omit_if_default=True
+        0,
+        "PreciseBN: before each evaluation, recompute population statistics over this many training images (0 = off)",
+        omit_if_default=True,
     )
     # brn only (registry params); null = the registry's default, the GN paper's BR setting (r_max 1.5, d_max 0.5, no warm-up).
     r_max: float | None = _f(None, "brn: r = clip(sigma_B/sigma, 1/r_max, r_max) (null = 1.5)", omit_if_default=True)
     d_max: float | None = _f(None, "brn: d = clip((mu_B - mu)/sigma, -d_max, d_max) (null = 0.5)", omit_if_default=True)
     renorm_warmup_steps: int | None = _f(
-        None, "brn: ramp the limits linearly from plain BN (r_max 1, d_max 0) over this many training steps (null = 0, none)", omit_if_default=True
+        None,
+        "brn: ramp the limits linearly from plain BN (r_max 1, d_max 0) over this many training steps (null = 0, none)",
+        omit_if_default=True,
     )
     options: Mapping[str, Any] = field(
         default_factory=FrozenMapping,
@@ -113,7 +122,9 @@ class ModelConfig:
     fc_init_std: float = _f(0.01, "std of the normal init of the final fully-connected layer")
     # Weight Standardization (ablation/norms/weight_std.py): the official code's definition, unbiased std + 1e-5.
     weight_std: bool = _f(
-        False, "Weight Standardization of every conv (stem, blocks, downsample; not the FC), with any norm (GN+WS: Qiao et al.)", omit_if_default=True
+        False,
+        "Weight Standardization of every conv (stem, blocks, downsample; not the FC), with any norm (GN+WS: Qiao et al.)",
+        omit_if_default=True,
     )
 
 
@@ -137,8 +148,10 @@ class DataConfig:
     # fast path is opt-in (README, "The data path").
     pipeline: str = _f(
         "reference",
-        "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; jitter, lighting, normalize, flip batched on the device) "
-        "| device-decode (loader only reads files and draws parameters; JPEG decode (nvJPEG on GPUs), crop, resize and the rest on the device)",
+        "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; "
+        "jitter, lighting, normalize, flip batched on the device) "
+        "| device-decode (loader only reads files and draws parameters; "
+        "JPEG decode (nvJPEG on GPUs), crop, resize and the rest on the device)",
         omit_if_default=True,
     )
     workers: int = _f(8, "data-loading worker processes per training process", hash=False)
@@ -184,13 +197,16 @@ class RunConfig:
     # null is what every run made before this field did.
     tf32: bool | None = _f(
         None,
-        "TF32 tensor cores for float32 convolutions and matmuls on GPU: true | false | null (torch's defaults: convolutions TF32, matmuls not)",
+        "TF32 tensor cores for float32 convolutions and matmuls on GPU: true | false | null "
+        "(torch's defaults: convolutions TF32, matmuls not)",
         omit_if_default=True,
     )
     channels_last: bool = _f(False, "channels-last memory format on GPU (ignored on CPU)", hash=False)
     device: str = _f("auto", "auto | cpu | cuda", hash=False)
     # Not in the run id: compiled and eager runs agree to float tolerance, as runs on other thread counts do.
-    compile: str = _f("off", "torch.compile the model: off | inductor | another torch.compile backend (e.g. aot_eager to debug)", hash=False)
+    compile: str = _f(
+        "off", "torch.compile the model: off | inductor | another torch.compile backend (e.g. aot_eager to debug)", hash=False
+    )
     metric_epochs: int = _f(5, "the paper's metric: median val error of the last this-many epochs", hash=False)
     checkpoint_every_steps: int = _f(0, "also checkpoint every this-many steps (0 = only at epoch ends and on signals)", hash=False)
     checkpoint_every_minutes: float = _f(10.0, "also checkpoint after this many minutes since the last one (0 = off)", hash=False)
@@ -258,7 +274,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, Mapping):
             untyped = [n for n in value if not isinstance(n, str)] if args and args[0] is str else []
             if untyped:
-                hint = " (YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the name)" if isinstance(untyped[0], bool) else ""
+                boolean = isinstance(untyped[0], bool)
+                hint = " (YAML reads an unquoted on/off/yes/no/true/false as a boolean: quote the name)" if boolean else ""
                 raise ConfigError(f"{key}: names must be text, got {untyped[0]!r}{hint}")
             return FrozenMapping(value)
     else:  # pragma: no cover - a new annotation kind needs a branch above

@@ -151,7 +151,6 @@ def timed_old_build(results: Path, out: Path, timings: dict[str, float]) -> repo
 
     wrap(collect, "find_run_folders", "find")
     wrap(collect, "read_run", "read")
-    wrap(collect, "_sweeps_of", "read")
     wrap(report, "collect", "collect")
     for name in ("batch_size_table", "norm_table", "group_tables", "load_reference"):
         wrap(report, name, "tables")

@@ -7,7 +7,8 @@ statistics computes them per modelled GPU's ``batch_per_gpu`` images, never over
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Sequence, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -303,7 +304,9 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group)
 
 
-def global_batch_moments(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def global_batch_moments(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x - mean, mean, biased variance, count) per channel over the global batch: every process's x.
 
     Two passes, each one differentiable all_reduce (torch.distributed.nn), so gradients flow to every
@@ -338,7 +341,9 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     gradients); with NCCL (GPUs) the ``syncbn`` factory returns torch.nn.SyncBatchNorm instead.
     """
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, process_group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1, process_group: dist.ProcessGroup | None = None
+    ):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.process_group = process_group
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -82,7 +82,9 @@ def _check_claims(layer: nn.Module, spec: NormSpec, name: str) -> bool:
     if learnable:
         return True
     if spec.cfg.options.get("affine") is True:
-        raise NormError(f"norm.name: '{name}' has no learnable parameters although norm.options.affine is true; register gamma/beta as nn.Parameter")
+        raise NormError(
+            f"norm.name: '{name}' has no learnable parameters although norm.options.affine is true; register gamma/beta as nn.Parameter"
+        )
     for attr in ("affine", "elementwise_affine"):
         if getattr(layer, attr, None) is True:
             raise NormError(f"norm.name: '{name}' sets {attr}=True but has no learnable parameters; register gamma/beta as nn.Parameter")
@@ -103,6 +105,8 @@ def _check_forward(layer: nn.Module, name: str, channels: int) -> None:
         if not isinstance(y, torch.Tensor):
             raise NormError(f"norm.name: '{name}' returns {type(y).__name__} from forward, not a tensor")
         if tuple(y.shape) != shape:
-            raise NormError(f"norm.name: '{name}' changes the tensor's shape at {channels} channels: {shape} -> {tuple(y.shape)}; a norm must keep it")
+            raise NormError(
+                f"norm.name: '{name}' changes the tensor's shape at {channels} channels: {shape} -> {tuple(y.shape)}; a norm must keep it"
+            )
         if not torch.isfinite(y).all():
             raise NormError(f"norm.name: '{name}' returns NaN or inf on a random {shape} input in {mode} mode")

@@ -42,7 +42,14 @@ class EvoNormB0(PerGPURunningStats, nn.Module):
     track_running_stats = True
 
     def __init__(
-        self, num_features: int, *, eps: float = 1e-5, momentum: float = 0.1, apply_act: bool = True, gpus_per_process: int = 1, running_stats: str = "rank0"
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        apply_act: bool = True,
+        gpus_per_process: int = 1,
+        running_stats: str = "rank0",
     ) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum, self.apply_act = num_features, eps, momentum, apply_act
@@ -54,7 +61,10 @@ class EvoNormB0(PerGPURunningStats, nn.Module):
         self._register_gpu_buffers()
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, apply_act={self.apply_act}, gpus_per_process={self.gpus_per_process}, running_stats={self.running_stats}"
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, apply_act={self.apply_act}, "
+            f"gpus_per_process={self.gpus_per_process}, running_stats={self.running_stats}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batch variance per modelled GPU in training (updating every GPU's running variance); the running variance in eval."""
@@ -91,5 +101,10 @@ def make_evonorm_b0(num_channels: int, spec: NormSpec) -> nn.Module:
     """EvoNorm-B0, batch variance per modelled GPU; its nonlinearity where spec.apply_act (registry: evonorm_b0)."""
     c = spec.cfg
     return EvoNormB0(
-        num_channels, eps=c.eps, momentum=c.momentum, apply_act=spec.apply_act, gpus_per_process=spec.gpus_per_process, running_stats=c.running_stats
+        num_channels,
+        eps=c.eps,
+        momentum=c.momentum,
+        apply_act=spec.apply_act,
+        gpus_per_process=spec.gpus_per_process,
+        running_stats=c.running_stats,
     )

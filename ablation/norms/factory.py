@@ -17,14 +17,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ablation.config import NormConfig
 from ablation.errors import NormError
 from ablation.norms import registry
+
+if TYPE_CHECKING:  # a type only: config imports the registry, so norms/ stays below config at run time
+    from ablation.config import NormConfig
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def _import(path: str, what: str) -> NormFactory:
     return factory
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_factory(name: str) -> NormFactory:
     """The factory for a registry name or a 'package.module:function' import path."""
     try:

@@ -36,7 +36,7 @@ its evaluation and resumed there).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

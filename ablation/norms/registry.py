@@ -11,8 +11,9 @@ A user's own norm needs no entry: ``norm.name=package.module:factory`` is resolv
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from ablation.errors import ConfigError
 
@@ -116,7 +117,8 @@ def check_channels(norm: Any, channels: int, where: str = "") -> None:
     g = resolved_groups(norm, channels)
     if channels % g:
         raise ConfigError(
-            f"norm.groups={g} does not divide a layer's {channels} channels{at}; use a divisor of every layer width (e.g. 1, 2, 4, 8, 16, 32)"
+            f"norm.groups={g} does not divide a layer's {channels} channels{at}; "
+            "use a divisor of every layer width (e.g. 1, 2, 4, 8, 16, 32)"
         )
 
 

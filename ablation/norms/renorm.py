@@ -104,7 +104,8 @@ class BatchRenorm2d(nn.Module):
             raise ValueError(f"a batch of {n} images cannot be split over {k} modelled GPUs")
         if (n // k) * h * w == 1:
             raise ValueError(
-                f"batch renormalization needs more than one value per channel on each modelled GPU; got {n // k} image(s) of {h}x{w} per GPU"
+                "batch renormalization needs more than one value per channel on each modelled GPU; "
+                f"got {n // k} image(s) of {h}x{w} per GPU"
             )
         fmt = None
         if not x.is_contiguous():  # channels-last: the interleaved view needs NCHW

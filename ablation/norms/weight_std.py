@@ -40,7 +40,7 @@ class WSConv2d(nn.Conv2d):
         return self._conv_forward(x, standardize(self.weight), self.bias)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d) -> "WSConv2d":
+    def from_conv(cls, conv: nn.Conv2d) -> WSConv2d:
         """A WSConv2d with conv's geometry that takes over conv's weight and bias parameters (no copy)."""
         if conv.weight[0].numel() < 2:
             raise ConfigError(f"model.weight_std: {conv} has one weight per output channel, which has no std")

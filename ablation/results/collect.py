@@ -14,18 +14,19 @@ import operator
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from ablation import config, rundir
-from ablation.results import runfiles
+from ablation import config, rundir, sweepdir
 from ablation.errors import ConfigError
 from ablation.norms import registry
+from ablation.results import runfiles
 
 log = logging.getLogger("ablation")
 
@@ -89,7 +90,8 @@ def variant(norm: dict[str, Any], model: dict[str, Any] | None = None) -> str:
     label = registry.label(name) + ws
     if name == "bn" and norm.get("running_stats", "rank0") != "rank0":
         label += f" ({norm['running_stats']} running stats)"
-    shown = [f"{k.split('.', 1)[1]}={norm_value(norm, k.split('.', 1)[1])}" for k in variant_norm_keys(name)[1:] if norm_value(norm, k.split(".", 1)[1]) is not None]
+    fields = [k.split(".", 1)[1] for k in variant_norm_keys(name)[1:]]
+    shown = [f"{f}={norm_value(norm, f)}" for f in fields if norm_value(norm, f) is not None]
     if name != "bn" and shown:
         label += f" ({', '.join(s.replace('groups=', 'G=') for s in shown)})"
     return label
@@ -113,7 +115,8 @@ def unlike_paper(cfg: dict[str, Any]) -> str:
     if name not in PAPER_MODELS:
         out.append(f"model {name}")
     else:
-        resized = [k for k in ("widths", "stem_width", "layers") if model.get(k) is not None] + (["stem"] if model.get("stem", "default") != "default" else [])
+        resized = [k for k in ("widths", "stem_width", "layers") if model.get(k) is not None]
+        resized += ["stem"] if model.get("stem", "default") != "default" else []
         if resized:
             out.append(f"{name} with its own {', '.join(resized)}")
     size = (cfg.get("data") or {}).get("image_size", PAPER_IMAGE_SIZE)
@@ -143,7 +146,8 @@ def _written_fields(cfg_doc: Any) -> dict[str, Any]:
     out = {}
     for key, value in flat.items():
         f = _field(key)
-        if f is not None and (not f.metadata.get("hash", True) or (f.metadata.get("omit_if_default") and value == config.canonical(f.default))):
+        omitted_default = f is not None and f.metadata.get("omit_if_default") and value == config.canonical(f.default)
+        if f is not None and (not f.metadata.get("hash", True) or omitted_default):
             continue
         out[key] = value
     return out
@@ -202,7 +206,7 @@ def find_run_folders(roots: Iterable[str | Path]) -> list[Path]:
     """
     seen: dict[tuple[int, int], Path] = {}
     visited: set[tuple[int, int]] = set()
-    skip = ("slurm", "logs", "configs")
+    skip = (sweepdir.SLURM, sweepdir.LOGS, sweepdir.CONFIGS)  # a sweep folder's own files: no run folders there
 
     def walk(top: str, key: tuple[int, int]) -> None:
         if key in visited:
@@ -253,8 +257,8 @@ def _sweep_index(roots: list[Path]) -> Callable[[str], str]:
     """
     linked: list[tuple[str, set[str]]] = []
     for root in roots:
-        for manifest in [root / "manifest.json", *root.glob("*/manifest.json")]:
-            runs = manifest.parent / "runs"
+        for manifest in [root / sweepdir.MANIFEST, *root.glob(f"*/{sweepdir.MANIFEST}")]:
+            runs = manifest.parent / sweepdir.RUNS_LINKS
             try:
                 with os.scandir(runs) as it:
                     names = {e.name for e in it if os.path.exists(e.path)}  # a link to nothing links to no run
@@ -266,11 +270,6 @@ def _sweep_index(roots: list[Path]) -> Callable[[str], str]:
         return ",".join(sorted({sweep for sweep, names in linked if name in names}))
 
     return sweeps
-
-
-def _sweeps_of(folder: Path, roots: list[Path]) -> str:
-    """Names of the sweeps (sweep folders with a manifest) that link to this run folder."""
-    return _sweep_index(roots)(folder.name)
 
 
 def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
@@ -306,7 +305,8 @@ def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
 
 def _curve_rows(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A run's rows of curves.csv (before its setting is known)."""
-    return [{"run_id": run["run_id"], "variant": run["variant"], "batch_per_gpu": run["batch_per_gpu"], "seed": run["seed"], **r} for r in rows]
+    own = {"run_id": run["run_id"], "variant": run["variant"], "batch_per_gpu": run["batch_per_gpu"], "seed": run["seed"]}
+    return [{**own, **r} for r in rows]
 
 
 def _run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -426,7 +426,8 @@ _INT64 = range(-(2**63), 2**63)
 
 def _regular(run: dict[str, Any]) -> bool:
     """True when the run's columns of curves are strings (run id, variant) and int64 numbers (batch, seed)."""
-    return type(run["run_id"]) is str and type(run["variant"]) is str and all(type(run[k]) is int and run[k] in _INT64 for k in ("batch_per_gpu", "seed"))
+    texts = type(run["run_id"]) is str and type(run["variant"]) is str
+    return texts and all(type(run[k]) is int and run[k] in _INT64 for k in ("batch_per_gpu", "seed"))
 
 
 class _Clock:
@@ -509,7 +510,9 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
             t = text[id(v)] = json.dumps(v)
         return t
 
-    varying = {k for k in keys if k not in AXIS_FIELDS and k not in VARIANT_FIELDS and not k.startswith("norm.") and _varies(fields, k, dumps)}
+    varying = {
+        k for k in keys if k not in AXIS_FIELDS and k not in VARIANT_FIELDS and not k.startswith("norm.") and _varies(fields, k, dumps)
+    }
     by_norm: dict[Any, list[dict[str, Any]]] = {}
     for r in runs:
         by_norm.setdefault(r["norm"], []).append(r["_fields"])
