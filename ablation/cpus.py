@@ -8,8 +8,9 @@ each run its share of the cores (CPUS_ENV), and the collector sizes its worker p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 # Set by the local executor for the processes it starts: the cores each of them may use.
 CPUS_ENV = "ABLATION_CPUS"

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import ablation
 from ablation import provenance
-from ablation.sweep import launch, local
+from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 from ablation.results import report
-from ablation.sweep import status
+from ablation.sweep import launch, local, status
 from ablation.sweep import spec as sweepmod
 from ablation.sweep.cluster import Profile
-from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 
 SWEEPS = Path(ablation.__file__).resolve().parents[1] / "sweeps"
 # Shape is the class; foreground/background colour, position, size, brightness and contrast vary per

@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ablation import config
+from ablation.data.synth import SynthSpec, render_image, validate_spec
 from ablation.errors import AblationError, ConfigError, NormError
 from ablation.norms import registry
-from ablation.data.synth import SynthSpec, render_image, validate_spec
 
 if TYPE_CHECKING:
     import pandas as pd

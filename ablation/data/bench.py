@@ -17,16 +17,26 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ablation.data.layout import (DatasetInfo, DatasetScan, SeededImageFolder, check_splits, class_folders, class_images, load_rgb,
-                                  open_image, pipeline_transforms)
-from ablation.errors import DataError
 from ablation.config import PIPELINES
+from ablation.data.layout import (
+    DatasetInfo,
+    DatasetScan,
+    SeededImageFolder,
+    check_splits,
+    class_folders,
+    class_images,
+    load_rgb,
+    open_image,
+    pipeline_transforms,
+)
+from ablation.errors import DataError
 
 # ResNet-50 training at 224 px in bfloat16 on one H100: ~2,500 images/s (the speed issue: an 8 x H100
 # node needs ~20,000). A guess to size the loader against; pass --gpu-images-per-s with your own figure.

@@ -29,18 +29,19 @@ import multiprocessing
 import os
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ablation.norms import registry
 from ablation.results import runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
-from ablation.norms import registry
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import config, sweepdir
 from ablation.cpus import CPUS_ENV, usable_cores

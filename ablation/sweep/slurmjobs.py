@@ -7,13 +7,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import config, sweepdir
+from ablation.config import RunConfig
 from ablation.sweep import status
 from ablation.sweep.cluster import Profile, check_run_fits, executor_parameters
-from ablation.config import RunConfig
 
 
 class TrainJob:

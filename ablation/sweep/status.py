@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import provenance, rundir, sweepdir
 from ablation.sweep.cluster import squeue_states

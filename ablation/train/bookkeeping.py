@@ -12,10 +12,11 @@ import os
 import platform
 import socket
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -23,11 +24,11 @@ from torch import nn
 
 import ablation
 from ablation import provenance, rundir
-from ablation.cpus import cpu_budget
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, run_id, to_dict
+from ablation.cpus import cpu_budget
 from ablation.data.layout import DatasetInfo
-from ablation.train.distributed import DistEnv
 from ablation.errors import AblationError, DataError, DiskFullError
+from ablation.train.distributed import DistEnv
 
 log = logging.getLogger("ablation")
 

@@ -21,15 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ablation import faults, rundir
-from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
 from ablation.config import RunConfig
-from ablation.train.coordination import StopVote
-from ablation.train.distributed import DistEnv
 from ablation.errors import DiskFullError
-from ablation.train.loaders import to_device
-from ablation.train.optim import lr_at
 from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
+from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
+from ablation.train.coordination import StopVote
+from ablation.train.distributed import DistEnv
+from ablation.train.loaders import to_device
+from ablation.train.optim import lr_at
 
 log = logging.getLogger("ablation")
 

@@ -19,7 +19,7 @@ nonlinearity after its own, and put one before the residual add. ``place_norm_ac
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import timm
 import torch

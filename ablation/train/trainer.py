@@ -20,14 +20,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ablation import faults, rundir
+from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
+from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
+from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
+from ablation.norms import count_steps_per_layer
+from ablation.signals import StopRequest
 from ablation.train.bookkeeping import (
     TrainState,
     configure_backends,
@@ -41,17 +47,12 @@ from ablation.train.bookkeeping import (
     write_env,
     write_final,
 )
-from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
 from ablation.train.coordination import FailureGuard, eval_polls
-from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
 from ablation.train.distributed import DistEnv, setup, teardown
-from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
 from ablation.train.loop import Diverged, EpochLoop
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
-from ablation.norms import count_steps_per_layer
-from ablation.signals import StopRequest
 
 __all__ = ["run_training", "train", "train_command"]
 
