@@ -4,10 +4,11 @@ It times, on one core, what a DataLoader worker does per training image: decodin
 size, the reference pipeline's first step), the reference pipeline (the whole augmentation in float)
 the split pipeline (parameters, decode at the scale the crop needs, crop, resize to uint8; the
 photometric steps it leaves to the GPU are not CPU work) and the device-decode pipeline (read the file,
-draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures). Figures are images per CPU-second of this
-process with one torch thread, so a busy machine slows the wall clock more than the figure; the files
-are read once beforehand, so disk or network speed is not part of it. A DataLoader adds its own
-overhead (collate, inter-process transfer: ~150 KB per uint8 224-px image, 4x that in float).
+draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures).
+Figures are images per CPU-second of this process with one torch thread, so a busy machine slows the
+wall clock more than the figure; the files are read once beforehand, so disk or network speed is not
+part of it. A DataLoader adds its own overhead (collate, inter-process transfer: ~150 KB per uint8
+224-px image, 4x that in float).
 """
 
 from __future__ import annotations

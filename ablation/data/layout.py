@@ -552,7 +552,8 @@ def decode_on_device(x: EncodedSample, size: tuple[int, int], device: str | torc
     scale). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two.
     """
     if _tv_decode_jpeg is None:
-        raise DataError("data.pipeline=device-decode needs torchvision.io.decode_jpeg, which this torchvision lacks; use data.pipeline=split")
+        raise DataError("data.pipeline=device-decode needs torchvision.io.decode_jpeg, "
+                        "which this torchvision lacks; use data.pipeline=split")
     out_h, out_w = size
     out = torch.empty((len(x.encoded), out_h, out_w, 3), dtype=torch.uint8, device=device)
     rows = [i for i, e in enumerate(x.encoded) if e.numel()]

@@ -50,7 +50,8 @@ def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig, vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
+             vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
     """Top-1 and top-5 error (%) over the whole validation set (each process a shard).
 
     None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
@@ -244,7 +245,8 @@ class EpochLoop:
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if env.is_main and self.cfg.log_steps:
             # One write of whole lines: a kill leaves at most a torn last line, which readers and the resume drop.
-            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v} for i, v in enumerate(losses)]
+            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v}
+                    for i, v in enumerate(losses)]
             rundir.append_jsonl(self.rd.steps, rows)
         if bad is not None:
             raise Diverged(first + bad, epoch, losses[bad])

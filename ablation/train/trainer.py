@@ -132,7 +132,8 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
         return _train_locked(cfg, rd, env, scan, should_stop)
 
 
-def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: DatasetScan, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: DatasetScan,
+                  should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """The body of train() once the folder is ours: set-up and loop; any failure is recorded as one."""
     info = scan.info
     gpp = cfg.gpus // env.world_size
@@ -214,7 +215,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         guard.close()
     final = write_final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     if env.is_main:
-        log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
+        log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% "
+                 f"(median of last {final['metric_epochs']} epochs)")
     return final
 
 
@@ -251,7 +253,8 @@ def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
 
     ddp_cls = nn.parallel.DistributedDataParallel
     # torch >= 2.15 renamed broadcast_buffers; syncing at init is harmless (every rank starts equal).
-    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters else {"broadcast_buffers": False}
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
+            else {"broadcast_buffers": False})
     return ddp_cls(model, device_ids=[env.device] if env.device != "cpu" else None, **sync)
 
 
