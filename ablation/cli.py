@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ablation.errors import EXIT_DIVERGED, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, exit_status, one_line  # noqa: F401
+
 DEFAULT_RUNS = "results/runs"
 
 
@@ -57,7 +58,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     """Write a deterministic synthetic ImageFolder dataset of JPEG files."""
     from ablation.data.synth import SynthSpec, write_synth
 
-    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    spec = SynthSpec(classes=args.classes, train_per_class=args.train_per_class, val_per_class=args.val_per_class,
+                     size=args.size, seed=args.seed)
     wrote = write_synth(args.root, spec, progress=sys.stderr.isatty())
     print(f"{'wrote' if wrote else 'already there (cached):'} {args.root}")
     return EXIT_OK
@@ -68,7 +70,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from ablation.data.layout import check_layout
 
     info = check_layout(args.root)
-    print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, fingerprint {info.fingerprint}")
+    print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, "
+          f"fingerprint {info.fingerprint}")
     return EXIT_OK
 
 
@@ -279,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", intermixed=True, help="train one run (DDP under torchrun or SLURM)")
-    t.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="a YAML config and/or dotted overrides, e.g. norm.name=gn batch_per_gpu=4")
+    t.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a YAML config and/or dotted overrides, e.g. norm.name=gn batch_per_gpu=4")
     t.add_argument("--results", default=DEFAULT_RUNS, help=f"root under which run folders go (default {DEFAULT_RUNS})")
     t.set_defaults(func=cmd_train)
 
@@ -303,23 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("root")
     k.set_defaults(func=cmd_data_check)
 
-    b = dsub.add_parser("bench", intermixed=True, help="time the training data pipeline's CPU side on your data: images/s per core, cores needed to feed the GPUs")
+    b = dsub.add_parser("bench", intermixed=True,
+                        help="time the training data pipeline's CPU side on your data: images/s per core, cores needed to feed the GPUs")
     b.add_argument("root", help="dataset folder (train/<class>/*.JPEG)")
-    b.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8")
+    b.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
+                   help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8")
     b.add_argument("--images", type=int, default=256, help="training images to time, spread over the classes (default 256)")
     b.add_argument("--gpu-images-per-s", type=float, help="training images/s one GPU consumes (default 2500: ResNet-50, bf16, H100)")
     b.set_defaults(func=cmd_data_bench)
 
     w = sub.add_parser("sweep", intermixed=True, help="expand a sweep spec and submit what is not done (or --dry-run)")
     w.add_argument("spec", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml")
-    w.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
+    w.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
     w.add_argument("--dry-run", action="store_true", help="show the runs, their states, jobs and GPU-hours; submit nothing")
     w.add_argument("--profile", help="cluster profile YAML (slurm/profiles/*.yaml); default: this machine, one process per run")
     w.add_argument("--executor", choices=["slurm", "local", "debug"], help="override the profile's executor")
-    w.add_argument("--results", default=DEFAULT_RESULTS, help=f"results root: runs in DIR/runs, the sweep in DIR/<name> (default {DEFAULT_RESULTS})")
+    w.add_argument("--results", default=DEFAULT_RESULTS,
+                   help=f"results root: runs in DIR/runs, the sweep in DIR/<name> (default {DEFAULT_RESULTS})")
     w.add_argument("--retry-failed", action="store_true", help="also resubmit runs that failed")
     w.add_argument("--print-sbatch", action="store_true", help="print the sbatch script of one job (slurm profiles)")
-    w.add_argument("--no-data-check", action="store_true", help="submit without checking that data.root has train/ and val/ here (data only on the compute nodes)")
+    w.add_argument("--no-data-check", action="store_true",
+                   help="submit without checking that data.root has train/ and val/ here (data only on the compute nodes)")
     w.set_defaults(func=cmd_sweep)
 
     st = sub.add_parser("status", help="show a sweep's runs: pending / running / ok / diverged / failed / requeued")
@@ -337,15 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     nr = sub.add_parser("norms", help="list the built-in norms (the registry), their batch dependence and norm.* fields")
     nr.set_defaults(func=cmd_norms)
 
-    pr = sub.add_parser("probe", intermixed=True, help="measure each norm's batch dependence and train/eval gap per images per GPU (seconds, CPU)")
-    pr.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]", help="config and overrides over the probe's small ResNet, e.g. norm.name=gn or norm.name=pkg.mod:factory")
+    pr = sub.add_parser("probe", intermixed=True,
+                        help="measure each norm's batch dependence and train/eval gap per images per GPU (seconds, CPU)")
+    pr.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
+                    help="config and overrides over the probe's small ResNet, e.g. norm.name=gn or norm.name=pkg.mod:factory")
     pr.add_argument("--out", default="probe", help="folder for probe.csv and probe.png (default ./probe)")
     pr.add_argument("--norms", help="comma-separated norms when norm.name is not given (default: every registry norm but none)")
     pr.add_argument("--batches", default="32,16,8,4,2", help="images per GPU to probe (default 32,16,8,4,2)")
     pr.add_argument("--draws", type=int, default=4, help="batches (draws of batch mates) per probe image (default 4)")
     pr.add_argument("--probes", type=int, default=4, help="probe images per batch size (default 4)")
     pr.add_argument("--warmup", type=int, default=40, help="train-mode passes that bring running statistics to the data (default 40)")
-    pr.add_argument("--gpus", type=int, default=1, help="modelled GPUs per probe batch: GPUs x b images in one process, as a stand-in run (default 1)")
+    pr.add_argument("--gpus", type=int, default=1,
+                    help="modelled GPUs per probe batch: GPUs x b images in one process, as a stand-in run (default 1)")
     pr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the probe's forwards are small)")
     pr.set_defaults(func=cmd_probe)
 

@@ -8,8 +8,9 @@ each run its share of the cores (CPUS_ENV), and the collector sizes its worker p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 # Set by the local executor for the processes it starts: the cores each of them may use.
 CPUS_ENV = "ABLATION_CPUS"
@@ -39,7 +40,8 @@ class CpuBudget:
 
     def as_dict(self) -> dict[str, Any]:
         """The record kept in env.json."""
-        return {"cores_usable": self.cores_usable, "workers": self.workers, "threads": self.threads, "affinity": self.affinity, "source": self.source}
+        return {"cores_usable": self.cores_usable, "workers": self.workers, "threads": self.threads,
+                "affinity": self.affinity, "source": self.source}
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -70,7 +72,8 @@ def usable_cores(local_processes: int = 1, environ: Mapping[str, str] | None = N
     cpt = _env_int(env, "SLURM_CPUS_PER_TASK")
     given = _env_int(env, CPUS_ENV)
     if given:
-        return min(given, n), f"{CPUS_ENV}={given} (the local executor's share of its cores)" + (f", bounded by the {n}-CPU affinity mask" if given > n else "")
+        return min(given, n), (f"{CPUS_ENV}={given} (the local executor's share of its cores)"
+                               + (f", bounded by the {n}-CPU affinity mask" if given > n else ""))
     if "TORCHELASTIC_RUN_ID" in env:
         base = min(n, cpt) if cpt else n
         where = f"the {n}-CPU affinity mask" + (f" bounded by SLURM_CPUS_PER_TASK={cpt}" if cpt and cpt < n else "")

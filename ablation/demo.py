@@ -15,12 +15,11 @@ from pathlib import Path
 
 import ablation
 from ablation import provenance
-from ablation.sweep import launch, local
+from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 from ablation.results import report
-from ablation.sweep import status
+from ablation.sweep import launch, local, status
 from ablation.sweep import spec as sweepmod
 from ablation.sweep.cluster import Profile
-from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 
 SWEEPS = Path(ablation.__file__).resolve().parents[1] / "sweeps"
 # Shape is the class; foreground/background colour, position, size, brightness and contrast vary per
@@ -56,7 +55,8 @@ def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
     meta = {
         "fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d"),
         # What decides the digits besides the settings: the libraries and the CPU's float kernels.
-        "made_with": {"cpu": provenance.cpu_model(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(), "packages": provenance.package_versions()},
+        "made_with": {"cpu": provenance.cpu_model(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(),
+                      "packages": provenance.package_versions()},
     }
     write_text(docs / "demo.json", json.dumps(meta, indent=2) + "\n")
 
@@ -68,7 +68,8 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     spec = QUICK_DATA if quick else DATA
     data = out / ("data-quick" if quick else "data")
     local.start_local_server()  # torch's imports for the runs, on the other core while the data is written
-    print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / {spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
+    print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / "
+          f"{spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
     write_synth(data, spec, progress=True)
     overrides = [f"data.root={data}", f"seed={seed}"]
     sweep = sweepmod.load(SWEEPS / ("demo_quick.yaml" if quick else "demo.yaml"), overrides)

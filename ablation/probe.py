@@ -50,9 +50,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ablation import config
+from ablation.data.synth import SynthSpec, render_image, validate_spec
 from ablation.errors import AblationError, ConfigError, NormError
 from ablation.norms import registry
-from ablation.data.synth import SynthSpec, render_image, validate_spec
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,7 +67,8 @@ PROBE_MODEL = {
 PROBE_DEFAULTS: dict[str, Any] = {"model": PROBE_MODEL, "data": {"image_size": 32}, "device": "cpu"}
 # The demo's images (ablation/demo.py): shape = class; colours, position, size, brightness and contrast
 # vary per image, so images differ in their overall statistics as photographs do.
-IMAGES = SynthSpec(classes=10, min_colour_distance=0.5, position=0.25, scale=(0.45, 0.75), rotation=0.0, noise=0.05, brightness=0.3, contrast=0.3)
+IMAGES = SynthSpec(classes=10, min_colour_distance=0.5, position=0.25, scale=(0.45, 0.75), rotation=0.0,
+                   noise=0.05, brightness=0.3, contrast=0.3)
 MIN_POOL = 128  # generated images the batches are drawn from (at least 4x the largest batch)
 NUM_CLASSES = 10  # the classifier is removed; this only sizes the head create_model builds
 CSV_NAME, FIGURE_NAME = "probe.csv", "probe.png"
@@ -328,7 +329,8 @@ def format_table(df: pd.DataFrame) -> str:
     parts = []
     titles = {
         "batch_dependence": "batch dependence (train mode): relative change of an image's features when its batch mates are redrawn",
-        "train_eval_gap": "train/eval gap: relative distance of train- and eval-mode features of the same batch (running statistics warmed)",
+        "train_eval_gap": ("train/eval gap: relative distance of train- and eval-mode features of the same batch "
+                           "(running statistics warmed)"),
     }
     order = list(dict.fromkeys(df["norm"]))
     for column, title in titles.items():
@@ -358,7 +360,8 @@ def figure(df: pd.DataFrame, path: Path) -> None:
         info = registry.lookup(name)
         style = "-" if info is None or info.batch_dependent else "--"
         for ax, column in zip(axes, ("batch_dependence", "train_eval_gap")):
-            ax.plot(grp["batch_per_gpu"], grp[column], style, marker=markers[i % len(markers)], ms=5, mfc="none", label=grp["label"].iloc[0])
+            ax.plot(grp["batch_per_gpu"], grp[column], style, marker=markers[i % len(markers)], ms=5, mfc="none",
+                    label=grp["label"].iloc[0])
     for ax, title in zip(axes, ("batch dependence (train mode)", "train/eval gap")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(int(b)) for b in batches])

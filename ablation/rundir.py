@@ -32,9 +32,10 @@ import logging
 import os
 import statistics
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ablation import faults
 from ablation.errors import AblationError

@@ -39,7 +39,7 @@ class StopRequest:
             self.signum, self.at = signum, time.monotonic()
             print(f"ablation: got {signal.Signals(signum).name}; checkpointing at the next step boundary", file=sys.stderr, flush=True)
 
-    def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> "StopRequest":
+    def install(self, signals: tuple[int, ...] = STOP_SIGNALS) -> StopRequest:
         """Route these signals to handle(), remembering the handlers they had."""
         for s in signals:
             self._previous[s] = signal.signal(s, self.handle)

@@ -4,10 +4,11 @@ It times, on one core, what a DataLoader worker does per training image: decodin
 size, the reference pipeline's first step), the reference pipeline (the whole augmentation in float)
 the split pipeline (parameters, decode at the scale the crop needs, crop, resize to uint8; the
 photometric steps it leaves to the GPU are not CPU work) and the device-decode pipeline (read the file,
-draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures). Figures are images per CPU-second of this
-process with one torch thread, so a busy machine slows the wall clock more than the figure; the files
-are read once beforehand, so disk or network speed is not part of it. A DataLoader adds its own
-overhead (collate, inter-process transfer: ~150 KB per uint8 224-px image, 4x that in float).
+draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures).
+Figures are images per CPU-second of this process with one torch thread, so a busy machine slows the
+wall clock more than the figure; the files are read once beforehand, so disk or network speed is not
+part of it. A DataLoader adds its own overhead (collate, inter-process transfer: ~150 KB per uint8
+224-px image, 4x that in float).
 """
 
 from __future__ import annotations
@@ -17,16 +18,26 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from ablation.data.layout import (DatasetInfo, DatasetScan, SeededImageFolder, check_splits, class_folders, class_images, load_rgb,
-                                  open_image, pipeline_transforms)
-from ablation.errors import DataError
 from ablation.config import PIPELINES
+from ablation.data.layout import (
+    DatasetInfo,
+    DatasetScan,
+    SeededImageFolder,
+    check_splits,
+    class_folders,
+    class_images,
+    load_rgb,
+    open_image,
+    pipeline_transforms,
+)
+from ablation.errors import DataError
 
 # ResNet-50 training at 224 px in bfloat16 on one H100: ~2,500 images/s (the speed issue: an 8 x H100
 # node needs ~20,000). A guess to size the loader against; pass --gpu-images-per-s with your own figure.

@@ -12,9 +12,10 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -551,7 +552,8 @@ def decode_on_device(x: EncodedSample, size: tuple[int, int], device: str | torc
     scale). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a level or two.
     """
     if _tv_decode_jpeg is None:
-        raise DataError("data.pipeline=device-decode needs torchvision.io.decode_jpeg, which this torchvision lacks; use data.pipeline=split")
+        raise DataError("data.pipeline=device-decode needs torchvision.io.decode_jpeg, "
+                        "which this torchvision lacks; use data.pipeline=split")
     out_h, out_w = size
     out = torch.empty((len(x.encoded), out_h, out_w, 3), dtype=torch.uint8, device=device)
     rows = [i for i, e in enumerate(x.encoded) if e.numel()]

@@ -29,18 +29,19 @@ import multiprocessing
 import os
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ablation.norms import registry
 from ablation.results import runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
-from ablation.norms import registry
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -70,7 +71,9 @@ def reference_dir(explicit: str | Path | None = None) -> Path:
 def load_reference(folder: Path) -> pd.DataFrame:
     """All reference CSVs of a folder, each file one paper (its name in the `paper` column)."""
     cols = REFERENCE_COLUMNS + REFERENCE_OPTIONAL
-    frames = [pd.read_csv(f, keep_default_na=False, na_values={"batch_per_gpu": [""], "groups": [""], "channels_per_group": [""], "val_error_pct": [""]}).assign(paper=f.stem)
+    frames = [pd.read_csv(f, keep_default_na=False,
+                          na_values={"batch_per_gpu": [""], "groups": [""], "channels_per_group": [""],
+                                     "val_error_pct": [""]}).assign(paper=f.stem)
               for f in sorted(folder.glob("*.csv"))]
     if not frames:
         return pd.DataFrame(columns=cols)
@@ -163,7 +166,8 @@ def paper_ref(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, nor
     return Ref(float(row["val_error_pct"]), row["status"] == "secondary", str(row["recipe"]), bool(row["_any"]), str(row["source"]))
 
 
-def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int, groups: Any = None, cpg: Any = None) -> tuple[float | None, bool]:
+def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, norm: str, batch: int,
+                 groups: Any = None, cpg: Any = None) -> tuple[float | None, bool]:
     """(the paper's error for this setting, is it secondary) from the given tables, or (None, False)."""
     r = paper_ref(ref, tables, model, norm, batch, groups, cpg)
     return (r.value, r.secondary) if r else (None, False)
@@ -171,10 +175,12 @@ def paper_number(ref: pd.DataFrame, tables: tuple[str, ...], model: str | None, 
 
 def _run_fields(first: Any) -> dict[str, Any]:
     """The fields of a run row that reference rows may name."""
-    return {k: (None if isinstance(first.get(k), float) and math.isnan(first.get(k)) else first.get(k)) for k in ("weight_std", "r_max", "d_max")}
+    return {k: (None if isinstance(first.get(k), float) and math.isnan(first.get(k)) else first.get(k))
+            for k in ("weight_std", "r_max", "d_max")}
 
 
-def _ref_for(ref: pd.DataFrame, tables: tuple[str, ...], first: Any, batch: int, loose: bool, groups: Any = "row", cpg: Any = "row", norm: str | None = None) -> Ref | None:
+def _ref_for(ref: pd.DataFrame, tables: tuple[str, ...], first: Any, batch: int, loose: bool,
+             groups: Any = "row", cpg: Any = "row", norm: str | None = None) -> Ref | None:
     """paper_ref for a run row (its model, norm, G and fields)."""
     return paper_ref(ref, tables, first["model"], norm or first["norm"], batch, first["groups"] if groups == "row" else groups,
                      first["channels_per_group"] if cpg == "row" else cpg, _run_fields(first), loose)
@@ -282,7 +288,8 @@ def as_shape(cells: list[tuple[Cell, Ref | None]]) -> list[Cell]:
             if r is not None and b_ref is not None and not r.any_batch and not b_ref.any_batch:
                 paper_rise = r.value - b_ref.value
                 sec, recipe = r.secondary or b_ref.secondary, r.recipe or b_ref.recipe
-        out.append(dataclasses.replace(c, comparable=False, base=i == base, rise=rise, paper_rise=paper_rise, rise_secondary=sec, rise_recipe=recipe))
+        out.append(dataclasses.replace(c, comparable=False, base=i == base, rise=rise,
+                                       paper_rise=paper_rise, rise_secondary=sec, rise_recipe=recipe))
     return out
 
 
@@ -304,9 +311,11 @@ def _caption(what: str, labels: dict[str, bool], unlike: Iterable[str], paper_te
         text = f"{what}. Rows in the paper's setting: {paper_text}. Rows not in it ({', '.join(shape_rows)}: {why}): {shape_text}"
     cells = list(cells)
     notes = []
-    if any((c.comparable and c.paper is not None and c.secondary) or (not c.comparable and c.paper_rise is not None and c.rise_secondary) for c in cells):
+    if any((c.comparable and c.paper is not None and c.secondary)
+           or (not c.comparable and c.paper_rise is not None and c.rise_secondary) for c in cells):
         notes.append(f"{SECONDARY} a secondary paper number")
-    recipes = sorted({c.recipe for c in cells if c.comparable and c.paper is not None and c.recipe} | {c.rise_recipe for c in cells if not c.comparable and c.paper_rise is not None and c.rise_recipe})
+    recipes = sorted({c.recipe for c in cells if c.comparable and c.paper is not None and c.recipe}
+                     | {c.rise_recipe for c in cells if not c.comparable and c.paper_rise is not None and c.rise_recipe})
     if recipes:
         notes.append(f"{OTHER_RECIPE} another recipe: {'; '.join(recipes)}")
     return text + (f" ({'; '.join(notes)})" if notes else "")
@@ -349,8 +358,10 @@ class Table:
         df = self.frame(latex=True)
         cols = "l" + "c" * len(df.columns)
         esc = lambda s: str(s).replace("%", r"\%").replace("_", r"\_").replace("#", r"\#")  # noqa: E731
-        lines = [f"% {self.caption}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule", " & ".join(["", *map(esc, df.columns)]) + r" \\", r"\midrule"]
-        lines += [" & ".join([esc(i), *(esc(v) if "$" not in str(v) else str(v).replace("%", r"\%") for v in df.loc[i])]) + r" \\" for i in df.index]
+        lines = [f"% {self.caption}", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
+                 " & ".join(["", *map(esc, df.columns)]) + r" \\", r"\midrule"]
+        lines += [" & ".join([esc(i), *(esc(v) if "$" not in str(v) else str(v).replace("%", r"\%") for v in df.loc[i])]) + r" \\"
+                  for i in df.index]
         lines += [r"\bottomrule", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
 
@@ -359,7 +370,8 @@ class Table:
         out = []
         for (r, c), cell in self.cells.items():
             out.append({
-                "row": r, "column": c, "ours_mean": cell.mean, "ours_std": cell.std, "n": cell.n, "not_finished": cell.note, "paper": cell.paper,
+                "row": r, "column": c, "ours_mean": cell.mean, "ours_std": cell.std, "n": cell.n,
+                "not_finished": cell.note, "paper": cell.paper,
                 "paper_secondary": cell.secondary, "paper_recipe": cell.recipe, "delta": cell.delta, "paper_setting": cell.comparable,
                 "base": cell.base, "rise": cell.rise, "paper_rise": cell.paper_rise,
             })
@@ -475,10 +487,13 @@ def norm_table(runs: pd.DataFrame, ref: pd.DataFrame, baselines: list[str], batc
                 text = f"{m - ref_mean:+.2f}"
                 mine, theirs = refs[(model, var, setting)], refs.get((model, bv, setting))
                 if not modes[label] and var != bv and mine is not None and theirs is not None:
-                    text += f" (paper {mine.value - theirs.value:+.1f}{_marks(mine.secondary or theirs.secondary, mine.recipe or theirs.recipe, False)})"
+                    text += (f" (paper {mine.value - theirs.value:+.1f}"
+                             f"{_marks(mine.secondary or theirs.secondary, mine.recipe or theirs.recipe, False)})")
                 extra[(label, col)] = text
-    caption = _caption(f"Top-1 val error (%) at {b} images per GPU", modes, unlike, "ours (paper, Δ = ours − paper); Δ vs baselines are ours − ours",
-                       "the error column is ours alone; Δ vs baselines read ours − ours (the paper's Δ between the same norms, ResNet-50 on ImageNet)", cells.values())
+    caption = _caption(f"Top-1 val error (%) at {b} images per GPU", modes, unlike,
+                       "ours (paper, Δ = ours − paper); Δ vs baselines are ours − ours",
+                       "the error column is ours alone; Δ vs baselines read ours − ours "
+                       "(the paper's Δ between the same norms, ResNet-50 on ImageNet)", cells.values())
     return Table("table_norms", caption, rows, ["error"], cells, extra, base_cols)
 
 
@@ -486,8 +501,10 @@ def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None
     """Table 3, both halves: fixed G (LN is G=1) and fixed channels per group (IN is 1)."""
     sub, b = _at_batch(runs, batch)
     out = []
-    for half, key, one, table in (("groups", "groups", "ln", "table3_fixed_groups"), ("channels per group", "channels_per_group", "in", "table3_fixed_channels_per_group")):
-        gn = sub[(sub["norm"] == "gn") & sub[key].notna()] if key == "channels_per_group" else sub[(sub["norm"] == "gn") & sub["channels_per_group"].isna()]
+    for half, key, one, table in (("groups", "groups", "ln", "table3_fixed_groups"),
+                                  ("channels per group", "channels_per_group", "in", "table3_fixed_channels_per_group")):
+        gn = (sub[(sub["norm"] == "gn") & sub[key].notna()] if key == "channels_per_group"
+              else sub[(sub["norm"] == "gn") & sub["channels_per_group"].isna()])
         if "weight_std" in sub:  # Table 3 is plain GN: GN+WS runs are a variant of their own
             gn = gn[~gn["weight_std"].fillna(False).astype(bool)]
         cols: dict[int, pd.DataFrame] = {}
@@ -525,7 +542,8 @@ def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None
         name = "table_groups" if key == "groups" else "table_channels_per_group"
         what = f"GN with a fixed number of {half} (1 = {one.upper()}), {b} images per GPU"
         caption = _caption(what, modes, unlike, "ours (paper, Δ = ours − paper)",
-                           f"ours (our rise over the row's base, the paper's rise over the same columns), the base being the row's largest number of {half} with a number", cells.values())
+                           "ours (our rise over the row's base, the paper's rise over the same columns), "
+                           f"the base being the row's largest number of {half} with a number", cells.values())
         out.append(Table(name, caption, rows, [str(v) for v in sorted(cols, reverse=True)], cells, {}, []))
     return out
 
@@ -540,7 +558,8 @@ def _style() -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 120, "savefig.bbox": "tight"})
+    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 120, "savefig.bbox": "tight"})
     return plt
 
 
@@ -588,17 +607,20 @@ def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> l
         line = ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=label)
         color = line[0].get_color()
         for b, note in bad:  # a run that did not finish is shown as such, at the top of the axis
-            ax.annotate(f"{var}: {note}", (b, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90, va="top", ha="center", color=color)
+            ax.annotate(f"{var}: {note}", (b, 1.0), xycoords=("data", "axes fraction"),
+                        fontsize=7, rotation=90, va="top", ha="center", color=color)
             ax.plot([b], [1.0], marker="x", transform=ax.get_xaxis_transform(), color=color, clip_on=False)
         comparable, first = _comparable(grp), grp.iloc[0]
-        paper_b = sorted({int(b) for b in grp["batch_per_gpu"].dropna()} | {int(b) for b in ref[ref["table"] == "table2_batch_size"]["batch_per_gpu"].dropna()}, reverse=True)
+        paper_b = sorted({int(b) for b in grp["batch_per_gpu"].dropna()}
+                         | {int(b) for b in ref[ref["table"] == "table2_batch_size"]["batch_per_gpu"].dropna()}, reverse=True)
         refs = {b: _ref_for(ref, BATCH_TABLES, first, b, loose=not comparable) for b in paper_b}
         if comparable:
             pts = [(b, r.value) for b, r in refs.items() if r is not None and (not r.any_batch or b in set(xs))]
             what = "paper"
         elif xs:  # the paper's rises from our base
             base = refs.get(int(xs[0]))
-            pts = [(b, ys[0] + r.value - base.value) for b, r in refs.items() if r is not None and base is not None and not r.any_batch and not base.any_batch]
+            pts = [(b, ys[0] + r.value - base.value) for b, r in refs.items()
+                   if r is not None and base is not None and not r.any_batch and not base.any_batch]
             what = f"paper's rise from our {int(xs[0])}"
         else:
             pts = []

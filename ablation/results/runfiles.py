@@ -19,9 +19,10 @@ import logging
 import operator
 import os
 import pickle
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ablation import rundir
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ablation import config
 from ablation.config import ConfigError, RunConfig

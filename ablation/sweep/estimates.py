@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import yaml
 
@@ -119,7 +120,8 @@ def gpu_benchmark_table(records: list[dict[str, Any]], cfg: RunConfig, gpu: str 
     return {b: _median(v) for b, v in sorted(by_batch.items())}, ", ".join(devices)
 
 
-def throughput(cfg: RunConfig, profile: Profile, measured: dict[tuple[str, int, int, int], tuple[list[float], int]], records: list[dict[str, Any]]) -> tuple[float, str, str] | None:
+def throughput(cfg: RunConfig, profile: Profile, measured: dict[tuple[str, int, int, int], tuple[list[float], int]],
+               records: list[dict[str, Any]]) -> tuple[float, str, str] | None:
     """(images/s per process, where it came from, '' | 'interpolated' | 'extrapolated') for one run, or None.
 
     Measured runs of the same model, image size, per-GPU batch and GPUs per process come first, then the
@@ -165,7 +167,8 @@ def estimate_hours(runs: list[RunConfig], profile: Profile, runs_root: Path, gpu
         got = throughput(cfg, profile, measured, records)
         if got is None:
             return None, (
-                f"no throughput figure for {cfg.model.name} at {cfg.batch_per_gpu} images per GPU: set throughput_images_per_s in the profile "
+                f"no throughput figure for {cfg.model.name} at {cfg.batch_per_gpu} images per GPU: "
+                "set throughput_images_per_s in the profile "
                 "(a number, or a table by per-GPU batch size), record GPU benchmarks (benchmarks/results/gpu.jsonl) or run one job first"
             )
         if cfg.data.root not in images:
@@ -191,14 +194,16 @@ ASSUMED_WRITE_MB_S = 50.0
 
 def stop_seconds(runs_root: Path, cfg: RunConfig, checkpoint_bytes: int) -> tuple[float, str]:
     """Seconds from a stop signal to a written checkpoint: the slowest measured on like runs, else from the checkpoint's size."""
-    measured = [s["signal_to_checkpoint_s"] for env, _ in _runs_like(runs_root, cfg) for s in env.get("starts", []) if s.get("signal_to_checkpoint_s")]
+    measured = [s["signal_to_checkpoint_s"] for env, _ in _runs_like(runs_root, cfg)
+                for s in env.get("starts", []) if s.get("signal_to_checkpoint_s")]
     if measured:
         return max(measured), f"measured on {len(measured)} earlier stop(s) of {cfg.model.name}"
     mb = checkpoint_bytes / 1e6
     return mb / ASSUMED_WRITE_MB_S, f"a {cfg.model.name} checkpoint is ~{mb:.0f} MB; at an assumed {ASSUMED_WRITE_MB_S:.0f} MB/s"
 
 
-def signal_delay_warning(profile: Profile, cfgs: list[RunConfig], runs_root: Path, checkpoint_bytes: Callable[[RunConfig], int]) -> str | None:
+def signal_delay_warning(profile: Profile, cfgs: list[RunConfig], runs_root: Path,
+                         checkpoint_bytes: Callable[[RunConfig], int]) -> str | None:
     """A warning when the profile's pre-timeout signal comes too late for a checkpoint to be written, else None."""
     if profile.executor != "slurm" or not cfgs:
         return None

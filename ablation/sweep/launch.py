@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -71,7 +71,8 @@ def pin_versions(sweep_dir: Path) -> None:
     changed = provenance.differences({k: v for k, v in here.items() if v}, pinned)
     if changed:
         said = ", ".join(f"{name} {now} (pinned {then})" for name, (now, then) in changed.items())
-        print(f"warning: this environment differs from {path}: {said}; runs started now record it (ablation status shows them)", file=sys.stderr)
+        print(f"warning: this environment differs from {path}: {said}; runs started now record it (ablation status shows them)",
+              file=sys.stderr)
 
 
 def plan(sweep: Sweep, results: Path, retry_failed: bool) -> list[tuple[status.RunState, str]]:
@@ -115,11 +116,13 @@ def submit(sweep_dir: Path, run_ids: list[str], profile: Profile, results: Path,
     return local.run_local(sweep_dir, run_ids, paths, runs_root, profile, on_line)
 
 
-def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
+def _run_debug(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile,
+               on_line: Callable[[str], None]) -> int:
     """Train each run in this process, one after another (a failed run again, up to profile.retries times)."""
     failed = 0
     for i, (rid, path) in enumerate(zip(run_ids, paths), 1):
-        sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}", "submitted_at": sweepdir.now()}])
+        sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "debug", "job_id": f"debug-{os.getpid()}-{i}",
+                                          "submitted_at": sweepdir.now()}])
         on_line(f"[{i}/{len(run_ids)}] {rid}")
         for attempt in range(profile.retries + 1):
             try:

@@ -23,8 +23,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import config, sweepdir
 from ablation.cpus import CPUS_ENV, usable_cores
@@ -32,7 +33,8 @@ from ablation.sweep import status
 from ablation.sweep.cluster import Profile
 
 
-def run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, on_line: Callable[[str], None]) -> int:
+def run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile,
+              on_line: Callable[[str], None]) -> int:
     """Run `ablation train` processes on this machine, `array_parallelism` at a time, in the foreground."""
     parallel = max(1, min(profile.array_parallelism, len(run_ids)))
     # Every process started here shares this process's cores: each gets its share as threads and as its
@@ -52,7 +54,8 @@ def run_local(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: 
             while queue and len(running) < parallel:
                 i, (rid, path) = queue.pop(0)
                 proc = _Child(path, runs_root, env, logs / f"{rid}.out", f"[{i}/{len(run_ids)}] ", on_line, profile.processes_per_job)
-                sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}", "submitted_at": sweepdir.now()}])
+                sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "local", "job_id": f"local-{proc.pid}",
+                                                  "submitted_at": sweepdir.now()}])
                 running.append((proc, rid))
             time.sleep(0.2)
             for item in list(running):
@@ -154,7 +157,8 @@ class _Child:
             argv = ["train", config_path, "--results", runs_root]
             cmd = [sys.executable, "-m", "ablation", *argv]
             if processes > 1:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), "-m", "ablation", *argv]
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", str(processes), "-m", "ablation", *argv]
             with open(log, "ab") as out:
                 self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.pid: int = self._proc.pid

@@ -7,13 +7,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import config, sweepdir
+from ablation.config import RunConfig
 from ablation.sweep import status
 from ablation.sweep.cluster import Profile, check_run_fits, executor_parameters
-from ablation.config import RunConfig
 
 
 class TrainJob:
@@ -45,7 +46,8 @@ class TrainJob:
             final = run_training(cfg, runs_root, stop)
         except Exception as e:
             if callable(submitit_handler) and self.failures < self.retries and status.is_failed(Path(runs_root) / config.run_id(cfg)):
-                print(f"ablation: run failed ({type(e).__name__}: {e}); requeueing, retry {self.failures + 1} of {self.retries}", file=sys.stderr, flush=True)
+                print(f"ablation: run failed ({type(e).__name__}: {e}); requeueing, retry {self.failures + 1} of {self.retries}",
+                      file=sys.stderr, flush=True)
                 self._retry = True
                 _hand_to(submitit_handler, stop)  # the process group is already left
             raise
@@ -86,7 +88,8 @@ def slurm_executor(sweep_dir: Path, profile: Profile, cfg: RunConfig, name: str,
     return ex
 
 
-def submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str, profile: Profile, name: str, on_line: Callable[[str], None]) -> None:
+def submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_root: str,
+                 profile: Profile, name: str, on_line: Callable[[str], None]) -> None:
     """One job array per job geometry, split at the cluster's maximum array size.
 
     Each array after the first waits for the one before it (afterany), so the profile's
@@ -103,10 +106,12 @@ def submit_slurm(sweep_dir: Path, run_ids: list[str], paths: list[str], runs_roo
             chunk = items[start : start + profile.max_array_size]
             ex = slurm_executor(sweep_dir, profile, chunk[0][2], f"ablation-{name}", len(chunk), after=previous)
             jobs = ex.map_array(TrainJob(profile.retries), [p for _, p, _ in chunk], [runs_root] * len(chunk))
-            sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": sweepdir.now()} for (rid, _, _), j in zip(chunk, jobs)])
+            sweepdir.record_jobs(sweep_dir, [{"run_id": rid, "executor": "slurm", "job_id": j.job_id, "submitted_at": sweepdir.now()}
+                                             for (rid, _, _), j in zip(chunk, jobs)])
             array_id = jobs[0].job_id.split("_")[0]
             waits = f", after array {previous}" if previous else ""
-            on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) (throttle {min(profile.array_parallelism, len(chunk))}{waits})")
+            on_line(f"submitted array {array_id}: {len(chunk)} jobs x {nodes} node(s) x {tasks} task(s) "
+                    f"(throttle {min(profile.array_parallelism, len(chunk))}{waits})")
             previous = array_id
 
 

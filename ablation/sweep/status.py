@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ablation import provenance, rundir, sweepdir
 from ablation.sweep.cluster import squeue_states
 
 log = logging.getLogger("ablation")
-SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
+                "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ def _read(reader: Callable[[Path], Any], path: Path, default: Any) -> Any:
         return default
 
 
-def run_state(folder: Path, epochs: int, job: dict[str, Any] | None, slurm: dict[str, str] | None) -> tuple[str, int, float | None, int, float | None]:
+def run_state(folder: Path, epochs: int, job: dict[str, Any] | None,
+              slurm: dict[str, str] | None) -> tuple[str, int, float | None, int, float | None]:
     """(state, epochs done, latest val error, starts, mean epoch seconds) of one run folder."""
     rd = rundir.RunDir(folder)
     rows = _read(rundir.read_jsonl, rd.metrics, [])
@@ -119,7 +122,8 @@ def format_table(states: list[RunState], axes: list[str]) -> str:
     head = [*axes, "state", "epoch", "val err", "job", "run id"]
     rows = []
     for s in states:
-        notes = ([f"x{s.starts} starts"] if s.starts > 1 else []) + ([f"{s.failures} failure{'s' * (s.failures > 1)}"] if s.failures else [])
+        notes = (([f"x{s.starts} starts"] if s.starts > 1 else [])
+                 + ([f"{s.failures} failure{'s' * (s.failures > 1)}"] if s.failures else []))
         state = s.state + (f" ({', '.join(notes)})" if notes else "")
         epoch = f"{s.epochs_done}/{s.epochs}"
         err = f"{s.val_err1:.2f}" if s.val_err1 is not None else "-"

@@ -12,10 +12,11 @@ import os
 import platform
 import socket
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -23,11 +24,11 @@ from torch import nn
 
 import ablation
 from ablation import provenance, rundir
-from ablation.cpus import cpu_budget
 from ablation.config import ConfigError, Derived, RunConfig, config_hash, run_id, to_dict
+from ablation.cpus import cpu_budget
 from ablation.data.layout import DatasetInfo
-from ablation.train.distributed import DistEnv
 from ablation.errors import AblationError, DataError, DiskFullError
+from ablation.train.distributed import DistEnv
 
 log = logging.getLogger("ablation")
 
@@ -57,7 +58,8 @@ def _git_commit() -> dict[str, Any]:
     here = Path(ablation.__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     if commit.returncode:
@@ -199,7 +201,8 @@ def note_stop(rd: rundir.RunDir, note: dict[str, Any]) -> None:
         rundir.write_json(rd.env, doc)
 
 
-def write_final(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, status: str, reason: str | None = None, **extra: Any) -> dict[str, Any]:
+def write_final(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, status: str,
+                reason: str | None = None, **extra: Any) -> dict[str, Any]:
     """Write final.json, the last file of a run."""
     val = [r["val_err1"] for r in state.history]
     doc = {
@@ -237,7 +240,8 @@ def load_checkpoint(rd: rundir.RunDir, model: nn.Module, opt: torch.optim.Optimi
         blob = torch.load(rd.checkpoint, map_location=device, weights_only=True)
     except Exception as e:
         why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise AblationError(f"{rd.checkpoint}: cannot load checkpoint ({type(e).__name__}: {why}); move it away to restart the run") from None
+        raise AblationError(f"{rd.checkpoint}: cannot load checkpoint ({type(e).__name__}: {why}); "
+                            "move it away to restart the run") from None
     if not isinstance(blob, dict) or "state" not in blob:
         raise AblationError(f"{rd.checkpoint}: not a checkpoint of this harness; move it away to restart the run")
     if blob.get("config_hash") != meta["config_hash"]:
@@ -271,7 +275,8 @@ def disk_full_error(e: BaseException, rd: rundir.RunDir, state: TrainState) -> D
 def record_failure(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, stage: str, reason: str, rank: int, world: int) -> None:
     """A failed final.json naming the stage, the failing rank and its error, plus a line in failures.jsonl."""
     where = f"rank {rank}: " if world > 1 else ""
-    rundir.append_jsonl(rd.failures, [{"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "stage": stage, "rank": rank, "step": state.step, "reason": reason}])
+    rundir.append_jsonl(rd.failures, [{"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                       "stage": stage, "rank": rank, "step": state.step, "reason": reason}])
     failures = len(rundir.read_jsonl(rd.failures))
     if not state.history:  # failed before the checkpoint was read: the epochs already done still count
         try:

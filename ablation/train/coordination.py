@@ -19,8 +19,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -139,7 +140,8 @@ class FailureGuard:
         """Create the abort note unless another rank already did (first failure wins)."""
         if self.env.world_size == 1:
             return
-        doc = {"token": self.token, "rank": self.env.rank, "host": socket.gethostname(), "pid": os.getpid(), "reason": reason, "time": time.time()}
+        doc = {"token": self.token, "rank": self.env.rank, "host": socket.gethostname(),
+               "pid": os.getpid(), "reason": reason, "time": time.time()}
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

@@ -7,18 +7,19 @@ loader workers or where a run was resumed: every global batch is a fixed slice o
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ablation.cpus import cpu_budget
 from ablation.config import Derived, RunConfig
+from ablation.cpus import cpu_budget
 from ablation.data.layout import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
-from ablation.train.distributed import DistEnv
 from ablation.errors import DataError
 from ablation.norms import interleave
+from ablation.train.distributed import DistEnv
 
 log = logging.getLogger("ablation")
 

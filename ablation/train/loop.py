@@ -21,15 +21,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ablation import faults, rundir
-from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
 from ablation.config import RunConfig
-from ablation.train.coordination import StopVote
-from ablation.train.distributed import DistEnv
 from ablation.errors import DiskFullError
-from ablation.train.loaders import to_device
-from ablation.train.optim import lr_at
 from ablation.norms import sync_running_stats
 from ablation.norms.precise import precise_bn
+from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
+from ablation.train.coordination import StopVote
+from ablation.train.distributed import DistEnv
+from ablation.train.loaders import to_device
+from ablation.train.optim import lr_at
 
 log = logging.getLogger("ablation")
 
@@ -50,7 +50,8 @@ def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig, vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
+             vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
     """Top-1 and top-5 error (%) over the whole validation set (each process a shard).
 
     None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
@@ -244,7 +245,8 @@ class EpochLoop:
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if env.is_main and self.cfg.log_steps:
             # One write of whole lines: a kill leaves at most a torn last line, which readers and the resume drop.
-            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v} for i, v in enumerate(losses)]
+            rows = [{"step": first + i, "epoch": epoch + 1, "lr": lr_at(self.cfg, self.d, first + i), "loss": v}
+                    for i, v in enumerate(losses)]
             rundir.append_jsonl(self.rd.steps, rows)
         if bad is not None:
             raise Diverged(first + bad, epoch, losses[bad])

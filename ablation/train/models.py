@@ -19,7 +19,7 @@ nonlinearity after its own, and put one before the residual add. ``place_norm_ac
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable
+from collections.abc import Iterable
 
 import timm
 import torch
@@ -104,7 +104,8 @@ def place_norm_act(model: ResNet, spec: NormSpec) -> None:
     act_spec = dataclasses.replace(spec, apply_act=True)
     for parent, norm_name, act_name, channels in _norm_act_positions(model):
         if not isinstance(getattr(parent, act_name), nn.ReLU):
-            raise NormError(f"norm.name: '{spec.cfg.name}' replaces the activation, but {type(parent).__name__}.{act_name} is not the ReLU it expects")
+            raise NormError(f"norm.name: '{spec.cfg.name}' replaces the activation, "
+                            f"but {type(parent).__name__}.{act_name} is not the ReLU it expects")
         setattr(parent, norm_name, create_norm(channels, act_spec))
         setattr(parent, act_name, nn.Identity())
 

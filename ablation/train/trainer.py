@@ -20,14 +20,20 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ablation import faults, rundir
+from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
+from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
+from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
+from ablation.norms import count_steps_per_layer
+from ablation.signals import StopRequest
 from ablation.train.bookkeeping import (
     TrainState,
     configure_backends,
@@ -41,17 +47,12 @@ from ablation.train.bookkeeping import (
     write_env,
     write_final,
 )
-from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
 from ablation.train.coordination import FailureGuard, eval_polls
-from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
 from ablation.train.distributed import DistEnv, setup, teardown
-from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
 from ablation.train.loop import Diverged, EpochLoop
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
-from ablation.norms import count_steps_per_layer
-from ablation.signals import StopRequest
 
 __all__ = ["run_training", "train", "train_command"]
 
@@ -131,7 +132,8 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
         return _train_locked(cfg, rd, env, scan, should_stop)
 
 
-def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: DatasetScan, should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: DatasetScan,
+                  should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """The body of train() once the folder is ours: set-up and loop; any failure is recorded as one."""
     info = scan.info
     gpp = cfg.gpus // env.world_size
@@ -213,7 +215,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         guard.close()
     final = write_final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     if env.is_main:
-        log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% (median of last {final['metric_epochs']} epochs)")
+        log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% "
+                 f"(median of last {final['metric_epochs']} epochs)")
     return final
 
 
@@ -250,7 +253,8 @@ def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
 
     ddp_cls = nn.parallel.DistributedDataParallel
     # torch >= 2.15 renamed broadcast_buffers; syncing at init is harmless (every rank starts equal).
-    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters else {"broadcast_buffers": False}
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters
+            else {"broadcast_buffers": False})
     return ddp_cls(model, device_ids=[env.device] if env.device != "cpu" else None, **sync)
 
 
