@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from test_report import curve, write_run
 
 from ablation import config, rundir
 from ablation.results import collect, report, runfiles
-from test_report import curve, write_run
 
 
 def _same(a: object, b: object) -> bool:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from ablation import config
+from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
 from ablation.sweep import estimates
 from ablation.sweep import spec as sweep
 from ablation.sweep.cluster import Profile, interpolate, load_profile
-from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
-from conftest import ROOT
 
 TABLE = {32: 400, 16: 380, 8: 330, 4: 250, 2: 150}
 

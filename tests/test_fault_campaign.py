@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_run
 from test_faults import ARGS
-from test_trainer import assert_same_run
 
 from ablation import config, faults, rundir
 from ablation.results import collect
+from ablation.results.report import build
 from ablation.sweep import status
 from ablation.train.distributed import DistEnv
-from ablation.results.report import build
 
 CFG_ARGS = [a for a in ARGS[1:]] + ["checkpoint_every_steps=4"]  # 36 steps, a checkpoint every 4
 TOTAL_STEPS, EPOCHS = 36, 3

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from test_trainer import RUN, assert_same_run, cli, run_folder
+from helpers import RUN, ablation_ok, assert_same_run, run_folder
 
 from ablation import lock, rundir
 from ablation.errors import AblationError
@@ -24,7 +24,7 @@ ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the run below, never killed."""
-    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
+    return run_folder(ablation_ok([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def fake_owner(path: Path, *, heartbeat_age: float, **info: object) -> None:
 class Captured(list):
     """Messages of the 'ablation' logger while in use (it may not propagate to pytest's caplog)."""
 
-    def __enter__(self) -> "Captured":
+    def __enter__(self) -> Captured:
         import logging
 
         self.handler = logging.Handler()

@@ -5,15 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import norm_spec as spec
 
 from ablation import config
 from ablation.errors import ConfigError, NormError
-from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, registered_norms, split_per_gpu
-
-
-def spec(name: str, gpus_per_process: int = 1, **norm: object) -> NormSpec:
-    """A NormSpec for a norm name and options."""
-    return NormSpec(config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}}).norm, gpus_per_process)
+from ablation.norms import PerGPUBatchNorm2d, create_norm, registered_norms, split_per_gpu
 
 
 def randomize_affine(layer: torch.nn.Module) -> torch.nn.Module:
@@ -280,7 +276,7 @@ def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_pa
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
     from syncbn_worker import STEPS, global_batch, init_affine
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
@@ -385,8 +381,9 @@ def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) 
 def test_shared_affine_repeats_change_nothing_but_the_op_count() -> None:
     """A model whose per-GPU BN layers get gamma/beta repeated by the model-level hook trains exactly like
     one whose layers repeat their own (float64: outputs, every gradient, parameters after SGD steps)."""
+    from helpers import TINY
+
     from ablation.train.models import create_model
-    from conftest import TINY
 
     models = []
     for _ in range(2):
@@ -450,7 +447,7 @@ def test_the_model_level_step_count_spares_layers_a_forward_does_not_call() -> N
 def test_tile_each_is_repeat_per_parameter_in_one_gather() -> None:
     """_TileEach over parameters of mixed widths: forward equals each parameter's .repeat(k), backward sums the k
     copies (float64, exact), and gradcheck agrees."""
-    from ablation.norms.batch import _TileEach, _tile_index
+    from ablation.norms.batch import _tile_index, _TileEach
 
     k = 3
     layers = [PerGPUBatchNorm2d(c, eps=1e-5, momentum=0.1, gpus_per_process=k, running_stats="mean").double() for c in (2, 5, 2)]

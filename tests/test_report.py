@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import ablation
 
 from ablation import config, rundir
 from ablation.results import report, runfiles
@@ -208,7 +209,7 @@ def test_report_command_prints_the_main_table_and_never_imports_torch(results: P
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ablation", "report", str(tmp_path)], env=cli_env, capture_output=True, text=True)
+    proc = ablation(["report", str(tmp_path)], cli_env, timeout=None)
     assert proc.returncode == 2 and "no run folders under" in proc.stderr
 
 

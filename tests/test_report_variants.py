@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from helpers import ablation
 from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
 
 from ablation import config, rundir
@@ -247,10 +248,7 @@ def test_reference_files_carry_provenance_and_variant_rows() -> None:
 
 
 def test_report_command_help_runs(cli_env: dict[str, str]) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "ablation", "report", "--help"], env=cli_env, capture_output=True, text=True, timeout=120)
+    proc = ablation(["report", "--help"], cli_env, timeout=120)
     assert proc.returncode == 0 and "--baseline" in proc.stdout and "--reference" in proc.stdout
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY, ablation
 
 from ablation import config
-from ablation.sweep import spec as sweep
 from ablation.errors import NormError
-from ablation.train.models import check_model_norm
 from ablation.norms import NormSpec, create_norm
+from ablation.sweep import spec as sweep
+from ablation.train.models import check_model_norm
 
 EXAMPLES = ROOT / "sweeps" / "examples"
 EXAMPLE = EXAMPLES / "my_norm.yaml"
@@ -42,10 +41,6 @@ def my_norm_module():
 def tiny(*overrides: str) -> config.RunConfig:
     """The tests' tiny ResNet-18 (widths 8, 16) with these overrides."""
     return config.load(None, [*TINY, *overrides])
-
-
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 # ---------------------------------------------------------------- the worked example
@@ -100,10 +95,10 @@ def test_example_sweep_trains_and_reports_beside_bn_and_gn(tiny_data: Path, tmp_
     path.write_text(yaml.safe_dump(spec))
     env = {**cli_env, "PYTHONPATH": os.pathsep.join([cli_env["PYTHONPATH"], str(EXAMPLES)])}
     results, out = tmp_path / "results", tmp_path / "report"
-    proc = run_cli(["sweep", str(path), f"data.root={tiny_data}", *TINY, "gpus=4", "epochs=2", "--executor", "local", "--results", str(results)], env)
+    proc = ablation(["sweep", str(path), f"data.root={tiny_data}", *TINY, "gpus=4", "epochs=2", "--executor", "local", "--results", str(results)], env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "6 runs: 6 ok"
-    rep = run_cli(["report", str(results / "my_norm"), "--out", str(out)], env)
+    rep = ablation(["report", str(results / "my_norm"), "--out", str(out)], env, timeout=900)
     assert rep.returncode == 0, rep.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 6 and set(runs["status"]) == {"ok"} and set(runs["norm"]) == {"bn", "gn", NAME} and not runs["paper_setting"].any()
@@ -121,7 +116,7 @@ def test_example_sweep_trains_and_reports_beside_bn_and_gn(tiny_data: Path, tmp_
 
 
 def test_example_without_its_folder_on_the_path_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = run_cli(["sweep", str(EXAMPLE), "--dry-run", "--results", str(tmp_path / "results")], cli_env)
+    proc = ablation(["sweep", str(EXAMPLE), "--dry-run", "--results", str(tmp_path / "results")], cli_env, timeout=900)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip() == "error: norm.name: cannot import module 'my_norm' (No module named 'my_norm'); is it installed or on PYTHONPATH?"
 
@@ -176,7 +171,7 @@ def test_a_norm_without_parameters_is_legal_and_said_once(caplog: pytest.LogCapt
 def test_a_bad_user_norm_in_a_sweep_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump({"name": "bad", "base": {"gpus": 4, "epochs": 1}, "grid": {"norm.name": ["gn", "plugins.badnorms:changes_shape"]}}))
-    proc = run_cli(["sweep", str(spec), f"data.root={tiny_data}", *TINY, "norm.groups=4", "--executor", "local", "--results", str(tmp_path / "results")], cli_env)
+    proc = ablation(["sweep", str(spec), f"data.root={tiny_data}", *TINY, "norm.groups=4", "--executor", "local", "--results", str(tmp_path / "results")], cli_env, timeout=900)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: norm.name: 'plugins.badnorms:changes_shape' changes the tensor's shape at 8 channels")

@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from helpers import RUN
+from helpers import norm_spec as spec
 
 from ablation import config, rundir
-from ablation.norms import NormSpec, create_norm, sync_running_stats
+from ablation.norms import create_norm, sync_running_stats
 from ablation.norms.precise import precise_bn
 
 F64 = {"rtol": 1e-12, "atol": 1e-12}
-
-
-def spec(name: str, gpus_per_process: int = 1, apply_act: bool = False, **norm: object) -> NormSpec:
-    """A NormSpec for a norm name and norm.* fields (validated as a run config would be)."""
-    cfg = config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}})
-    return NormSpec(cfg.norm, gpus_per_process, apply_act=apply_act)
 
 
 def randomize(layer: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -414,10 +409,6 @@ def test_precise_bn_sets_evonorm_b0_running_variance() -> None:
 
 # ---------------------------------------------------------------- tiny CPU runs
 
-# 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
-RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
-
-
 @pytest.mark.parametrize("name", ["brn", "evonorm_b0"])
 def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_images(name: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each epoch: 12 steps, then PreciseBN over 20 images = 2 global batches (the epoch's first two, same
@@ -475,7 +466,7 @@ def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Pa
     stop["now"] = False
     assert train(cfg, tmp_path / "resumed")["status"] == "ok"
     assert calls == [2, 0, 2]  # epoch 1; epoch 1 again after the resume: already precise, skipped; epoch 2
-    from test_trainer import assert_same_run
+    from helpers import assert_same_run
 
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 
