@@ -44,7 +44,8 @@ def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
     proc = ablation(["config", "norm.grups=4"], cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'norm.grups' (did you mean 'groups'?); valid: name, groups, channels_per_group, eps, momentum, running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
+        "error: unknown config key 'norm.grups' (did you mean 'groups'?); valid: name, groups, channels_per_group, eps, momentum, "
+        "running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
     ]
 
 
@@ -177,7 +178,8 @@ def test_sweep_override_after_an_option_reaches_the_sweep(tmp_path: Path, cli_en
     """The issue's command line: the override after --executor is used (here: its data.root is checked)."""
     root = Path(__file__).resolve().parents[1]
     nowhere = tmp_path / "nowhere"
-    proc = ablation(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results", str(tmp_path / "r")], cli_env)
+    proc = ablation(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results",
+                     str(tmp_path / "r")], cli_env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: dataset folder") and str(nowhere) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

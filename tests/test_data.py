@@ -657,7 +657,8 @@ def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixel
 def test_split_equals_reference_at_the_demos_settings(split_root: Path) -> None:
     # sweeps/demo.yaml runs data.pipeline=split because, with a whole-image crop at the source size and
     # no jitter or lighting, its pixels are the reference pipeline's: only where the flip and normalize run moves.
-    cfg = make_cfg(pipeline="split", image_size=96, eval_resize=96, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), color_jitter=0.0, lighting=0.0)
+    cfg = make_cfg(pipeline="split", image_size=96, eval_resize=96, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), color_jitter=0.0,
+                   lighting=0.0)
     ref = SeededImageFolder(split_root, "train", train_transform(cfg), seed=2)
     split = SeededImageFolder(split_root, "train", SplitTrainTransform(cfg), seed=2)
     batch = torch.utils.data.default_collate([split[i][0] for i in range(len(split))])

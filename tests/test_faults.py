@@ -135,7 +135,8 @@ def test_a_stop_signal_checkpoints_at_the_next_boundary_and_resumes_bitwise(
 def test_sigterm_to_a_running_trainer_stops_it_cleanly(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A real signal from outside, at whatever step it lands (epochs long enough that it lands mid-run)."""
     args = ["train", *RUN, "epochs=40", f"data.root={tiny_data}", "--results", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ablation", *args], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     folder = tmp_path / config.run_id(config.load(None, args[1:-2]))
     deadline = time.monotonic() + 120
     while not rundir.read_jsonl(folder / "metrics.jsonl") and time.monotonic() < deadline:
@@ -153,7 +154,8 @@ def test_a_sweep_warns_when_the_signal_comes_too_late_for_a_checkpoint(tmp_path:
     for delay, warned in ((1, True), (90, False)):
         profile = tmp_path / f"p{delay}.yaml"
         profile.write_text(yaml.safe_dump({**doc, "signal_delay_s": delay}))
-        proc = ablation_ok(["sweep", str(ROOT / "sweeps" / "paper" / "table1_norms.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+        proc = ablation_ok(["sweep", str(ROOT / "sweeps" / "paper" / "table1_norms.yaml"), "--dry-run", "--profile", str(profile),
+                            "--results", str(tmp_path)], cli_env)
         assert ("signal_delay_s=1 is shorter than" in proc.stderr) is warned, proc.stderr
         assert ("a resnet50 checkpoint is ~204 MB" in proc.stderr) is warned
 

@@ -41,12 +41,14 @@ def test_a_killed_trainer_with_loader_workers_restarts_at_once_and_resumes_bitwi
     # milliseconds of the kill, while the killed trainer's forked loader workers (~5 s to notice) still live.
     resume = [*args, "--results", str(tmp_path / "resumed")]
     restart = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, ablation.train.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
+        [sys.executable, "-c",
+         f"import sys, ablation.train.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
         env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     # Wait for the trainer only (cli() would wait for its pipes, which the workers hold until they exit).
     with open(tmp_path / "killed.out", "w") as out:
-        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out,
+                                  stderr=subprocess.STDOUT)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.out").read_text()  # last checkpoint: step 15
     stdout, stderr = restart.communicate("go\n", timeout=600)  # at once: no sleep
     assert restart.returncode == 0, stderr
@@ -100,7 +102,8 @@ def kill(pid: int) -> None:
 def fake_owner(path: Path, *, heartbeat_age: float, **info: object) -> None:
     """Write a file-mode lock as another holder would have, with its heartbeat `heartbeat_age` seconds ago."""
     then = time.time() - heartbeat_age
-    record = {"host": "othernode", "boot_id": "b", "pidns": "p", "pid": 4242, "started": f"{then:.3f}", "heartbeat": f"{then:.3f}", "token": "t" * 32}
+    record = {"host": "othernode", "boot_id": "b", "pidns": "p", "pid": 4242, "started": f"{then:.3f}", "heartbeat": f"{then:.3f}",
+              "token": "t" * 32}
     held = Path(f"{path}{lock.HELD_SUFFIX}")
     held.write_text(json.dumps({**record, **info}) + "\n")
     os.utime(held, (then, then))

@@ -95,7 +95,8 @@ def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_p
     sweep = ROOT / "sweeps" / "tiny.yaml"
     # 4 runs, arrays of at most 3, 2 at a time: the sweep is split in two arrays, the second waiting for the first.
     prof = profile(tmp_path, max_array_size=3, array_parallelism=2)
-    slurm = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
+    slurm = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(prof)],
+                        cli_env)
     first, _ = [line.split()[2].rstrip(":") for line in slurm.stdout.splitlines() if line.startswith("submitted array")]
     assert f"after array {first})" in slurm.stdout
     wait_for(tmp_path / "slurm" / "tiny", cli_env, 300)
@@ -114,7 +115,8 @@ def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_p
         assert final["status"] == "ok", final
         assert json.loads((link / "env.json").read_text())["slurm"]["SLURM_JOB_ID"]  # a one-job array is submitted as a plain job
         assert metrics(link) == metrics(tmp_path / "debug" / "runs" / link.name)
-    again = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    again = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile",
+                         str(profile(tmp_path))], cli_env)
     assert "nothing to submit" in again.stdout
 
 
@@ -137,7 +139,8 @@ def assert_stopped_requeued_and_as_if_uninterrupted(link: Path, signal: str, spe
     starts = json.loads((link / "env.json").read_text())["starts"]
     assert len(starts) >= 2 and all(s["resumed_from_step"] > 0 for s in starts[1:])
     assert starts[0]["stop_signal"] == signal and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"]
-    print(f"\n{signal} -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
+    print(f"\n{signal} -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})",
+          file=sys.stderr)
     assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
     assert json.loads((link / "final.json").read_text())["status"] == "ok"
     ablation_ok(["sweep", str(spec_path), "--results", str(tmp_path / "whole"), "--executor", "debug"], env)
@@ -160,7 +163,8 @@ def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Pat
     assert_stopped_requeued_and_as_if_uninterrupted(link, "SIGUSR2", s, tmp_path, cli_env)
 
 
-def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path,
+                                                                                     cli_env: dict[str, str]) -> None:
     """SIGTERM (preemption; also what scancel sends first) is handled like the time-limit signal."""
     s = spec(tmp_path, "preempt", tiny_data, epochs=40)
     ablation_ok(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)

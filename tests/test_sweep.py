@@ -140,7 +140,8 @@ def test_malformed_specs_are_clear_errors(spec: dict, message: str) -> None:
 
 def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
-    proc = ablation(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+    proc = ablation(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)],
+                    cli_env)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("10 runs: 10 to submit") and "8 GPU(s) per job (1 node(s) x 8 task(s))" in last
@@ -259,7 +260,8 @@ def test_sweep_runs_once_and_resubmits_only_what_is_not_done(tiny_data: Path, tm
 def test_two_sweeps_share_a_run_folder(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     results = tmp_path / "results"
     other = tmp_path / "other.yaml"
-    text = (ROOT / "sweeps" / "tiny.yaml").read_text().replace("name: tiny", "name: tiny_bn_only").replace("norm.name: [bn, gn]", "norm.name: [bn]")
+    text = (ROOT / "sweeps" / "tiny.yaml").read_text()
+    text = text.replace("name: tiny", "name: tiny_bn_only").replace("norm.name: [bn, gn]", "norm.name: [bn]")
     other.write_text(text)
     assert ablation([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env).returncode == 0
     proc = ablation(["sweep", str(other), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)

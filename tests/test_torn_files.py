@@ -122,7 +122,8 @@ def finished_sweep(tiny_data: Path, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_sweep: Path, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_sweep: Path, tiny_data: Path, tmp_path: Path,
+                                                                       cli_env: dict[str, str]) -> None:
     results = tmp_path / "results"
     subprocess.run(["cp", "-a", str(finished_sweep), str(results)], check=True)
     sweep_dir = results / "two"
@@ -159,7 +160,8 @@ def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_
 
     # Resubmitting (which retries the failed run) appends to the torn jobs.jsonl: the new record is not glued onto the fragment.
     shutil.copy(finished_sweep / "runs" / b / "env.json", results / "runs" / b / "env.json")
-    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug", "--retry-failed"], cli_env)
+    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug",
+                      "--retry-failed"], cli_env)
     assert again.returncode == 0, again.stderr
     assert [r["run_id"] for r in rundir.read_jsonl(jobs)] == [a, b, b]
     assert all(json.loads(line) for line in jobs.read_text().splitlines())
@@ -168,9 +170,11 @@ def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_
 
 
 @pytest.mark.slow
-def test_resume_after_a_torn_steps_file_leaves_no_fragment_and_no_duplicate(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_resume_after_a_torn_steps_file_leaves_no_fragment_and_no_duplicate(tiny_data: Path, tmp_path: Path,
+                                                                            cli_env: dict[str, str]) -> None:
     # 4 modelled GPUs x 4 images = global batch 16: 12 steps per epoch, 24 in all; checkpoint at step 10, killed after 13.
-    args = ["train", *TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "log_steps=true", "checkpoint_every_steps=5", "--results", str(tmp_path)]
+    args = ["train", *TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "log_steps=true", "checkpoint_every_steps=5",
+            "--results", str(tmp_path)]
     killed = ablation(args, {**cli_env, FAULT_ENV: "step:13:kill"}, timeout=300)
     assert killed.returncode == -9, killed.stderr
     (folder,) = tmp_path.iterdir()
@@ -238,9 +242,11 @@ def _whole_json(data: bytes) -> bool:
 
 def test_a_reader_never_sees_a_half_rewritten_file(tmp_path: Path) -> None:
     reads, partial = _race(lambda p, i: rundir.write_jsonl(p, _rows(i)), _whole_jsonl, tmp_path / "metrics.jsonl", 4)
-    reads2, partial2 = _race(lambda p, i: rundir.write_json(p, {"n": len(r := _rows(i)), "rows": r}), _whole_json, tmp_path / "final.json", 4)
+    reads2, partial2 = _race(lambda p, i: rundir.write_json(p, {"n": len(r := _rows(i)), "rows": r}), _whole_json,
+                             tmp_path / "final.json", 4)
     # The same reader against a plain (non-atomic) rewrite: shows that it does catch half-written files.
-    naive_reads, naive_partial = _race(lambda p, i: p.write_text("".join(json.dumps(r) + "\n" for r in _rows(i))), _whole_jsonl, tmp_path / "naive.jsonl", 2)
+    naive_reads, naive_partial = _race(lambda p, i: p.write_text("".join(json.dumps(r) + "\n" for r in _rows(i))), _whole_jsonl,
+                                       tmp_path / "naive.jsonl", 2)
     print(f"\nwrite_jsonl: {reads} reads, {partial} partial; write_json: {reads2} reads, {partial2} partial; "
           f"plain write (control): {naive_reads} reads, {naive_partial} partial")
     assert reads > 50 and reads2 > 50 and partial == 0 and partial2 == 0
@@ -285,7 +291,8 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
     spec = two_run_spec(tmp_path, "[2]")  # 24 steps per epoch: the runs write for a while
     extra = ["epochs=3", "log_steps=true", "log_every_steps=1", "checkpoint_every_steps=3"]
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "ablation", "sweep", str(spec), f"data.root={tiny_data}", *extra, "--results", str(results), "--profile", str(profile)],
+        [sys.executable, "-m", "ablation", "sweep", str(spec), f"data.root={tiny_data}", *extra, "--results", str(results), "--profile",
+         str(profile)],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     out = []
@@ -323,7 +330,8 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
             st = ablation(["status", str(sweep_dir)], cli_env, timeout=60)
             assert st.returncode == 0, st.stderr
             assert st.stderr == "" and st.stdout.strip().splitlines()[-1].startswith("2 runs: "), st.stdout + st.stderr
-            table = [re.search(r" (ok|running|stopped|new)\S* .*?(\d+)/(\d+) ", line) for line in st.stdout.splitlines() if "resnet18_" in line]
+            table = [re.search(r" (ok|running|stopped|new)\S* .*?(\d+)/(\d+) ", line)
+                     for line in st.stdout.splitlines() if "resnet18_" in line]
             assert len(table) == 2 and all(table), st.stdout
             assert all(0 <= int(m[2]) <= int(m[3]) == 3 for m in table), st.stdout
             states_seen.update(m[1] for m in table)
@@ -346,7 +354,8 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
-    print(f"\nwhile the sweep ran ({time.monotonic() - t0:.0f} s): {calls['status']} status and {calls['report']} report calls, all exit 0, "
+    print(f"\nwhile the sweep ran ({time.monotonic() - t0:.0f} s): {calls['status']} status and {calls['report']} report calls, "
+          "all exit 0, "
           f"{calls['in-process reads']} in-process reads of status, collect and steps.jsonl; states seen {sorted(states_seen)}")
     assert not errors, errors
     assert calls["status"] >= 1 and calls["report"] >= 1 and calls["in-process reads"] >= 1
@@ -357,7 +366,8 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
     assert status.sweep_states(sweep_dir) and len(collect.collect([results])[0]) == 2
 
 
-def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sweep: Path, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sweep: Path, tiny_data: Path, tmp_path: Path,
+                                                                     cli_env: dict[str, str]) -> None:
     from ablation import provenance
 
     results = tmp_path / "results"
@@ -377,13 +387,15 @@ def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sw
     st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0, st.stderr
     assert st.stdout.strip().splitlines()[-1] == (
-        f"versions: torch 0.0.1 in 1 run ({b}), not the sweep's constraints.txt (torch {torch_version}): their numbers may differ in the last digits")
+        f"versions: torch 0.0.1 in 1 run ({b}), not the sweep's constraints.txt (torch {torch_version}): "
+        "their numbers may differ in the last digits")
 
     # Submitted again from another environment: the pins stay the first submission's, and a warning says what differs.
     text = (sweep_dir / "constraints.txt").read_text().replace(f"torch=={torch_version}", "torch==0.0.1")
     (sweep_dir / "constraints.txt").write_text(text)
     (results / "runs" / b / "final.json").unlink()  # so that there is something to resume
-    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
+    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"],
+                     cli_env)
     assert again.returncode == 0, again.stderr
     assert f"torch {torch_version} (pinned 0.0.1)" in again.stderr and (sweep_dir / "constraints.txt").read_text() == text
     st = ablation(["status", str(sweep_dir)], cli_env)

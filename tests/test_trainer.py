@@ -66,7 +66,8 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     from PIL import features
 
     assert env["decode"]["pillow"] == PIL.__version__ and env["decode"]["pillow_jpeg"] == features.version("jpg")
-    assert env["decode"]["pillow_libjpeg_turbo"] == features.version("libjpeg_turbo") and env["decode"]["torchvision_image_backend"] == "PIL"
+    assert env["decode"]["pillow_libjpeg_turbo"] == features.version("libjpeg_turbo")
+    assert env["decode"]["torchvision_image_backend"] == "PIL"
 
     rows = rundir.read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
@@ -82,7 +83,8 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     again = ablation_ok(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     assert "already finished (ok" in again.stdout and run_folder(again) == folder
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"}
 
 
 def test_diverging_run_ends_as_diverged_with_the_step(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -182,7 +184,8 @@ def test_split_pipelines_train_end_to_end(pipeline: str, tiny_data: Path, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["reference", "split"])
-def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline: str, tiny_data: Path, tmp_path: Path,
+                                                                        cli_env: dict[str, str]) -> None:
     args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", f"data.pipeline={pipeline}", "checkpoint_every_steps=5", "log_steps=true"]
     whole = run_folder(ablation_ok([*args, "--results", str(tmp_path / "whole")], cli_env))
 
@@ -217,7 +220,8 @@ PRECISE = "norm.precise_bn_images=20"  # PreciseBN on: its moments are averaged 
     ],
     ids=["bn-rank0", "bn-mean", "brn-rank0-precise", "brn-mean-precise", "evonorm_b0-rank0-precise", "bn-mean-precise"],
 )
-def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], tiny_data: Path, tmp_path: Path,
+                                                               cli_env: dict[str, str]) -> None:
     """Losses, weights, running statistics and metrics of 4 torchrun processes equal one process standing in for 4 GPUs."""
     args = ["train", *RUN, *norm, f"data.root={tiny_data}", "log_steps=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
@@ -264,7 +268,8 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
 
     monkeypatch.setattr(loop, "sync_running_stats", sync)
     monkeypatch.setattr(torch, "tensor", tensor)
-    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0", "log_every_steps=1000"])
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0",
+                                   "log_every_steps=1000"])
     assert train(cfg, tmp_path / "run")["status"] == "ok"
     # 12 steps per epoch: checkpoints at steps 5, 10, 15, 20; evaluations (then epoch checkpoints) at 12 and 24.
     assert synced_after == [5, 10, 12, 15, 20, 24]

@@ -309,7 +309,8 @@ def test_init_of_norm_act_layers(norm: str) -> None:
     ids=["frn", "evonorm_s0", "gn+ws"],
 )
 def test_trains_a_few_steps_on_the_cpu(tiny_data: Path, tmp_path: Path, overrides: list[str], moved: str) -> None:
-    cfg = config.load(None, TINY + overrides + [f"data.root={tiny_data}", "gpus=1", "batch_per_gpu=16", "epochs=1", "log_steps=true", "optim.lr=3.2"])
+    cfg = config.load(None, TINY + overrides + [f"data.root={tiny_data}", "gpus=1", "batch_per_gpu=16", "epochs=1", "log_steps=true",
+                                                "optim.lr=3.2"])
     torch.manual_seed(cfg.seed)
     initial = create_model(cfg, 4).state_dict()[moved].clone()
     final = train(cfg, tmp_path / "run")
