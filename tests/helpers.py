@@ -1,12 +1,16 @@
-"""What several test files share: the tiny run settings, the `python -m ablation` runner, run-folder checks, NormSpecs."""
+"""What several test files share: the tiny run settings, the `python -m ablation` runner, run-folder checks, NormSpecs,
+run folders written as the trainer writes them (for the report tests)."""
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from ablation import config, rundir
 from ablation.norms import NormSpec
@@ -79,3 +83,45 @@ def norm_spec(name: str, gpus_per_process: int = 1, apply_act: bool = False, **n
     """A NormSpec for a norm name, its norm.* options (validated as a run config would be) and apply_act."""
     cfg = config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}})
     return NormSpec(cfg.norm, gpus_per_process, apply_act=apply_act)
+
+
+# ---------------------------------------------------------------- run folders for the report tests
+
+PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
+PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
+
+
+def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
+              train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
+    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json
+    (trained on ImageNet's image count unless told)."""
+    cfg = config.load(None, ["epochs=10", *overrides])
+    rid = config.run_id(cfg)
+    folder = root / rid
+    folder.mkdir(parents=True)
+    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg),
+           "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "config.json").write_text(rundir.config_json_text(doc))
+    (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
+    rows = [
+        {"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0,
+         "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
+        for i, v in enumerate(val)
+    ]
+    rundir.write_jsonl(folder / "metrics.jsonl", rows)
+    if status:
+        final = {"status": status, "reason": reason, "val_err1": statistics.median(val[-5:]) if status == "ok" else None, "val_err5": 1.0,
+                 "gpu_hours": 0.5, "wall_seconds": 3.0}
+        rundir.write_json(folder / "final.json", final)
+    return {"run_id": rid, "folder": folder, "val": val}
+
+
+def curve(end: float, n: int = 10) -> list[float]:
+    """A falling val-error curve whose last five epochs are end+0.4, end+0.2, end, end-0.2, end+0.1."""
+    return [end + 30 - i for i in range(n - 5)] + [end + 0.4, end + 0.2, end, end - 0.2, end + 0.1]
+
+
+def med(end: float) -> float:
+    """The paper metric of curve(end), computed independently."""
+    return statistics.median([end + 0.4, end + 0.2, end, end - 0.2, end + 0.1])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_report import curve, write_run
+from helpers import curve, write_run
 
 from ablation import config, rundir
 from ablation.results import collect, report, runfiles

@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from helpers import ablation
-from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
+from helpers import PAPER_BN, PAPER_GN, ablation, curve, med, write_run
 
 from ablation import config, rundir
 from ablation.results import report
