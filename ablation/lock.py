@@ -1,68 +1,11 @@
 """The run-folder lock: one trainer per run folder, released when the trainer ends, however it ends.
 
-Torch-free: the trainer holds it (``hold``), ``ablation status`` probes it (``is_held``).
-
-Two kinds, chosen per lock path (``lock_mode``):
-
-**kernel** (the default): a POSIX record lock (``fcntl.lockf``, i.e. ``F_SETLK`` on the whole file) on
-``<run>/.lock``, which also carries "pid N on host" for the error message. Why this kind and not ``flock``:
-
-- a POSIX lock belongs to the *process*: ``fork`` does not pass it on, so forked DataLoader workers, which
-  outlive a SIGKILLed trainer by seconds (they poll for their parent's death every 5 s), never hold it. An
-  ``flock`` (or OFD) lock belongs to the open file description, which every forked child shares: with
-  ``flock`` a killed trainer's restart was refused by a pid that no longer existed;
-- the kernel drops it when the process dies, whatever kills it, so a dead holder never blocks;
-- it is the lock that NFS (NLM for v3, in-protocol for v4), Lustre (``flock`` mount), GPFS and CephFS make
-  coherent across nodes; on NFS Linux even emulates ``flock`` with it.
-
-Its trap: closing *any* descriptor of the file drops every POSIX lock the process has on it. So the
-holder never opens the file a second time, and ``is_held`` answers from an in-process registry for
-the paths this process holds instead of opening the file. The file is also ``flock``-probed before it
-is locked, so a trainer of an older version of the harness, which locked with ``flock``, still blocks.
-
-**file** (the fallback): ``<run>/.lock.held`` created with ``O_CREAT | O_EXCL`` (atomic on every file
-system below, NFSv3+ included) and holding one JSON line: host, boot id, pid namespace, pid, start time,
-a token and a heartbeat, rewritten (and fsynced, for NFS's close-to-open readers) every ``HEARTBEAT_S``
-seconds by a daemon thread, so the file's mtime moves too. A lock file is *stale*, and is taken over, when
-
-- it was written on this machine (same host name, boot id and pid namespace) by a pid that is gone (or a
-  zombie): a killed trainer is restarted at once; or
-- its heartbeat (the later of the one written in it and its mtime) is older than ``STALE_S`` seconds: a
-  trainer on another node that died with its node. ``STALE_S`` is 9 heartbeats, for clock skew between
-  nodes and a slow metadata server.
-
-Takeover renames the stale file to a unique name (atomic), checks the renamed file is the one judged
-stale (same token) and deletes it, then creates the lock with ``O_EXCL`` again: of several processes
-breaking one stale lock, at most one wins. A process that renamed a fresh lock by mistake links it back.
-The kernel lock is also taken in file mode where the kernel offers one (at least node-local), so both
-kinds exclude each other on one node. A holder that finds its lock file replaced (it was suspended for
-longer than ``STALE_S`` and someone took over) logs an error and sets ``FolderLock.lost``.
-
-File systems considered, and what ``lock_mode`` does on each (from ``/proc/self/mountinfo``):
-
-================================  ============================================================  =======
-file system                       kernel locks                                                  mode
-================================  ============================================================  =======
-ext4, xfs, btrfs, tmpfs, overlay  local, exact                                                  kernel
-NFSv3 / NFSv4                     POSIX locks via NLM / NFSv4 state: coherent across clients    kernel
-NFS with ``nolock`` or            local to the client only                                      file
-``local_lock=posix|all``
-NFS without a running lockd       lockf fails with ENOLCK                                       file (at run time)
-Lustre, ``flock`` mount option    coherent across clients (LDLM)                                kernel
-Lustre, ``localflock``            local to the client only, silently                            file
-Lustre, ``noflock`` (the default  lockf/flock fail with ENOSYS                                  file (detected, and at run time)
-before 2.12 on many sites)
-GPFS / Spectrum Scale             POSIX locks coherent across nodes                             kernel
-BeeGFS                            local to the node unless the client sets                      file
-                                  ``tuneUseGlobalFileLocks=true``, which a mount does not show
-CephFS (kernel or ceph-fuse)      coherent across clients (MDS)                                 kernel
-CIFS/SMB with ``nobrl``           local only                                                    file
-sshfs                             local only                                                    file
-================================  ============================================================  =======
-
-Any file system whose lock calls fail with ENOSYS, EOPNOTSUPP, ENOTSUP or ENOLCK falls back to file
-mode at run time. ``ABLATION_LOCK=kernel`` or ``=file`` forces a kind (e.g. ``kernel`` on a BeeGFS with
-global locks, or ``file`` on a file system this table misjudges); ``auto`` (the default) decides as above.
+Torch-free: the trainer holds it (``hold``), ``ablation status`` probes it (``is_held``). Two kinds, chosen
+per lock path (``lock_mode``, from ``/proc/self/mountinfo``): **kernel** (the default), a POSIX record lock
+(``fcntl.lockf``) on ``<run>/.lock``; **file** (the fallback, where the file system's kernel locks are
+local or missing), ``<run>/.lock.held`` created with ``O_EXCL``, heartbeated every ``HEARTBEAT_S`` seconds
+and taken over when stale. ``ABLATION_LOCK=kernel|file|auto`` forces a kind. Why each, what each file
+system does, and the heartbeat and takeover rules: docs/reliability.md, section "Run-folder lock".
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Prints a table and appends one JSON record (figures plus the machine they ran on) to
 benchmarks/results/data_speed.jsonl. Run:  python benchmarks/data_speed.py [--size 448 --size 896] [--quick]
+(--tiny: seconds, a smoke test; --out FILE: record elsewhere).
 
 Questions it answers, per source image size (synthetic JPEGs from ablation.data.synth, the paper's
 augmentation at 224 px):
@@ -18,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import PIL
 import torch
 import torchvision
+from common import append, machine, results_file, stamp
 from PIL import features
 
 from ablation import config
@@ -35,12 +34,13 @@ from ablation.data import bench as databench
 from ablation.data.layout import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
 from ablation.data.synth import SynthSpec, write_synth
 
-OUT = Path(__file__).resolve().parent / "results" / "data_speed.jsonl"
+OUT = results_file("data_speed")
 
 
-def dataset(size: int, images: int, noise: float, quality: int, classes: int = 10) -> Path:
-    """A synthetic dataset of size-px JPEGs (4:4:4; synth's defaults: noise 0.05, quality 95), cached."""
-    root = Path(tempfile.gettempdir()) / f"ablation-data-speed-{size}px-{images}-n{noise}-q{quality}"
+def dataset(size: int, images: int, noise: float, quality: int, classes: int = 10, parent: Path | None = None) -> Path:
+    """A synthetic dataset of size-px JPEGs (4:4:4; synth's defaults: noise 0.05, quality 95), cached under
+    parent (default: the system's temp dir)."""
+    root = Path(parent or tempfile.gettempdir()) / f"ablation-data-speed-{size}px-{images}-n{noise}-q{quality}"
     spec = SynthSpec(classes=classes, train_per_class=-(-images // classes), val_per_class=1, size=size, noise=noise, quality=quality)
     write_synth(root, spec)
     return root
@@ -66,21 +66,6 @@ def device_cost(root: Path, data_cfg: config.DataConfig, device: str, batch: int
     return 1000 * sorted(times[1:])[len(times[1:]) // 2] / batch
 
 
-def machine(device: str) -> dict:
-    """The machine the figures come from."""
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": len(__import__("os").sched_getaffinity(0)),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
-        "libjpeg_turbo": features.version("jpg"),
-    }
-
-
 def main() -> None:
     """Run the benchmark, print a table, record a JSON line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -93,36 +78,61 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where the split pipeline's photometric steps are timed")
     p.add_argument("--note", default="", help="stored with the record, e.g. 'shared machine'")
     p.add_argument("--quick", action="store_true", help="40 images, one pass")
+    p.add_argument("--tiny", action="store_true", help="8 images of 64 px to 32 px, one pass, data in a temporary folder: "
+                   "a smoke test that keeps this script working")
+    p.add_argument("--out", type=Path, default=OUT, help=f"JSON-lines record (default {OUT})")
     args = p.parse_args()
-    images, repeats = (40, 1) if args.quick else (args.images, args.repeats)
+    images, repeats = (8, 1) if args.tiny else (40, 1) if args.quick else (args.images, args.repeats)
     data_cfg = config.RunConfig().data  # the paper's augmentation at 224 px
     data_cfg = dataclasses.replace(data_cfg, eval_resize=config.derive(config.RunConfig()).eval_resize)
+    device_batch = 64
+    if args.tiny:
+        data_cfg = dataclasses.replace(data_cfg, image_size=32, eval_resize=36)
+        device_batch = 8
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measure(args, data_cfg, images, repeats, device_batch, Path(tmp) if args.tiny else None)
+    print_table(rows, args.device)
+    record = {"time": stamp(), "machine": machine(args.device, torchvision=torchvision.__version__, pillow=PIL.__version__,
+                                                  libjpeg_turbo=features.version("jpg")),
+              "note": args.note, "tiny": args.tiny, "rows": rows}
+    append(args.out, [record])
+    print(f"recorded in {args.out}")
+
+
+def measure(args: argparse.Namespace, data_cfg: config.DataConfig, images: int, repeats: int, device_batch: int,
+            parent: Path | None) -> list[dict]:
+    """One row per source size: images/s per core of each pipeline, the reduced-scale fraction, device costs."""
     rows = []
-    for size in args.size or [448]:
-        root = dataset(size, images, args.noise, args.quality)
-        bits = 8 * sum(f.stat().st_size for f in (root / "train").rglob("*.JPEG")) / (len(list((root / "train").rglob("*.JPEG"))) * size * size)
+    for size in ([64] if args.tiny else args.size or [448]):
+        root = dataset(size, images, args.noise, args.quality, classes=4 if args.tiny else 10, parent=parent)
+        jpegs = list((root / "train").rglob("*.JPEG"))
+        bits = 8 * sum(f.stat().st_size for f in jpegs) / (len(jpegs) * size * size)
         r = databench.run(root, data_cfg, images, repeats=repeats)
         rows.append({
-            "source_px": size, "output_px": data_cfg.image_size, "noise": args.noise, "quality": args.quality, "bits_per_px": bits, "images": r.images, "repeats": repeats,
+            "source_px": size, "output_px": data_cfg.image_size, "noise": args.noise, "quality": args.quality, "bits_per_px": bits,
+            "images": r.images, "repeats": repeats,
             "decode_per_core": r.rates["decode"], "reference_per_core": r.rates["reference"], "split_per_core": r.rates["split"],
             "split_vs_reference": r.rates["split"] / r.rates["reference"], "split_vs_decode": r.rates["split"] / r.rates["decode"],
-            "device_decode_per_core": r.rates["device-decode"], "device_decode_vs_reference": r.rates["device-decode"] / r.rates["reference"],
+            "device_decode_per_core": r.rates["device-decode"],
+            "device_decode_vs_reference": r.rates["device-decode"] / r.rates["reference"],
             "reduced_scale_fraction": r.reduced,
-            "device_ms_per_image": device_cost(root, data_cfg, args.device, 64, max(repeats, 3)),
-            "device_decode_device_ms_per_image": device_cost(root, data_cfg, args.device, 64, max(repeats, 3), decode=True),
+            "device_ms_per_image": device_cost(root, data_cfg, args.device, device_batch, max(repeats, 3)),
+            "device_decode_device_ms_per_image": device_cost(root, data_cfg, args.device, device_batch, max(repeats, 3), decode=True),
         })
-    print(f"{'source':>7s} {'bits/px':>7s} {'decode':>8s} {'reference':>10s} {'split':>8s} {'split/ref':>10s} {'split/dec':>10s} {'reduced':>8s} {args.device + ' ms/img':>12s} {'dev-dec':>8s} {'dev-dec/ref':>11s} {'dd ' + args.device + ' ms/img':>15s}")
+    return rows
+
+
+def print_table(rows: list[dict], device: str) -> None:
+    """The figures, one line per source size."""
+    print(f"{'source':>7s} {'bits/px':>7s} {'decode':>8s} {'reference':>10s} {'split':>8s} {'split/ref':>10s} {'split/dec':>10s} "
+          f"{'reduced':>8s} {device + ' ms/img':>12s} {'dev-dec':>8s} {'dev-dec/ref':>11s} {'dd ' + device + ' ms/img':>15s}")
     for row in rows:
-        print(f"{row['source_px']:5d}px {row['bits_per_px']:7.2f} {row['decode_per_core']:8.1f} {row['reference_per_core']:10.1f} {row['split_per_core']:8.1f} "
+        print(f"{row['source_px']:5d}px {row['bits_per_px']:7.2f} {row['decode_per_core']:8.1f} {row['reference_per_core']:10.1f} "
+              f"{row['split_per_core']:8.1f} "
               f"{row['split_vs_reference']:9.2f}x {row['split_vs_decode']:9.2f}x {100 * row['reduced_scale_fraction']:7.0f}% "
               f"{row['device_ms_per_image']:12.3f} {row['device_decode_per_core']:8.1f} {row['device_decode_vs_reference']:10.1f}x "
               f"{row['device_decode_device_ms_per_image']:15.3f}")
     print("images/s per core (CPU time of one process, one torch thread, files in the page cache)")
-    OUT.parent.mkdir(exist_ok=True)
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(args.device), "note": args.note, "rows": rows}
-    with open(OUT, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"recorded in {OUT}")
 
 
 if __name__ == "__main__":

@@ -16,41 +16,28 @@ uses when no measured run of the setting exists.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from common import append, machine, results_file, stamp
 
 from ablation import config
 from ablation.config import derive
 from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
+from ablation.data.synth import SynthSpec, write_synth
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
 from ablation.train.loop import autocast
-from ablation.train.optim import build_optimizer
 from ablation.train.models import create_model
-from ablation.data.synth import SynthSpec, write_synth
+from ablation.train.optim import build_optimizer
 
-OUT = Path(__file__).resolve().parent / "results" / "gpu.jsonl"
-TINY = ["model.name=resnet18", "model.widths=[8,16,16,16]", "model.stem_width=8", "model.stem=small", "data.image_size=32", "data.eval_resize=32"]
-
-
-def machine(device: str) -> dict:
-    """The machine the figures come from."""
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
-    }
+OUT = results_file("gpu")
+TINY = ["model.name=resnet18", "model.widths=[8,16,16,16]", "model.stem_width=8", "model.stem=small",
+        "data.image_size=32", "data.eval_resize=32"]
 
 
 def sync(device: str) -> None:
@@ -121,7 +108,8 @@ def main() -> None:
     warmup = 1 if args.tiny else 10
     backend = args.compile_backend or ("aot_eager" if args.tiny else "inductor")
     gpu = args.device.startswith("cuda")
-    base = (TINY if args.tiny else []) + [f"device={args.device}", f"data.pipeline={args.pipeline}", "data.workers=8" if gpu else "data.workers=0"]
+    base = (TINY if args.tiny else []) + [f"device={args.device}", f"data.pipeline={args.pipeline}",
+                                           "data.workers=8" if gpu else "data.workers=0"]
     if gpu:
         base += ["amp=true", "channels_last=true"]
     env = DistEnv(device=args.device)
@@ -148,12 +136,10 @@ def main() -> None:
                         if case == "per_gpu" and data == "excluded" and compiled == "off" and not args.tiny:
                             row["images_per_s_per_gpu"] = row["images_per_s"]
                         rows.append(row)
-                        print(f"{case:9s} gpus={gpus} b={b:<3d} global={gpus * b:<4d} compile={compiled:9s} data {data:9s} {ips:10.1f} images/s", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-        for row in rows:
-            f.write(json.dumps({"time": stamp, "machine": m, **row}) + "\n")
+                        print(f"{case:9s} gpus={gpus} b={b:<3d} global={gpus * b:<4d} compile={compiled:9s} data {data:9s} "
+                              f"{ips:10.1f} images/s", flush=True)
+    now = stamp()
+    append(args.out, [{"time": now, "machine": m, **row} for row in rows])
     print(f"recorded {len(rows)} rows in {args.out}")
 
 

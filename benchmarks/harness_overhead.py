@@ -1,6 +1,6 @@
 """What the harness costs over a bare PyTorch loop doing the same training.
 
-    python benchmarks/harness_overhead.py [--repeats 3] [--device cpu]
+    python benchmarks/harness_overhead.py [--repeats 3] [--device cpu] [--out FILE] [--tiny]
 
 Both train the same model on the same images (the harness's own dataset, sampler and loader, so the
 data path is identical) for the same steps, evaluate after every epoch and save the model and
@@ -16,9 +16,6 @@ Target: harness <= 1.03 x the bare loop, in the steady state.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import socket
 import statistics
 import tempfile
 import time
@@ -26,19 +23,26 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import append, machine, results_file, stamp
 
 from ablation import config
 from ablation.config import derive
 from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
+from ablation.data.synth import SynthSpec, write_synth
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
-from ablation.train.optim import build_optimizer
 from ablation.train.models import create_model
-from ablation.data.synth import SynthSpec, write_synth
+from ablation.train.optim import build_optimizer
 from ablation.train.trainer import train
 
-OUT = Path(__file__).resolve().parent / "results" / "harness_overhead.jsonl"
-RUN = ["model.name=resnet18", "data.image_size=64", "data.eval_resize=64", "data.workers=0", "gpus=2", "batch_per_gpu=16", "log_every_steps=10"]
+OUT = results_file("harness_overhead")
+RUN = ["model.name=resnet18", "data.image_size=64", "data.eval_resize=64", "data.workers=0", "gpus=2", "batch_per_gpu=16",
+       "log_every_steps=10"]
+DATA = SynthSpec(classes=10, train_per_class=32, val_per_class=8, size=64)
+# --tiny: a ResNet-18 of widths 8-16 on 16 px images, 4 classes x 8 images: seconds, to keep the script working.
+TINY_RUN = ["model.name=resnet18", "model.widths=[8,16,16,16]", "model.stem_width=8", "model.stem=small", "data.image_size=16",
+            "data.eval_resize=16", "data.workers=0", "gpus=2", "batch_per_gpu=4", "log_every_steps=2"]
+TINY_DATA = SynthSpec(classes=4, train_per_class=8, val_per_class=2, size=16)
 EPOCHS = (1, 3)
 
 
@@ -78,16 +82,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, default=OUT, help=f"JSON-lines record (default {OUT})")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny model on 16 px images, one repeat: a smoke test that keeps this script working")
     args = p.parse_args()
+    run, data = (TINY_RUN, TINY_DATA) if args.tiny else (RUN, DATA)
+    repeats = 1 if args.tiny else args.repeats
     env = DistEnv(device=args.device)
     times: dict[tuple[str, int], list[float]] = {(k, e): [] for k in ("harness", "bare") for e in EPOCHS}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
-        write_synth(root, SynthSpec(classes=10, train_per_class=32, val_per_class=8, size=64))
-        for i in range(args.repeats):
+        write_synth(root, data)
+        for i in range(repeats):
             for epochs in EPOCHS:
-                cfg = config.load(None, RUN + [f"epochs={epochs}", f"data.root={root}", f"device={args.device}"])
+                cfg = config.load(None, run + [f"epochs={epochs}", f"data.root={root}", f"device={args.device}"])
                 for kind in ("harness", "bare"):
                     folder = Path(tmp) / f"{kind}{epochs}-{i}"
                     folder.mkdir()
@@ -102,18 +110,17 @@ def main() -> None:
     lo, hi = EPOCHS
     total = med["harness", hi] / med["bare", hi]
     steady = (med["harness", hi] - med["harness", lo]) / (med["bare", hi] - med["bare", lo])
-    steps = derive(cfg, 320).steps_per_epoch
-    print(f"{hi} epochs ({hi * steps} steps): harness {med['harness', hi]:.2f} s, bare {med['bare', hi]:.2f} s: {total:.3f}x with the start-up")
+    steps = derive(cfg, data.classes * data.train_per_class).steps_per_epoch
+    print(f"{hi} epochs ({hi * steps} steps): harness {med['harness', hi]:.2f} s, bare {med['bare', hi]:.2f} s: "
+          f"{total:.3f}x with the start-up")
     print(f"steady state ({hi - lo} epochs, start-up excluded): harness / bare = {steady:.3f} (target <= 1.03)")
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"host": socket.gethostname(), "platform": platform.platform(), "threads": torch.get_num_threads(), "device": args.device, "torch": torch.__version__},
-        "run": RUN, "steps_per_epoch": steps, "seconds": {f"{k}_{e}ep": v for (k, e), v in times.items()},
-        "ratio_with_startup": round(total, 4), "ratio_steady": round(steady, 4),
+        "time": stamp(),
+        "machine": machine(args.device),
+        "run": run, "steps_per_epoch": steps, "seconds": {f"{k}_{e}ep": v for (k, e), v in times.items()},
+        "ratio_with_startup": round(total, 4), "ratio_steady": round(steady, 4), "tiny": args.tiny,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append(args.out, [record])
     print(f"recorded in {args.out}")
 
 

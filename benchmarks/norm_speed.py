@@ -2,6 +2,7 @@
 
 Prints a table and appends one JSON record (figures plus the machine they ran on) to
 benchmarks/results/norm_speed.jsonl. Run:  python benchmarks/norm_speed.py [--device cuda] [--quick] [--note TEXT]
+(--tiny: seconds, a smoke test; --out FILE: record elsewhere).
 
 Questions it answers:
 - what does standing in for k GPUs (per-GPU BN, k = 1, 2, 4, 8, 16) cost vs plain BN on the same
@@ -27,22 +28,24 @@ launches on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from common import append, machine, results_file, stamp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ablation import config
-from ablation.train.models import create_model
 from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, split_per_gpu
+from ablation.train.models import create_model
 
-OUT = Path(__file__).resolve().parent / "results" / "norm_speed.jsonl"
+OUT = results_file("norm_speed")
+LAYER_INPUT = (64, 256, 28, 28)  # a ResNet-50 layer1-sized activation
+# --tiny: small layer input, a ResNet-18 of width 32 (GN's 32 groups fit) on 16 px images, 2 forms of k, one round.
+TINY_LAYER_INPUT = (32, 32, 4, 4)
+TINY_MODEL = ["model.widths=[32,32,32,32]", "model.stem_width=32", "model.stem=small"]
 
 
 # ---------------------------------------------------------------- the forms of per-GPU BN compared
@@ -58,7 +61,8 @@ class _LoopBN(PerGPUBatchNorm2d):
         chunks = split_per_gpu(x, self.gpus_per_process)
         if self.running_stats == "rank0":
             outs = [
-                F.batch_norm(c, self.running_mean if i == 0 else None, self.running_var if i == 0 else None, self.weight, self.bias, True, self.momentum, self.eps)
+                F.batch_norm(c, self.running_mean if i == 0 else None, self.running_var if i == 0 else None, self.weight, self.bias, True,
+                             self.momentum, self.eps)
                 for i, c in enumerate(chunks)
             ]
         else:
@@ -184,18 +188,20 @@ def timed_rounds(steps: dict[str, Callable[[], None]], repeats: int, device: str
     return {key: (sorted(ts)[len(ts) // 2], min(ts)) for key, ts in times.items()}
 
 
-def layer_bench(device: str, repeats: int) -> list[dict]:
-    """Forward+backward of one norm layer on a ResNet-50 layer1-sized activation, NCHW and channels-last."""
+def layer_bench(device: str, repeats: int, shape: tuple[int, int, int, int] = LAYER_INPUT) -> list[dict]:
+    """Forward+backward of one norm layer on an activation of this shape (default ResNet-50 layer1-sized),
+    NCHW and channels-last."""
     rows = []
-    cases = [("bn", 1, ""), *[("bn", 8, f) for f in FORMS if f != "one-bn/layer"], ("bn", 32, "one-bn"), ("syncbn", 1, ""), ("gn", 1, ""), ("ln", 1, ""), ("in", 1, "")]
+    cases = [("bn", 1, ""), *[("bn", 8, f) for f in FORMS if f != "one-bn/layer"], ("bn", 32, "one-bn"),
+             ("syncbn", 1, ""), ("gn", 1, ""), ("ln", 1, ""), ("in", 1, "")]
     for channels_last in (False, True):
-        x0 = torch.randn(64, 256, 28, 28, device=device)
+        x0 = torch.randn(*shape, device=device)
         if channels_last:
             x0 = x0.to(memory_format=torch.channels_last)
         steps, meta = {}, {}
         for name, k, form in cases:
             cfg = config.load(None, [f"norm.name={name}"]).norm
-            layer = create_norm(256, NormSpec(cfg, k)).to(device)
+            layer = create_norm(shape[1], NormSpec(cfg, k)).to(device)
             if form:
                 use_form(layer, form)
             x = x0.clone().requires_grad_(True)
@@ -207,7 +213,8 @@ def layer_bench(device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def model_bench(device: str, repeats: int, image: int, batch: int, model: str, chunks: list[int]) -> list[dict]:
+def model_bench(device: str, repeats: int, image: int, batch: int, model: str, chunks: list[int],
+                model_overrides: tuple[str, ...] = ()) -> list[dict]:
     """One SGD training step of the model on the same `batch` images: plain BN, per-GPU BN over k chunks
     in each form, GN, LN, IN. Ops counted once, times in alternating rounds."""
     cases = [("bn", 1, "")]
@@ -217,7 +224,7 @@ def model_bench(device: str, repeats: int, image: int, batch: int, model: str, c
     y = torch.randint(0, 1000, (batch,), device=device)
     steps, rows = {}, {}
     for name, k, form in cases:
-        cfg = config.load(None, [f"norm.name={name}", f"model.name={model}"])
+        cfg = config.load(None, [f"norm.name={name}", f"model.name={model}", *model_overrides])
         torch.manual_seed(0)
         net = create_model(cfg, 1000, gpus_per_process=k).to(device)
         if form:
@@ -231,7 +238,8 @@ def model_bench(device: str, repeats: int, image: int, batch: int, model: str, c
 
         key = f"{name} k={k} {form}".strip()
         step()
-        rows[key] = {"what": f"{model} step", "norm": name, "gpus_per_process": k, "form": form or None, "image": image, "batch": batch, **count_ops(step)}
+        rows[key] = {"what": f"{model} step", "norm": name, "gpus_per_process": k, "form": form or None, "image": image, "batch": batch,
+                     **count_ops(step)}
         steps[key] = step
     for key, (s, best) in timed_rounds(steps, repeats, device).items():
         rows[key].update(ms=1000 * s, ms_min=1000 * best, images_per_s=batch / best)
@@ -242,19 +250,6 @@ def model_bench(device: str, repeats: int, image: int, batch: int, model: str, c
         r["non_view_vs_plain_bn"] = r["non_view_ops"] / plain["non_view_ops"]
         r["time_vs_plain_bn"] = r["ms_min"] / plain["ms_min"]  # minima: see timed_rounds
     return list(rows.values())
-
-
-def machine(device: str) -> dict:
-    """The machine the figures come from."""
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": __import__("os").cpu_count(),
-        "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "torch": torch.__version__,
-    }
 
 
 def main() -> None:
@@ -268,10 +263,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="model step: images per process (the speed issue's 16)")
     p.add_argument("--chunks", default="1,2,4,8,16", help="model step: modelled GPUs per process to compare")
     p.add_argument("--note", default="", help="recorded with the figures (e.g. 'shared machine')")
+    p.add_argument("--tiny", action="store_true", help="a small layer input and a small ResNet-18 on 16 px images, k = 1 and 2, "
+                   "one round: a smoke test that keeps this script working")
+    p.add_argument("--out", type=Path, default=OUT, help=f"JSON-lines record (default {OUT})")
     args = p.parse_args()
-    repeats = args.repeats or (3 if args.quick else 9)
-    rows = [] if args.quick or args.no_layers else layer_bench(args.device, repeats)
-    rows += model_bench(args.device, repeats, args.image, args.batch, "resnet50", [int(k) for k in args.chunks.split(",")])
+    repeats = args.repeats or (1 if args.tiny else 3 if args.quick else 9)
+    if args.tiny:
+        rows = [] if args.no_layers else layer_bench(args.device, repeats, TINY_LAYER_INPUT)
+        rows += model_bench(args.device, repeats, 16, 8, "resnet18", [1, 2], tuple(TINY_MODEL))
+    else:
+        rows = [] if args.quick or args.no_layers else layer_bench(args.device, repeats)
+        rows += model_bench(args.device, repeats, args.image, args.batch, "resnet50", [int(k) for k in args.chunks.split(",")])
     for r in rows:
         form = r.get("form") or ""
         line = f"{r['what']:15s} {r['norm']:6s} k={r['gpus_per_process']:<3d} {form:7s}"
@@ -280,14 +282,13 @@ def main() -> None:
         else:
             line += (
                 f" {r['top_level_ops']:5d} top-level ops ({r['ops_vs_plain_bn']:.2f}x)  {r['dispatched_ops']:5d} dispatched "
-                f"({r['dispatched_vs_plain_bn']:.2f}x)  {r['non_view_ops']:5d} non-view ({r['non_view_vs_plain_bn']:.2f}x)  {r['backward_nodes']:4d} bwd nodes  {r['ms']:7.1f} ms, min {r['ms_min']:7.1f} ({r['time_vs_plain_bn']:.3f}x)"
+                f"({r['dispatched_vs_plain_bn']:.2f}x)  {r['non_view_ops']:5d} non-view ({r['non_view_vs_plain_bn']:.2f}x)  "
+                f"{r['backward_nodes']:4d} bwd nodes  {r['ms']:7.1f} ms, min {r['ms_min']:7.1f} ({r['time_vs_plain_bn']:.3f}x)"
             )
         print(line)
-    OUT.parent.mkdir(exist_ok=True)
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(args.device), "note": args.note, "repeats": repeats, "rows": rows}
-    with open(OUT, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"recorded in {OUT}")
+    record = {"time": stamp(), "machine": machine(args.device), "note": args.note, "repeats": repeats, "tiny": args.tiny, "rows": rows}
+    append(args.out, [record])
+    print(f"recorded in {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ epoch (their metrics.jsonl rewritten with one more row; put back after). Prints 
 JSON record (figures plus the machine they ran on) to benchmarks/results/report_speed.jsonl. Run:
 
     python benchmarks/report_speed.py [--runs 10000] [--epochs 100] [--workdir DIR] [--repeats 1] [--profile]
+    python benchmarks/report_speed.py --tiny --out FILE   # seconds: a smoke test
 
 The folders are generated once per workdir (default: a folder under the system's temp dir, kept for
 the next run; --fresh regenerates). The aggregator never imports torch: neither does this script.
@@ -26,23 +27,22 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
+from common import append, machine, results_file, stamp
 
 from ablation import config
 from ablation.results import report
 
-OUT = Path(__file__).resolve().parent / "results" / "report_speed.jsonl"
+OUT = results_file("report_speed")
 SPEC_VERSION = 2  # bump when the generated folders change, so an old workdir is regenerated
 
 # (overrides, the error the run converges to): the paper's Table 1-3 settings at five batch sizes.
@@ -85,7 +85,8 @@ def generate(results: Path, runs: int, epochs: int, seed: int = 0) -> None:
         doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": dataclasses.asdict(d)}
         (folder / "config.yaml").write_text(yaml.dump(doc, Dumper=_dumper(), sort_keys=False))
         (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-        (folder / "env.json").write_text(json.dumps({"processes": 8, "cpu_threads": 10, "host": "node01", "starts": [{"resumed_from_step": 0, "processes": 8}]}, indent=2))
+        env = {"processes": 8, "cpu_threads": 10, "host": "node01", "starts": [{"resumed_from_step": 0, "processes": 8}]}
+        (folder / "env.json").write_text(json.dumps(env, indent=2))
         r = rng.random()
         status = "ok" if r < 0.9 else "diverged" if r < 0.93 else "failed" if r < 0.96 else None
         done = epochs if status == "ok" else rng.randint(1, epochs - 1)
@@ -94,14 +95,16 @@ def generate(results: Path, runs: int, epochs: int, seed: int = 0) -> None:
         if status == "diverged":
             val[-1] = float("nan")
         rows = [
-            {"epoch": e + 1, "lr": 0.1 * 0.1 ** (e * 10 // (3 * epochs)), "train_loss": v / 20, "train_err1": v + 2.0, "val_err1": v, "val_err5": v / 3,
+            {"epoch": e + 1, "lr": 0.1 * 0.1 ** (e * 10 // (3 * epochs)), "train_loss": v / 20, "train_err1": v + 2.0, "val_err1": v,
+             "val_err5": v / 3,
              "images_per_s": 3200.0 + rng.random(), "epoch_seconds": 400.0 + rng.random(), "wall_seconds": 400.0 * (e + 1)}
             for e, v in enumerate(val)
         ]
         (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
         if status:
             med = sorted(val[-5:])[len(val[-5:]) // 2]
-            final = {"status": status, "reason": None if status == "ok" else ("loss is nan" if status == "diverged" else "RuntimeError: out of memory"),
+            reason = None if status == "ok" else ("loss is nan" if status == "diverged" else "RuntimeError: out of memory")
+            final = {"status": status, "reason": reason,
                      "run_id": rid, "val_err1": med if status == "ok" else None, "val_err5": med / 3 if status == "ok" else None,
                      "best_val_err1": min(val), "epochs_done": done, "epochs": epochs, "gpu_hours": 88.9, "wall_seconds": 40000.0}
             (folder / "final.json").write_text(json.dumps(final, indent=2) + "\n")
@@ -190,21 +193,6 @@ def drop_page_cache_hint() -> str:
     return "warm (files in the page cache)"
 
 
-def machine() -> dict:
-    """The machine the figures come from."""
-    import pandas
-
-    return {
-        "host": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "pandas": pandas.__version__,
-        "libyaml": bool(getattr(yaml, "__with_libyaml__", False)),
-    }
-
-
 def main() -> None:
     """Generate (once), time the report, print, record a JSON line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -217,7 +205,22 @@ def main() -> None:
     p.add_argument("--changed", type=int, default=5, help="runs that gain an epoch before a third report into the same folder (0: none)")
     p.add_argument("--note", default="", help="free text stored with the record (e.g. 'shared machine')")
     p.add_argument("--no-record", action="store_true", help="print only; append nothing to the results file")
+    p.add_argument("--tiny", action="store_true", help="40 runs of 5 epochs in a temporary folder (unless --workdir), one repeat, "
+                   "2 changed: a smoke test that keeps this script working")
+    p.add_argument("--out", type=Path, default=OUT, help=f"JSON-lines record (default {OUT})")
     args = p.parse_args()
+    if args.tiny:
+        args.runs, args.epochs, args.repeats, args.changed = 40, 5, 1, min(args.changed, 2)
+        if not args.workdir:
+            with tempfile.TemporaryDirectory() as tmp:
+                args.workdir = tmp
+                bench(args)
+            return
+    bench(args)
+
+
+def bench(args: argparse.Namespace) -> None:
+    """Time the report over the generated folders of args.workdir (made when missing), print, record."""
     work = workdir_for(args)
     results = work / "results"
     walls, cpus, phases, warms, warm_phases, partials, partial_phases = [], [], [], [], [], [], []
@@ -240,7 +243,8 @@ def main() -> None:
         c2 = os.times()
         cpus.append(c2.user + c2.system + c2.children_user + c2.children_system - (c.user + c.system + c.children_user + c.children_system))
         phases.append(timings)
-        print(f"repeat {i + 1}: {walls[-1]:.2f} s (CPU {cpus[-1]:.2f} s, workers included)  " + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+        print(f"repeat {i + 1}: {walls[-1]:.2f} s (CPU {cpus[-1]:.2f} s, workers included)  "
+              + "  ".join(f"{k} {v:.2f}" for k, v in timings.items()))
         if "timings" in inspect.signature(report.build).parameters:  # again into the same folder, nothing changed
             warm: dict[str, float] = {}
             t = time.perf_counter()
@@ -262,7 +266,8 @@ def main() -> None:
             print(s.getvalue())
     k = sorted(range(len(walls)), key=walls.__getitem__)[len(walls) // 2]
     n_runs, n_curves = len(rep.runs), len(rep.curves)
-    print(f"report over {n_runs} runs ({n_curves} epoch rows, roots: {results}): cold {walls[k]:.2f} s (median of {len(walls)}), CPU {cpus[k]:.2f} s")
+    print(f"report over {n_runs} runs ({n_curves} epoch rows, roots: {results}): cold {walls[k]:.2f} s (median of {len(walls)}), "
+          f"CPU {cpus[k]:.2f} s")
     for name, sec in phases[k].items():
         print(f"  {name:8s} {sec:6.2f} s")
     w = sorted(range(len(warms)), key=warms.__getitem__)[len(warms) // 2] if warms else None
@@ -277,9 +282,12 @@ def main() -> None:
             print(f"  {name:8s} {sec:6.2f} s")
     if args.no_record:
         return
+    import pandas
+
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": machine(),
+        "time": stamp(),
+        "machine": machine(pandas=pandas.__version__, libyaml=bool(getattr(yaml, "__with_libyaml__", False))),
+        "tiny": args.tiny,
         "note": args.note,
         "runs": args.runs,
         "epochs": args.epochs,
@@ -298,10 +306,8 @@ def main() -> None:
         "runs_rows": n_runs,
         "curve_rows": n_curves,
     }
-    OUT.parent.mkdir(exist_ok=True)
-    with open(OUT, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"recorded in {OUT}")
+    append(args.out, [record])
+    print(f"recorded in {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs and tiny synthetic datasets."""
+"""Shared fixtures: tiny synthetic datasets, the subprocess environment, SLURM availability (helpers.py: shared functions)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/plugins is importable as `plugins`
 
-# A tiny ResNet-18-shaped model on 16-pixel images: seconds per run on a CPU.
-TINY = [
-    "model.name=resnet18",
-    "model.widths=[8,16,16,16]",
-    "model.stem_width=8",
-    "model.stem=small",
-    "data.image_size=16",
-    "data.eval_resize=16",
-    "data.workers=0",
-    "data.eval_batch=64",
-    "device=cpu",
-    "log_every_steps=2",
-]
+from helpers import ROOT  # noqa: E402  (tests/ on the path first)
 
 
 @pytest.fixture(scope="session")

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import ablation
 
 from ablation import rundir
 
 
-def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`python -m ablation ARGS`, captured."""
-    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
 def test_help_lists_the_commands(cli_env: dict[str, str]) -> None:
-    proc = run(["--help"], cli_env)
+    proc = ablation(["--help"], cli_env)
     assert proc.returncode == 0
     for command in ("train", "config", "data", "demo"):
         assert command in proc.stdout
@@ -28,7 +22,7 @@ def test_help_lists_the_commands(cli_env: dict[str, str]) -> None:
 def test_config_prints_the_resolved_config_and_derived_values(cli_env: dict[str, str]) -> None:
     import yaml
 
-    proc = run(["config", "norm.name=gn", "batch_per_gpu=2"], cli_env)
+    proc = ablation(["config", "norm.name=gn", "batch_per_gpu=2"], cli_env)
     doc = yaml.safe_load(proc.stdout)
     assert doc["run_id"].startswith("resnet50_gn32_b2x8_s0_")
     assert doc["derived"]["global_batch"] == 16 and doc["derived"]["steps_per_epoch"] == 1_281_167 // 16
@@ -37,7 +31,7 @@ def test_config_prints_the_resolved_config_and_derived_values(cli_env: dict[str,
 def test_norms_lists_the_registry_with_each_norms_fields(cli_env: dict[str, str]) -> None:
     from ablation.norms import registry
 
-    proc = run(["norms"], cli_env)
+    proc = ablation(["norms"], cli_env)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line and not line[0].isspace()}
     assert set(registry.names()) <= set(rows)
@@ -47,28 +41,29 @@ def test_norms_lists_the_registry_with_each_norms_fields(cli_env: dict[str, str]
 
 
 def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
-    proc = run(["config", "norm.grups=4"], cli_env)
+    proc = ablation(["config", "norm.grups=4"], cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'norm.grups' (did you mean 'groups'?); valid: name, groups, channels_per_group, eps, momentum, running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
+        "error: unknown config key 'norm.grups' (did you mean 'groups'?); valid: name, groups, channels_per_group, eps, momentum, "
+        "running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
     ]
 
 
 def test_data_synth_and_check(tmp_path: Path, cli_env: dict[str, str]) -> None:
     root = tmp_path / "tiny"
     args = ["data", "synth", str(root), "--classes", "3", "--train-per-class", "4", "--val-per-class", "2", "--size", "16"]
-    assert run(args, cli_env).stdout.startswith("wrote")
-    assert "cached" in run(args, cli_env).stdout
-    check = run(["data", "check", str(root)], cli_env)
+    assert ablation(args, cli_env).stdout.startswith("wrote")
+    assert "cached" in ablation(args, cli_env).stdout
+    check = ablation(["data", "check", str(root)], cli_env)
     assert "3 classes, 12 train / 6 val images" in check.stdout
     (root / "val" / "01_ring").rename(root / "val" / "01_rings")
-    bad = run(["data", "check", str(root)], cli_env)
+    bad = ablation(["data", "check", str(root)], cli_env)
     assert bad.returncode == 2 and "01_ring" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
 def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = run(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
+    proc = ablation(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
     assert proc.returncode == 0, proc.stderr
     report = tmp_path / "demo" / "report"
     assert (report / "fig_error_vs_batch.png").stat().st_size > 0 and (report / "table_batch_size.md").is_file()
@@ -77,7 +72,7 @@ def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: P
     assert len(runs) == 4 and all(json.loads((r / rundir.FINAL).read_text())["status"] == "ok" for r in runs)
     started = [row["run_id"] for row in rundir.read_jsonl(tmp_path / "demo" / "results" / "demo_quick" / "jobs.jsonl")]
     assert ["_b2x8_" in rid for rid in started] == [True, True, False, False]  # longest runs (most steps) first
-    again = run(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
+    again = ablation(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
     assert "4 runs (4 already done)" in again.stdout  # data and runs are cached
 
 
@@ -106,9 +101,9 @@ def test_demo_publishes_its_figure_table_and_fingerprint_whole(tmp_path: Path) -
     assert (docs / "demo_table.md").read_text() == "| BN | 1.0 |\n"
     meta = json.loads((docs / "demo.json").read_text())
     assert (meta["fingerprint"], meta["seed"], meta["wall_seconds"]) == (demo.fingerprint(), 1, 282)
-    from ablation import provenance
-
     import torch
+
+    from ablation import provenance
 
     assert meta["made_with"] == {"cpu": provenance.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                                  "cores": os.cpu_count(), "packages": provenance.package_versions()}
@@ -183,7 +178,8 @@ def test_sweep_override_after_an_option_reaches_the_sweep(tmp_path: Path, cli_en
     """The issue's command line: the override after --executor is used (here: its data.root is checked)."""
     root = Path(__file__).resolve().parents[1]
     nowhere = tmp_path / "nowhere"
-    proc = run(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results", str(tmp_path / "r")], cli_env)
+    proc = ablation(["sweep", str(root / "sweeps" / "tiny.yaml"), "--executor", "local", f"data.root={nowhere}", "--results",
+                     str(tmp_path / "r")], cli_env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: dataset folder") and str(nowhere) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 

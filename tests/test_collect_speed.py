@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import curve, write_run
 
 from ablation import config, rundir
 from ablation.results import collect, report, runfiles
-from test_report import curve, write_run
 
 
 def _same(a: object, b: object) -> bool:
@@ -145,8 +145,10 @@ def test_read_jsonl_fast_path_reads_what_lines_read(data: bytes, tmp_path: Path)
 
 
 def test_write_csv_is_to_csv_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    floats = [0.1, 1e-5, 1e16, 9999999999999998.0, 1e-4, -0.0, 5e-324, 1.7976931348623157e308, float("nan"), float("inf"), -float("inf"), 123456789.123, 2.5]
-    strings = ["plain", "with, comma", 'with "quote"', "new\nline", "carriage\rreturn", "", None, "  spaced ", "é", "a;b", float("nan"), "'single'", "GN (G=32)"]
+    floats = [0.1, 1e-5, 1e16, 9999999999999998.0, 1e-4, -0.0, 5e-324, 1.7976931348623157e308, float("nan"), float("inf"), -float("inf"),
+              123456789.123, 2.5]
+    strings = ["plain", "with, comma", 'with "quote"', "new\nline", "carriage\rreturn", "", None, "  spaced ", "é", "a;b", float("nan"),
+               "'single'", "GN (G=32)"]
     df = pd.DataFrame({
         "s": strings,
         "f": floats,
@@ -290,7 +292,8 @@ def _assert_same(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd
 
 
 @pytest.mark.parametrize("change", ["metrics rewritten", "final mtime only", "config.json replaced", "config.json removed"])
-def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path: Path, change: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "copy"
     shutil.copytree(many / "results", base, symlinks=True)
     index = tmp_path / "out" / runfiles.INDEX_NAME
@@ -323,7 +326,8 @@ def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path
 
 
 @pytest.mark.parametrize("damage", ["garbage", "cut", "a class", "another version"])
-def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_path: Path, damage: str,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     index = tmp_path / runfiles.INDEX_NAME
     roots = [many / "results", many / "other"]
     want = _tables(roots, index=index)

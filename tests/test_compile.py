@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import RUN, TINY, ablation, ablation_ok, run_folder
 
 from ablation import config, rundir
 from ablation.train.models import create_model
-from conftest import TINY
-from test_trainer import RUN, cli, run_folder
 
 NORMS = [["norm.name=bn"], ["norm.name=gn", "norm.groups=4"], ["norm.name=bn", "norm.running_stats=mean"]]
 # Every other registry norm, with weight standardization on one: the graph-break test only (the recompile test
@@ -68,7 +67,7 @@ def test_no_recompiles_across_train_eval_train(extra: list[str]) -> None:
 
 
 def test_an_unknown_backend_is_a_one_line_error(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = cli(["train", *RUN, "compile=nope", f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env, check=False)
+    proc = ablation(["train", *RUN, "compile=nope", f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: compile: unknown torch.compile backend 'nope'; valid: off, ")
     assert list(tmp_path.iterdir()) == []
 
@@ -76,8 +75,8 @@ def test_an_unknown_backend_is_a_one_line_error(tiny_data: Path, tmp_path: Path,
 @pytest.mark.slow
 def test_a_compiled_run_matches_eager_within_float_tolerance(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     args = ["train", *RUN, f"data.root={tiny_data}", "log_steps=true"]
-    eager = run_folder(cli([*args, "--results", str(tmp_path / "eager")], cli_env))
-    compiled = run_folder(cli([*args, "compile=inductor", "--results", str(tmp_path / "compiled")], cli_env))
+    eager = run_folder(ablation_ok([*args, "--results", str(tmp_path / "eager")], cli_env))
+    compiled = run_folder(ablation_ok([*args, "compile=inductor", "--results", str(tmp_path / "compiled")], cli_env))
     assert eager.name == compiled.name  # compile is not part of the run id
     a, b = (torch.tensor([r["loss"] for r in rundir.read_jsonl(f / "steps.jsonl")]) for f in (eager, compiled))
     assert len(a) == len(b) == 24

@@ -61,7 +61,8 @@ def test_too_few_images_for_one_global_batch() -> None:
 
 
 def test_overrides_are_typed() -> None:
-    cfg = config.load(None, ["norm.name=gn", "norm.groups=16", "optim.weight_decay=5e-5", "data.crop_scale=0.2,1", "amp=true", "model.widths=[8,16,32,64]"])
+    cfg = config.load(None, ["norm.name=gn", "norm.groups=16", "optim.weight_decay=5e-5", "data.crop_scale=0.2,1", "amp=true",
+                             "model.widths=[8,16,32,64]"])
     assert cfg.norm.groups == 16 and cfg.optim.weight_decay == 5e-5 and cfg.data.crop_scale == (0.2, 1.0)
     assert cfg.amp is True and cfg.model.widths == (8, 16, 32, 64)
     assert config.load(None, ["model.widths=null"]).model.widths is None

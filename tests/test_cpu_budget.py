@@ -82,7 +82,8 @@ def test_threads_and_loader_workers_follow_the_budget(node) -> None:
     node(range(10), **SLURM_TASK)
     assert cpu_threads(8) == 10
     cfg = config.load(None, ["data.workers=8"])
-    loader = loaders.make_loader(list(range(4)), cfg, DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"), batch_size=2)
+    loader = loaders.make_loader(list(range(4)), cfg, DistEnv(rank=3, world_size=8, local_rank=3, local_world_size=8, device="cpu"),
+                                 batch_size=2)
     assert loader.num_workers == 8  # was 10 // 8 = 1
 
 

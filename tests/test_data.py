@@ -5,24 +5,37 @@ from __future__ import annotations
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import ablation
 from PIL import Image
-
 from torchvision.transforms import v2
 
 import ablation.data.layout as data_module
-from ablation.data.layout import (DatasetInfo, Lighting, SeededImageFolder, SplitEvalTransform, SplitSample,
-                           SplitTrainTransform, check_layout, draft_scale, eval_transform, finish_on_device,
-                           load_rgb, pipeline_transforms, read_crop, sample_seed, scan_layout, train_transform)
-from ablation.errors import DataError
+from ablation.data.layout import (
+    DatasetInfo,
+    Lighting,
+    SeededImageFolder,
+    SplitEvalTransform,
+    SplitSample,
+    SplitTrainTransform,
+    check_layout,
+    draft_scale,
+    eval_transform,
+    finish_on_device,
+    load_rgb,
+    pipeline_transforms,
+    read_crop,
+    sample_seed,
+    scan_layout,
+    train_transform,
+)
 from ablation.data.synth import SynthSpec, write_synth
+from ablation.errors import DataError
 
 SPEC = SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=3)
 
@@ -644,7 +657,8 @@ def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixel
 def test_split_equals_reference_at_the_demos_settings(split_root: Path) -> None:
     # sweeps/demo.yaml runs data.pipeline=split because, with a whole-image crop at the source size and
     # no jitter or lighting, its pixels are the reference pipeline's: only where the flip and normalize run moves.
-    cfg = make_cfg(pipeline="split", image_size=96, eval_resize=96, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), color_jitter=0.0, lighting=0.0)
+    cfg = make_cfg(pipeline="split", image_size=96, eval_resize=96, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), color_jitter=0.0,
+                   lighting=0.0)
     ref = SeededImageFolder(split_root, "train", train_transform(cfg), seed=2)
     split = SeededImageFolder(split_root, "train", SplitTrainTransform(cfg), seed=2)
     batch = torch.utils.data.default_collate([split[i][0] for i in range(len(split))])
@@ -687,13 +701,8 @@ def test_split_samples_do_not_depend_on_workers(split_root: Path) -> None:
 # --- ablation data bench ---------------------------------------------------------------------
 
 
-def bench_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ablation", "data", "bench", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def test_data_bench_reports_images_per_second_per_core(tiny_data: Path, cli_env: dict[str, str]) -> None:
-    proc = bench_cli([str(tiny_data), "data.pipeline=split", "--images", "12", "data.image_size=16", "gpus=2"], cli_env)
+    proc = ablation(["data", "bench", str(tiny_data), "data.pipeline=split", "--images", "12", "data.image_size=16", "gpus=2"], cli_env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"split pipeline: \d+\.\d images/s per core", lines[-1]), lines[-1]
@@ -704,7 +713,7 @@ def test_data_bench_reports_images_per_second_per_core(tiny_data: Path, cli_env:
 
 
 def test_data_bench_on_a_missing_folder_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = bench_cli([str(tmp_path / "nowhere"), "--images", "4"], cli_env)
+    proc = ablation(["data", "bench", str(tmp_path / "nowhere"), "--images", "4"], cli_env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert str(tmp_path / "nowhere") in proc.stderr

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_data import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
 import ablation.data.layout as data_module
 from ablation import config
 from ablation.data.layout import DecodedCache, SeededImageFolder, SplitTrainTransform, load_rgb, pipeline_transforms
-from ablation.errors import ConfigError
 from ablation.data.synth import SynthSpec, write_synth
+from ablation.errors import ConfigError
 from ablation.train.trainer import decoded_cache, train
-from test_data import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
 # 96 px images cropped to 24 px with the paper's crop scales: some crops decode at reduced scale, some at full size.
 SPEC = SynthSpec(classes=3, train_per_class=6, val_per_class=2, size=96, seed=9)
@@ -114,7 +114,7 @@ def test_cache_gb_is_checked_and_leaves_the_run_id_alone(caplog: pytest.LogCaptu
 
 
 def test_a_run_with_the_cache_equals_one_without(tiny_data: Path, tmp_path: Path) -> None:
-    from conftest import TINY
+    from helpers import TINY
 
     from ablation.train.distributed import DistEnv
 

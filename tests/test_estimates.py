@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 
 from ablation import config
+from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
 from ablation.sweep import estimates
 from ablation.sweep import spec as sweep
 from ablation.sweep.cluster import Profile, interpolate, load_profile
-from ablation.config import IMAGENET_TRAIN_IMAGES, ConfigError
-from conftest import ROOT
 
 TABLE = {32: 400, 16: 380, 8: 330, 4: 250, 2: 150}
 
@@ -51,7 +51,8 @@ def test_bad_throughput_tables_are_one_line_errors(tmp_path: Path, value: object
         load_profile(profile_file(tmp_path, value))
 
 
-def write_measured(runs_root: Path, batch: int, images_per_s: float, processes: int = 8, model: str = "resnet50", image_size: int = 224, seed: int = 0) -> None:
+def write_measured(runs_root: Path, batch: int, images_per_s: float, processes: int = 8, model: str = "resnet50", image_size: int = 224,
+                   seed: int = 0) -> None:
     """A run folder with measured epochs (images_per_s over all processes), as the trainer writes it."""
     cfg = config.load(None, [f"batch_per_gpu={batch}", f"model.name={model}", f"data.image_size={image_size}", f"seed={seed}"])
     folder = runs_root / config.run_id(cfg)
@@ -137,7 +138,8 @@ def test_sources_in_order_measured_then_records_then_profile(tmp_path: Path) -> 
 def test_a_sweep_from_32_to_2_images_per_gpu_costs_more_hours_at_2(tmp_path: Path) -> None:
     prof = load_profile(ROOT / "slurm" / "profiles" / "example-cluster.yaml")
     runs = [r.config for r in sweep.load(ROOT / "sweeps" / "paper" / "fig1_batch_size.yaml").runs]
-    by_batch = {b: estimates.estimate_hours([c for c in runs if c.batch_per_gpu == b], prof, tmp_path / "runs", gpu_records=tmp_path / "none.jsonl")[0] for b in (32, 16, 8, 4, 2)}
+    by_batch = {b: estimates.estimate_hours([c for c in runs if c.batch_per_gpu == b], prof, tmp_path / "runs",
+                                            gpu_records=tmp_path / "none.jsonl")[0] for b in (32, 16, 8, 4, 2)}
     assert by_batch[2] > by_batch[4] > by_batch[8] > by_batch[16] > by_batch[32]
     assert by_batch[2] / by_batch[32] == pytest.approx(400 / 150)
 

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_same_run
 from test_faults import ARGS
-from test_trainer import assert_same_run
 
 from ablation import config, faults, rundir
 from ablation.results import collect
+from ablation.results.report import build
 from ablation.sweep import status
 from ablation.train.distributed import DistEnv
-from ablation.results.report import build
 
 CFG_ARGS = [a for a in ARGS[1:]] + ["checkpoint_every_steps=4"]  # 36 steps, a checkpoint every 4
 TOTAL_STEPS, EPOCHS = 36, 3
@@ -128,7 +128,8 @@ def campaign(data_root: Path, work: Path) -> dict:
 def test_kill_anywhere_and_resume_loses_nothing(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     # A fresh interpreter drives it: forking this pytest process, where other tests ran autograd's
     # threads, is refused by autograd in the children.
-    proc = subprocess.run([sys.executable, __file__, str(tiny_data), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, __file__, str(tiny_data), str(tmp_path)], env=cli_env, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\nfault campaign: {result['kills']} kill points tried in {result['runs']} runs ({result['by_kind']}), "

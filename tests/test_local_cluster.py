@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import require_slurm
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
 JOB_TIMEOUT_S = 60
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
-from test_trainer import RUN, assert_same_run, cli, run_folder
+from helpers import RUN, ablation_ok, assert_same_run, run_folder
 
 from ablation import lock, rundir
 from ablation.errors import AblationError
@@ -24,7 +24,7 @@ ARGS = ["train", *RUN, "data.workers=2", "checkpoint_every_steps=5", "log_steps=
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of the run below, never killed."""
-    return run_folder(cli([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
+    return run_folder(ablation_ok([*ARGS, f"data.root={tiny_data}", "--results", str(tmp_path_factory.mktemp("whole"))], subprocess_env()))
 
 
 @pytest.mark.slow
@@ -41,12 +41,14 @@ def test_a_killed_trainer_with_loader_workers_restarts_at_once_and_resumes_bitwi
     # milliseconds of the kill, while the killed trainer's forked loader workers (~5 s to notice) still live.
     resume = [*args, "--results", str(tmp_path / "resumed")]
     restart = subprocess.Popen(
-        [sys.executable, "-c", f"import sys, ablation.train.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
+        [sys.executable, "-c",
+         f"import sys, ablation.train.trainer, ablation.cli; sys.stdin.readline(); sys.exit(ablation.cli.main({resume!r}))"],
         env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     # Wait for the trainer only (cli() would wait for its pipes, which the workers hold until they exit).
     with open(tmp_path / "killed.out", "w") as out:
-        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out, stderr=subprocess.STDOUT)
+        killed = subprocess.Popen([sys.executable, "-m", "ablation", *resume], env={**cli_env, FAULT_ENV: "step:18:kill"}, stdout=out,
+                                  stderr=subprocess.STDOUT)
         assert killed.wait(timeout=600) == -9, (tmp_path / "killed.out").read_text()  # last checkpoint: step 15
     stdout, stderr = restart.communicate("go\n", timeout=600)  # at once: no sleep
     assert restart.returncode == 0, stderr
@@ -100,7 +102,8 @@ def kill(pid: int) -> None:
 def fake_owner(path: Path, *, heartbeat_age: float, **info: object) -> None:
     """Write a file-mode lock as another holder would have, with its heartbeat `heartbeat_age` seconds ago."""
     then = time.time() - heartbeat_age
-    record = {"host": "othernode", "boot_id": "b", "pidns": "p", "pid": 4242, "started": f"{then:.3f}", "heartbeat": f"{then:.3f}", "token": "t" * 32}
+    record = {"host": "othernode", "boot_id": "b", "pidns": "p", "pid": 4242, "started": f"{then:.3f}", "heartbeat": f"{then:.3f}",
+              "token": "t" * 32}
     held = Path(f"{path}{lock.HELD_SUFFIX}")
     held.write_text(json.dumps({**record, **info}) + "\n")
     os.utime(held, (then, then))
@@ -109,7 +112,7 @@ def fake_owner(path: Path, *, heartbeat_age: float, **info: object) -> None:
 class Captured(list):
     """Messages of the 'ablation' logger while in use (it may not propagate to pytest's caplog)."""
 
-    def __enter__(self) -> "Captured":
+    def __enter__(self) -> Captured:
         import logging
 
         self.handler = logging.Handler()

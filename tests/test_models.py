@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from helpers import TINY
 from torch import nn
 
 from ablation import config
 from ablation.errors import ConfigError
-from ablation.train.models import check_model_norm, create_model, last_norms
 from ablation.norms import PerGPUBatchNorm2d
-from conftest import TINY
+from ablation.train.models import check_model_norm, create_model, last_norms
 
 
 @pytest.fixture(scope="module")

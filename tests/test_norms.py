@@ -5,15 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import norm_spec as spec
 
 from ablation import config
 from ablation.errors import ConfigError, NormError
-from ablation.norms import NormSpec, PerGPUBatchNorm2d, create_norm, registered_norms, split_per_gpu
-
-
-def spec(name: str, gpus_per_process: int = 1, **norm: object) -> NormSpec:
-    """A NormSpec for a norm name and options."""
-    return NormSpec(config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}}).norm, gpus_per_process)
+from ablation.norms import PerGPUBatchNorm2d, create_norm, registered_norms, split_per_gpu
 
 
 def randomize_affine(layer: torch.nn.Module) -> torch.nn.Module:
@@ -130,7 +126,8 @@ def test_per_gpu_bn_equals_the_per_chunk_loop_in_float64(k: int, b: int, rule: s
         up = torch.randn(k * b, c, h, w, generator=g, dtype=torch.float64)
         y = layer(xin)
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        ref_layer = type("Ref", (), {"gpus_per_process": k, "running_stats": rule, "weight": ref_w, "bias": ref_b, "momentum": 0.3, "eps": 1e-5})
+        ref_layer = type("Ref", (), {"gpus_per_process": k, "running_stats": rule, "weight": ref_w, "bias": ref_b, "momentum": 0.3,
+                                     "eps": 1e-5})
         x_ref = x.detach().clone().requires_grad_()
         y_ref = per_chunk_reference(x_ref, ref_layer, ref_running)
         torch.testing.assert_close(y, y_ref, **tol)
@@ -280,12 +277,13 @@ def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_pa
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
     from syncbn_worker import STEPS, global_batch, init_affine
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
     for attempt in range(2):
-        proc = subprocess.run([*torchrun, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run([*torchrun, str(ROOT / "tests" / "syncbn_worker.py"), str(tmp_path)], env=cli_env, capture_output=True,
+                              text=True, timeout=600)
         # Once in CI a rank aborted inside gloo ("terminate called without an active exception", SIGABRT):
         # a transport crash, not a wrong number (those are compared below). Such a crash gets one more go.
         if proc.returncode == 0 or "terminate called" not in proc.stderr or attempt:
@@ -298,7 +296,8 @@ def test_syncbn_in_four_processes_equals_batch_norm_over_the_global_batch(tmp_pa
     # float32: x - mean on channel 0 (mean 1e4, std 1) is good to ~1e-3 per element, whatever the method,
     # and its error adds up over the 96 elements in the gamma gradient: a looser absolute tolerance there.
     f32 = {"rtol": 1e-3, "atol": 1e-3}
-    for dtype, tol, ptol in ((torch.float64, {"rtol": 1e-10, "atol": 1e-10}, {"rtol": 1e-10, "atol": 1e-10}), (torch.float32, f32, {**f32, "atol": 5e-2})):
+    for dtype, tol, ptol in ((torch.float64, {"rtol": 1e-10, "atol": 1e-10}, {"rtol": 1e-10, "atol": 1e-10}),
+                             (torch.float32, f32, {**f32, "atol": 5e-2})):
         # One process, plain batch norm over the whole global batch, in float64.
         bn = init_affine(torch.nn.BatchNorm2d(5, eps=1e-5, momentum=0.1).double()).train()
         for step in range(STEPS + 1):
@@ -328,7 +327,8 @@ SYNC_STEPS, SYNC_GPUS_PER_PROCESS, SYNC_BATCH = 5, 2, 2
 def sync_global_batch(step: int, dtype: torch.dtype) -> torch.Tensor:
     """Step `step`'s images of 4 modelled GPUs, GPU g owning rows 2g, 2g+1; channel means far from 0."""
     g = torch.Generator().manual_seed(step)
-    return (torch.randn(4 * SYNC_BATCH, 3, 2, 2, generator=g, dtype=torch.float64) * 2 + torch.tensor([0.0, 5.0, -3.0]).view(3, 1, 1)).to(dtype)
+    return (torch.randn(4 * SYNC_BATCH, 3, 2, 2, generator=g, dtype=torch.float64) * 2
+            + torch.tensor([0.0, 5.0, -3.0]).view(3, 1, 1)).to(dtype)
 
 
 def _sync_worker(rank: int, world: int, store: str, out: str) -> None:
@@ -369,7 +369,8 @@ def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for rule in ("rank0", "mean"):
         for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-            ref = type("Ref", (), {"gpus_per_process": 4, "running_stats": rule, "weight": None, "bias": None, "momentum": 0.1, "eps": 1e-5})
+            ref = type("Ref", (), {"gpus_per_process": 4, "running_stats": rule, "weight": None, "bias": None, "momentum": 0.1,
+                                   "eps": 1e-5})
             running = (torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype))
             for step in range(SYNC_STEPS):
                 x = sync_global_batch(step, dtype)
@@ -385,8 +386,9 @@ def test_running_stats_synced_once_at_the_end_equal_the_per_step_rule(tmp_path) 
 def test_shared_affine_repeats_change_nothing_but_the_op_count() -> None:
     """A model whose per-GPU BN layers get gamma/beta repeated by the model-level hook trains exactly like
     one whose layers repeat their own (float64: outputs, every gradient, parameters after SGD steps)."""
+    from helpers import TINY
+
     from ablation.train.models import create_model
-    from conftest import TINY
 
     models = []
     for _ in range(2):
@@ -450,7 +452,7 @@ def test_the_model_level_step_count_spares_layers_a_forward_does_not_call() -> N
 def test_tile_each_is_repeat_per_parameter_in_one_gather() -> None:
     """_TileEach over parameters of mixed widths: forward equals each parameter's .repeat(k), backward sums the k
     copies (float64, exact), and gradcheck agrees."""
-    from ablation.norms.batch import _TileEach, _tile_index
+    from ablation.norms.batch import _tile_index, _TileEach
 
     k = 3
     layers = [PerGPUBatchNorm2d(c, eps=1e-5, momentum=0.1, gpus_per_process=k, running_stats="mean").double() for c in (2, 5, 2)]

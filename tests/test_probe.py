@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ablation
 
 from ablation import cli, probe
 from ablation.errors import ConfigError
@@ -15,11 +14,6 @@ from ablation.norms import registry
 
 BATCH_FREE = ("gn", "ln", "in")
 FLOAT_ZERO = 1e-5  # float32 features: a norm that never looks across images changes them by rounding at most
-
-
-def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m ablation probe ARGS`, captured."""
-    return subprocess.run([sys.executable, "-m", "ablation", "probe", *args], check=False, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -30,7 +24,8 @@ def files_in(folder: Path) -> list[str]:
 def test_cli_end_to_end_separates_bn_from_batch_free_norms(tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "probe"
     norms = ["bn", *BATCH_FREE]
-    proc = run(["--norms", ",".join(norms), "--batches", "32,8,2", "--warmup", "20", "--out", str(out)], cli_env, tmp_path)
+    proc = ablation(["probe", "--norms", ",".join(norms), "--batches", "32,8,2", "--warmup", "20", "--out", str(out)], cli_env,
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert files_in(out) == ["probe.csv", "probe.png"]  # nothing temporary left behind
     lines = proc.stdout.strip().splitlines()
@@ -74,7 +69,7 @@ def test_bad_norm_name_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, cli
     out = tmp_path / "probe"
     out.mkdir()
     (out / "probe.csv").write_text("earlier\n")  # an earlier probe's file stays as it was
-    proc = run(["--norms", "bn,groupnorm", "--out", str(out)], cli_env, tmp_path)
+    proc = ablation(["probe", "--norms", "bn,groupnorm", "--out", str(out)], cli_env, cwd=tmp_path)
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "'groupnorm'" in err[0]
@@ -96,7 +91,8 @@ def test_bad_norm_name_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, cli
         (["--draws", "1"], "--draws must be at least 2"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_before_any_file(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input_is_one_line_exit_2_before_any_file(args: list[str], message: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "probe"
     assert cli.main(["probe", *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,7 +148,8 @@ def test_default_norms_are_the_registry_but_none_and_the_model_is_the_probes_unl
 def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("probe.csv", "probe.png"):
         (tmp_path / name).write_text("earlier")
-    df = pd.DataFrame([{c: None for c in probe.COLUMNS} | {"norm": "gn", "batch_per_gpu": 2, "batch_dependence": 0.0, "train_eval_gap": 0.0}])
+    df = pd.DataFrame([{c: None for c in probe.COLUMNS} | {"norm": "gn", "batch_per_gpu": 2, "batch_dependence": 0.0,
+                                                           "train_eval_gap": 0.0}])
 
     def broken_figure(frame: pd.DataFrame, path: Path) -> None:
         Path(path).write_bytes(b"\x89PNG half")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -10,42 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
+from helpers import PAPER_BN, PAPER_GN, ablation, curve, med, write_run
 
-from ablation import config, rundir
 from ablation.results import report, runfiles
 from ablation.results.collect import collect
-
-PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
-PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
-
-
-def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
-              train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
-    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json
-    (trained on ImageNet's image count unless told)."""
-    cfg = config.load(None, ["epochs=10", *overrides])
-    rid = config.run_id(cfg)
-    folder = root / rid
-    folder.mkdir(parents=True)
-    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg), "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
-    (folder / "config.yaml").write_text(yaml.safe_dump(doc))
-    (folder / "config.json").write_text(rundir.config_json_text(doc))
-    (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
-    rows = [
-        {"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0, "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
-        for i, v in enumerate(val)
-    ]
-    rundir.write_jsonl(folder / "metrics.jsonl", rows)
-    if status:
-        final = {"status": status, "reason": reason, "val_err1": statistics.median(val[-5:]) if status == "ok" else None, "val_err5": 1.0, "gpu_hours": 0.5, "wall_seconds": 3.0}
-        rundir.write_json(folder / "final.json", final)
-    return {"run_id": rid, "folder": folder, "val": val}
-
-
-def curve(end: float, n: int = 10) -> list[float]:
-    """A falling val-error curve whose last five epochs are end+0.4, end+0.2, end, end-0.2, end+0.1."""
-    return [end + 30 - i for i in range(n - 5)] + [end + 0.4, end + 0.2, end, end - 0.2, end + 0.1]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +37,6 @@ def results(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def built(results: Path, tmp_path_factory) -> report.Report:
     return report.build([results], tmp_path_factory.mktemp("report"), ["bn", "gn"])
-
-
-def med(end: float) -> float:
-    """The paper metric of curve(end), computed independently."""
-    return statistics.median([end + 0.4, end + 0.2, end, end - 0.2, end + 0.1])
 
 
 def test_every_run_is_a_row_with_its_status(built: report.Report) -> None:
@@ -192,7 +154,8 @@ def test_reference_files_one_per_paper(tmp_path: Path) -> None:
     assert set(ref["paper"]) == {f.stem for f in files} >= {"wu_he_2018_imagenet", "qiao_2019_weight_standardization"}
     assert len(ref) == sum(len(pd.read_csv(f)) for f in files)
     assert (ref["source"] != "").all() and set(ref["status"]) <= {"confirmed", "secondary"}  # every number says where it was read
-    (tmp_path / "other_2025.csv").write_text("table,model,norm,batch_per_gpu,groups,channels_per_group,val_error_pct,status\ntable2_batch_size,ResNet-50,BN,2,,,30.0,confirmed\n")
+    (tmp_path / "other_2025.csv").write_text("table,model,norm,batch_per_gpu,groups,channels_per_group,val_error_pct,status\n"
+                                             "table2_batch_size,ResNet-50,BN,2,,,30.0,confirmed\n")
     assert report.paper_number(report.load_reference(tmp_path), ("table2_batch_size",), "resnet50", "bn", 2) == (30.0, False)
 
 
@@ -201,14 +164,15 @@ def test_report_command_prints_the_main_table_and_never_imports_torch(results: P
         "import sys; from ablation.cli import main; rc = main(['report', sys.argv[1], '--out', sys.argv[2]]);"
         "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(results), str(tmp_path / "out")], env=cli_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code, str(results), str(tmp_path / "out")], env=cli_env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("16 runs: 13 ok, 1 diverged, 1 failed, 1 unfinished")
     assert "| BN | " in proc.stdout and f"wrote 20 files to {tmp_path / 'out'}" in proc.stdout
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ablation", "report", str(tmp_path)], env=cli_env, capture_output=True, text=True)
+    proc = ablation(["report", str(tmp_path)], cli_env, timeout=None)
     assert proc.returncode == 2 and "no run folders under" in proc.stderr
 
 

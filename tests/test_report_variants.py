@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from test_report import PAPER_BN, PAPER_GN, curve, med, write_run
+from helpers import PAPER_BN, PAPER_GN, ablation, curve, med, write_run
 
 from ablation import config, rundir
 from ablation.results import report
@@ -46,7 +46,8 @@ def write_raw_run(root: Path, changes: dict[str, Any], val: list[float], train_i
     rows = [{"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0,
              "epoch_seconds": 1.0, "wall_seconds": i + 1.0} for i, v in enumerate(val)]
     rundir.write_jsonl(folder / "metrics.jsonl", rows)
-    rundir.write_json(folder / "final.json", {"status": status, "reason": None, "val_err1": statistics.median(val[-5:]) if status == "ok" else None,
+    rundir.write_json(folder / "final.json", {"status": status, "reason": None,
+                                               "val_err1": statistics.median(val[-5:]) if status == "ok" else None,
                                                "val_err5": 1.0, "gpu_hours": 0.5, "wall_seconds": 3.0})
     return folder
 
@@ -68,7 +69,8 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> report.Report:
     write_raw_run(root, {"norm.name": "brn", "norm.r_max": 3.0, "norm.d_max": 5.0, "batch_per_gpu": 4}, curve(27.0))
     for model in ("resnet50", "resnet101"):
         for b, end in ((32, 23.5), (2, 23.9)):
-            write_raw_run(root, {"norm.name": "gn", "norm.groups": 32, "model.weight_std": True, "model.name": model, "batch_per_gpu": b}, curve(end - (model == "resnet101")))
+            write_raw_run(root, {"norm.name": "gn", "norm.groups": 32, "model.weight_std": True, "model.name": model, "batch_per_gpu": b},
+                          curve(end - (model == "resnet101")))
     return report.build([root.parent], tmp_path_factory.mktemp("variants_report"), ["bn", "gn"])
 
 
@@ -99,7 +101,8 @@ def test_gn_ws_is_compared_with_the_ws_authors_numbers_marked_as_another_recipe(
     r50, r101 = "GN+WS (G=32) [resnet50]", "GN+WS (G=32) [resnet101]"
     for b, end in ((32, 23.5), (2, 23.9)):
         c50, c101 = t.cells[(r50, str(b))], t.cells[(r101, str(b))]
-        assert c50.paper == 23.72 and c50.recipe and c50.delta == pytest.approx(med(end) - 23.72)  # batch-independent: the same number at 32 and 2
+        # batch-independent: the same number at 32 and 2
+        assert c50.paper == 23.72 and c50.recipe and c50.delta == pytest.approx(med(end) - 23.72)
         assert c101.paper == 22.10 and c101.delta == pytest.approx(med(end - 1) - 22.10)
         assert c50.text() == f"{med(end):.2f} (23.72‡, {med(end) - 23.72:+.2f})"
     assert "‡ another recipe: GN+WS (Qiao et al.): 90 epochs" in t.caption and ", in the paper's setting" in t.caption
@@ -116,7 +119,8 @@ def demo_like(root: Path, values: dict[str, dict[int, float]], train_images: int
     for norm, by_batch in values.items():
         for b, end in by_batch.items():
             extra = {"norm.groups": 8} if norm == "gn" else {}
-            write_raw_run(root, {"norm.name": norm, "batch_per_gpu": b, "model": SMALL_MODEL, "data.image_size": 32, **extra}, curve(end), train_images)
+            write_raw_run(root, {"norm.name": norm, "batch_per_gpu": b, "model": SMALL_MODEL, "data.image_size": 32, **extra}, curve(end),
+                          train_images)
 
 
 DEMO = {"bn": {32: 0.40, 16: 0.22, 8: 0.45, 4: 4.95, 2: 60.92}, "gn": {32: 1.07, 16: 0.67, 8: 0.40, 4: 0.15, 2: 0.55}}
@@ -132,13 +136,15 @@ def test_synthetic_runs_compare_rises_not_levels(tmp_path: Path) -> None:
     assert t.cells[("BN", "32")].text() == f"{bn[32]:.2f} (base)"
     for b in (16, 8, 4, 2):
         cell = t.cells[("BN", str(b))]
-        assert cell.delta is None and cell.rise == pytest.approx(bn[b] - bn[32]) and cell.paper_rise == pytest.approx(PAPER_BN[b] - PAPER_BN[32])
+        assert cell.delta is None and cell.rise == pytest.approx(bn[b] - bn[32])
+        assert cell.paper_rise == pytest.approx(PAPER_BN[b] - PAPER_BN[32])
         assert cell.text() == f"{bn[b]:.2f} ({bn[b] - bn[32]:+.2f}, paper {PAPER_BN[b] - PAPER_BN[32]:+.1f})"
     assert t.cells[("BN", "2")].text().endswith("paper +11.1)")  # the demo's BN: our rise beside the paper's 34.7 - 23.6
     gn2 = t.cells[("GN (G=8)", "2")]  # the paper's GN is G=32: its curve stands for the shape of any G
     assert gn2.paper_rise == pytest.approx(PAPER_GN[2] - PAPER_GN[32]) and gn2.rise == pytest.approx(med(0.55) - med(1.07))
     md = t.markdown()
-    assert "not in the paper's setting (5,120 train images" in t.caption and "levels are not comparable" in t.caption and "rise over the row's base" in t.caption
+    assert "not in the paper's setting (5,120 train images" in t.caption and "levels are not comparable" in t.caption
+    assert "rise over the row's base" in t.caption
     assert "(23.6" not in md and "(34.7" not in md  # no ImageNet level beside synthetic data
     long = t.long()
     assert long["delta"].isna().all() and long[long["column"] == "2"]["paper_rise"].notna().all()
@@ -163,13 +169,15 @@ def test_a_table_with_both_kinds_of_rows_says_which_is_which(tmp_path: Path) -> 
     root = tmp_path / "runs"
     for b in (32, 2):
         write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 1.0))  # ImageNet, ResNet-50
-        write_run(root, ["norm.name=gn", f"batch_per_gpu={b}", "model.widths=[64,128,256,512]", "model.stem_width=32"], curve(20.0 + b / 8), train_images=IMAGENET)
+        write_run(root, ["norm.name=gn", f"batch_per_gpu={b}", "model.widths=[64,128,256,512]", "model.stem_width=32"], curve(20.0 + b / 8),
+                  train_images=IMAGENET)
     runs, _ = collect([root])
     t = report.batch_size_table(runs, report.load_reference(report.reference_dir()))
     bn, gn = (next(r for r in t.rows if r.startswith(v)) for v in ("BN", "GN"))
     assert t.cells[(bn, "2")].text() == f"{med(PAPER_BN[2] + 1.0):.2f} (34.7, {med(PAPER_BN[2] + 1.0) - 34.7:+.2f})"
     assert t.cells[(gn, "2")].paper_rise == pytest.approx(0.0) and not t.cells[(gn, "2")].comparable
-    assert "Rows in the paper's setting: ours (paper, Δ" in t.caption and f"Rows not in it ({gn}: resnet50 with its own widths, stem_width)" in t.caption
+    assert "Rows in the paper's setting: ours (paper, Δ" in t.caption
+    assert f"Rows not in it ({gn}: resnet50 with its own widths, stem_width)" in t.caption
 
 
 def test_group_table_off_imagenet_compares_rises_over_the_largest_g(tmp_path: Path) -> None:
@@ -208,7 +216,8 @@ def test_the_paper_setting_is_imagenet_size_data_the_papers_model_and_224_px(cha
         section, leaf = key.split(".")
         doc[section][leaf] = value
     assert unlike_paper({**doc, "derived": {"train_images": images}}) == unlike
-    assert unlike_paper(doc).startswith("dataset size not recorded")  # a run folder that does not say what it trained on is never compared by level
+    # a run folder that does not say what it trained on is never compared by level
+    assert unlike_paper(doc).startswith("dataset size not recorded")
 
 
 # ---------------------------------------------------------------- what sets runs apart
@@ -247,10 +256,7 @@ def test_reference_files_carry_provenance_and_variant_rows() -> None:
 
 
 def test_report_command_help_runs(cli_env: dict[str, str]) -> None:
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-m", "ablation", "report", "--help"], env=cli_env, capture_output=True, text=True, timeout=120)
+    proc = ablation(["report", "--help"], cli_env, timeout=120)
     assert proc.returncode == 0 and "--baseline" in proc.stdout and "--reference" in proc.stdout
 
 

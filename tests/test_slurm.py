@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import require_slurm
+from helpers import ROOT, TIME_KEYS, ablation_ok
 
 from ablation import rundir
-from conftest import ROOT, require_slurm
 
 pytestmark = pytest.mark.slow
 
 require_slurm()
 
 REQUEUE_SETTLE_S = 3  # seconds a requeued job is left pending before the test lets it start
-TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
 TINY_BASE = {
     "gpus": 4,
     "batch_per_gpu": 8,
@@ -51,20 +51,13 @@ def spec(tmp_path: Path, name: str, data: Path, **base: object) -> Path:
     return path
 
 
-def ablation(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m ablation ARGS`, checked."""
-    proc = subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{args}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 def wait_for(sweep_dir: Path, env: dict[str, str], timeout: float, *, hurry_requeues: bool = False) -> list[str]:
     """Poll `ablation status` until every run has ended; return the status outputs seen."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     hurry_at = None
     while time.monotonic() < deadline:
-        out = ablation(["status", str(sweep_dir)], env).stdout
+        out = ablation_ok(["status", str(sweep_dir)], env).stdout
         if not seen or out != seen[-1]:
             seen.append(out)
         last = out.strip().splitlines()[-1]
@@ -102,7 +95,8 @@ def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_p
     sweep = ROOT / "sweeps" / "tiny.yaml"
     # 4 runs, arrays of at most 3, 2 at a time: the sweep is split in two arrays, the second waiting for the first.
     prof = profile(tmp_path, max_array_size=3, array_parallelism=2)
-    slurm = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
+    slurm = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(prof)],
+                        cli_env)
     first, _ = [line.split()[2].rstrip(":") for line in slurm.stdout.splitlines() if line.startswith("submitted array")]
     assert f"after array {first})" in slurm.stdout
     wait_for(tmp_path / "slurm" / "tiny", cli_env, 300)
@@ -115,21 +109,22 @@ def test_tiny_sweep_through_slurm_matches_in_process_runs(tiny_data: Path, tmp_p
     (later,) = [span for job, span in spans.items() if not job.startswith(first + "_")]
     assert len(firsts) == 3 and later[0] >= max(end for _, end in firsts)  # afterany: the second array waited
     assert max(start for start, _ in firsts) >= min(end for _, end in firsts)  # never all 3 at once: the throttle held
-    ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "debug"), "--executor", "debug"], cli_env)
+    ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "debug"), "--executor", "debug"], cli_env)
     for link in sorted((tmp_path / "slurm" / "tiny" / "runs").iterdir()):
         final = json.loads((link / "final.json").read_text())
         assert final["status"] == "ok", final
         assert json.loads((link / "env.json").read_text())["slurm"]["SLURM_JOB_ID"]  # a one-job array is submitted as a plain job
         assert metrics(link) == metrics(tmp_path / "debug" / "runs" / link.name)
-    again = ablation(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    again = ablation_ok(["sweep", str(sweep), f"data.root={tiny_data}", "--results", str(tmp_path / "slurm"), "--profile",
+                         str(profile(tmp_path))], cli_env)
     assert "nothing to submit" in again.stdout
 
 
 def test_ddp_over_two_slurm_tasks(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     s = spec(tmp_path, "ddp", tiny_data, epochs=2)
-    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, processes_per_job=2))], cli_env)
+    ablation_ok(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, processes_per_job=2))], cli_env)
     wait_for(tmp_path / "slurm" / "ddp", cli_env, 300)
-    ablation(["sweep", str(s), "--results", str(tmp_path / "one"), "--executor", "debug"], cli_env)
+    ablation_ok(["sweep", str(s), "--results", str(tmp_path / "one"), "--executor", "debug"], cli_env)
     (link,) = (tmp_path / "slurm" / "ddp" / "runs").iterdir()
     assert json.loads((link / "final.json").read_text())["status"] == "ok"
     env = json.loads((link / "env.json").read_text())
@@ -144,10 +139,11 @@ def assert_stopped_requeued_and_as_if_uninterrupted(link: Path, signal: str, spe
     starts = json.loads((link / "env.json").read_text())["starts"]
     assert len(starts) >= 2 and all(s["resumed_from_step"] > 0 for s in starts[1:])
     assert starts[0]["stop_signal"] == signal and starts[1]["resumed_from_step"] == starts[0]["stopped_at_step"]
-    print(f"\n{signal} -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})", file=sys.stderr)
+    print(f"\n{signal} -> checkpoint written in {starts[0]['signal_to_checkpoint_s']} s (step {starts[0]['stopped_at_step']})",
+          file=sys.stderr)
     assert 0 <= starts[0]["signal_to_checkpoint_s"] < 30
     assert json.loads((link / "final.json").read_text())["status"] == "ok"
-    ablation(["sweep", str(spec_path), "--results", str(tmp_path / "whole"), "--executor", "debug"], env)
+    ablation_ok(["sweep", str(spec_path), "--results", str(tmp_path / "whole"), "--executor", "debug"], env)
     whole = tmp_path / "whole" / "runs" / link.name
     assert metrics(link) == metrics(whole)
     a = torch.load(link / "checkpoint.pt", weights_only=True)["model"]
@@ -160,17 +156,18 @@ def test_time_limit_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Pat
     # than that on any machine (about 40 s here: 60 epochs, once enough, now fit in one start).
     s = spec(tmp_path, "requeue", tiny_data, epochs=200)
     prof = profile(tmp_path, time_min=1, signal_delay_s=45, max_requeues=12)
-    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
+    ablation_ok(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(prof)], cli_env)
     seen = wait_for(tmp_path / "slurm" / "requeue", cli_env, 480, hurry_requeues=True)
     (link,) = (tmp_path / "slurm" / "requeue" / "runs").iterdir()
     assert len(json.loads((link / "env.json").read_text())["starts"]) >= 2, f"no requeue happened: {seen}"
     assert_stopped_requeued_and_as_if_uninterrupted(link, "SIGUSR2", s, tmp_path, cli_env)
 
 
-def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterrupted(tiny_data: Path, tmp_path: Path,
+                                                                                     cli_env: dict[str, str]) -> None:
     """SIGTERM (preemption; also what scancel sends first) is handled like the time-limit signal."""
     s = spec(tmp_path, "preempt", tiny_data, epochs=40)
-    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
+    ablation_ok(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path))], cli_env)
     sweep_dir = tmp_path / "slurm" / "preempt"
     (job,) = {json.loads(line)["job_id"] for line in (sweep_dir / "jobs.jsonl").read_text().splitlines()}
     (link,) = (sweep_dir / "runs").iterdir()
@@ -186,7 +183,7 @@ def test_sigterm_preemption_checkpoints_requeues_and_the_run_ends_as_if_uninterr
 def test_a_failing_run_is_requeued_retries_times_then_stays_failed(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     s = spec(tmp_path, "failing", tiny_data, epochs=1)
     env = {**cli_env, "ABLATION_FAULT": "step:2:raise"}  # sbatch exports the environment to the job
-    ablation(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, retries=1))], env)
+    ablation_ok(["sweep", str(s), "--results", str(tmp_path / "slurm"), "--profile", str(profile(tmp_path, retries=1))], env)
     seen = wait_for(tmp_path / "slurm" / "failing", cli_env, 480, hurry_requeues=True)
     (link,) = (tmp_path / "slurm" / "failing" / "runs").iterdir()
     final = json.loads((link / "final.json").read_text())

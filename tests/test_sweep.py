@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT, TINY, ablation
+from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
 
 from ablation import config, rundir
-from ablation.sweep import status
-from ablation.sweep import spec as sweep
 from ablation.config import ConfigError
-from conftest import ROOT, TINY
-from slurmless import env_without_slurm, path_without_slurm, write_fake_slurm
+from ablation.sweep import spec as sweep
+from ablation.sweep import status
 
 PAPER = ROOT / "sweeps" / "paper"
 
@@ -139,14 +138,10 @@ def test_malformed_specs_are_clear_errors(spec: dict, message: str) -> None:
         sweep.expand(spec, source="spec.yaml")
 
 
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`python -m ablation ARGS`."""
-    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=600)
-
-
 def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
-    proc = run_cli(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)], cli_env)
+    proc = ablation(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)],
+                    cli_env)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("10 runs: 10 to submit") and "8 GPU(s) per job (1 node(s) x 8 task(s))" in last
@@ -180,7 +175,7 @@ def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slur
     """Planning a sweep and reading its script happen on a laptop, before logging into the cluster."""
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
     args = ["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--print-sbatch", "--profile", str(profile), "--results", str(tmp_path)]
-    proc = run_cli(args, no_slurm_env)
+    proc = ablation(args, no_slurm_env)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --ntasks-per-node=8" in proc.stdout
     assert "#SBATCH --signal=USR2@" in proc.stdout and "#SBATCH --partition=gpu" in proc.stdout
@@ -211,14 +206,14 @@ def test_print_sbatch_is_the_script_submitit_submits(tmp_path: Path, monkeypatch
 def test_bad_norm_in_a_sweep_fails_before_anything_is_written(tmp_path: Path, cli_env: dict[str, str]) -> None:
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: bad\nbase: {norm.name: gn}\ngrid: {norm.groups: [32, 48]}\n")
-    proc = run_cli(["sweep", str(spec), "--results", str(tmp_path / "results")], cli_env)
+    proc = ablation(["sweep", str(spec), "--results", str(tmp_path / "results")], cli_env)
     assert proc.returncode == 2 and "norm.groups=48 does not divide" in proc.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_missing_dataset_fails_before_anything_is_submitted(tmp_path: Path, cli_env: dict[str, str]) -> None:
     args = ["sweep", str(ROOT / "sweeps" / "tiny.yaml"), f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path / "results")]
-    proc = run_cli(args, cli_env)
+    proc = ablation(args, cli_env)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: dataset folder") and "nowhere" in proc.stderr and "--no-data-check" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "results").exists()
@@ -231,7 +226,7 @@ def tiny_args(tiny_data: Path, results: Path) -> list[str]:
 
 def test_sweep_runs_once_and_resubmits_only_what_is_not_done(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     results = tmp_path / "results"
-    first = run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
+    first = ablation([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
     assert first.returncode == 0, first.stderr
     sweep_dir = results / "tiny"
     manifest = json.loads((sweep_dir / "manifest.json").read_text())
@@ -242,7 +237,7 @@ def test_sweep_runs_once_and_resubmits_only_what_is_not_done(tiny_data: Path, tm
     jobs = rundir.read_jsonl(sweep_dir / "jobs.jsonl")
     assert len(jobs) == 4
 
-    again = run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
+    again = ablation([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env)
     assert "4 runs: 0 to submit" in again.stdout and "nothing to submit" in again.stdout
     assert len(rundir.read_jsonl(sweep_dir / "jobs.jsonl")) == 4
 
@@ -252,23 +247,24 @@ def test_sweep_runs_once_and_resubmits_only_what_is_not_done(tiny_data: Path, tm
     doc = json.loads(final_a.read_text())
     final_a.write_text(json.dumps({**doc, "status": "failed", "reason": "RuntimeError: boom"}))
     (sweep_dir / "runs" / b / "final.json").unlink()
-    dry = run_cli([*tiny_args(tiny_data, results), "--dry-run"], cli_env)
+    dry = ablation([*tiny_args(tiny_data, results), "--dry-run"], cli_env)
     assert "4 runs: 1 to submit" in dry.stdout
     states = {line.split()[-1]: line for line in dry.stdout.splitlines() if "resnet18_" in line}
     assert " failed " in states[a] and " stopped " in states[b]
-    retry = run_cli([*tiny_args(tiny_data, results), "--executor", "debug", "--retry-failed"], cli_env)
+    retry = ablation([*tiny_args(tiny_data, results), "--executor", "debug", "--retry-failed"], cli_env)
     assert "4 runs: 2 to submit" in retry.stdout, retry.stdout
-    st = run_cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0 and st.stdout.strip().splitlines()[-1] == "4 runs: 4 ok"
 
 
 def test_two_sweeps_share_a_run_folder(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
     results = tmp_path / "results"
     other = tmp_path / "other.yaml"
-    text = (ROOT / "sweeps" / "tiny.yaml").read_text().replace("name: tiny", "name: tiny_bn_only").replace("norm.name: [bn, gn]", "norm.name: [bn]")
+    text = (ROOT / "sweeps" / "tiny.yaml").read_text()
+    text = text.replace("name: tiny", "name: tiny_bn_only").replace("norm.name: [bn, gn]", "norm.name: [bn]")
     other.write_text(text)
-    assert run_cli([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env).returncode == 0
-    proc = run_cli(["sweep", str(other), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
+    assert ablation([*tiny_args(tiny_data, results), "--executor", "debug"], cli_env).returncode == 0
+    proc = ablation(["sweep", str(other), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
     assert "2 runs: 0 to submit" in proc.stdout
     links = sorted(os.readlink(p) for p in (results / "tiny_bn_only" / "runs").iterdir()) if (results / "tiny_bn_only").exists() else []
     assert links == []  # nothing submitted: the sweep folder is only written when something runs
@@ -276,7 +272,7 @@ def test_two_sweeps_share_a_run_folder(tiny_data: Path, tmp_path: Path, cli_env:
 
 
 def test_status_of_a_folder_that_is_not_a_sweep(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = run_cli(["status", str(tmp_path)], cli_env)
+    proc = ablation(["status", str(tmp_path)], cli_env)
     assert proc.returncode == 2 and "is not a sweep folder" in proc.stderr
 
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ablation.data.synth import MAX_CLASSES, SHAPES, SynthSpec, class_names, draw_colours, render_image, shape_coverage, write_synth
 from ablation.errors import DataError
-from ablation.data.synth import (MAX_CLASSES, SHAPES, SynthSpec, class_names, draw_colours,
-                            render_image, shape_coverage, write_synth)
 
 TINY = SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=1)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ROOT, TINY, ablation
 
 from ablation import rundir
+from ablation.faults import FAULT_ENV
 from ablation.results import collect
 from ablation.sweep import status
-from ablation.faults import FAULT_ENV
-from conftest import ROOT, TINY
 
 # --- rundir's readers and appender ------------------------------------------------------------------------
 
@@ -94,11 +94,6 @@ def test_a_damaged_json_file_is_named_and_a_damaged_final_status_is_a_failure(tm
 # --- status, report and resume on torn files ---------------------------------------------------------------
 
 
-def cli(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m ablation ARGS`, captured."""
-    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def two_run_spec(tmp_path: Path, batches: str = "[8]") -> Path:
     """The tiny sweep cut to BN and GN at one per-GPU batch size: 2 runs."""
     text = (ROOT / "sweeps" / "tiny.yaml").read_text().replace("batch_per_gpu: [8, 2]", f"batch_per_gpu: {batches}")
@@ -121,13 +116,14 @@ def finished_sweep(tiny_data: Path, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("torn")
     results = tmp / "results"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
-    proc = cli(["sweep", str(two_run_spec(tmp)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], env)
+    proc = ablation(["sweep", str(two_run_spec(tmp)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], env)
     assert proc.returncode == 0, proc.stderr
     return results
 
 
 @pytest.mark.slow
-def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_sweep: Path, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_sweep: Path, tiny_data: Path, tmp_path: Path,
+                                                                       cli_env: dict[str, str]) -> None:
     results = tmp_path / "results"
     subprocess.run(["cp", "-a", str(finished_sweep), str(results)], check=True)
     sweep_dir = results / "two"
@@ -138,13 +134,13 @@ def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_
         f.write(b'{"run_id": "' + a.encode() + b'", "executor": "lo')  # a submission torn by a crash
     cut_mid_last_line(results / "runs" / a / "metrics.jsonl")  # epoch 2 of 2 cut in half
 
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0, st.stderr
     assert st.stdout.strip().splitlines()[-1] == "2 runs: 2 ok"
     rows = {line.split()[-1]: line.split() for line in st.stdout.splitlines() if line.startswith(("bn", "gn"))}
     assert "1/2" in rows[a] and "2/2" in rows[b] and "debug-" in " ".join(rows[a])  # the whole job record is read
 
-    rep = cli(["report", str(results), "--out", str(tmp_path / "rep")], cli_env)
+    rep = ablation(["report", str(results), "--out", str(tmp_path / "rep")], cli_env)
     assert rep.returncode == 0, rep.stderr
     runs = pd.read_csv(tmp_path / "rep" / "runs.csv").set_index("run_id")
     assert runs.loc[a, "epochs_done"] == 1 and runs.loc[b, "epochs_done"] == 2 and set(runs["status"]) == {"ok"}
@@ -153,37 +149,40 @@ def test_status_report_and_resubmission_survive_torn_and_damaged_files(finished_
     # A damaged final.json (a disk that lost data) is a failed run, named; an empty env.json is named and ignored.
     (results / "runs" / b / "final.json").write_bytes(b"")
     (results / "runs" / b / "env.json").write_bytes(b'{"torch": "2.')
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0, st.stderr
     assert st.stdout.strip().splitlines()[-1] == "2 runs: 1 ok, 1 failed"
     assert str(results / "two" / "runs" / b / "final.json") in st.stderr and "env.json is not valid JSON" in st.stderr
-    rep = cli(["report", str(results), "--out", str(tmp_path / "rep")], cli_env)
+    rep = ablation(["report", str(results), "--out", str(tmp_path / "rep")], cli_env)
     assert rep.returncode == 0, rep.stderr
     runs = pd.read_csv(tmp_path / "rep" / "runs.csv").set_index("run_id")
     assert runs.loc[b, "status"] == "failed" and "final.json is empty" in runs.loc[b, "reason"] and pd.isna(runs.loc[b, "val_err1"])
 
     # Resubmitting (which retries the failed run) appends to the torn jobs.jsonl: the new record is not glued onto the fragment.
     shutil.copy(finished_sweep / "runs" / b / "env.json", results / "runs" / b / "env.json")
-    again = cli(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug", "--retry-failed"], cli_env)
+    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug",
+                      "--retry-failed"], cli_env)
     assert again.returncode == 0, again.stderr
     assert [r["run_id"] for r in rundir.read_jsonl(jobs)] == [a, b, b]
     assert all(json.loads(line) for line in jobs.read_text().splitlines())
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0 and st.stdout.strip().splitlines()[-1] == "2 runs: 2 ok", st.stdout + st.stderr
 
 
 @pytest.mark.slow
-def test_resume_after_a_torn_steps_file_leaves_no_fragment_and_no_duplicate(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_resume_after_a_torn_steps_file_leaves_no_fragment_and_no_duplicate(tiny_data: Path, tmp_path: Path,
+                                                                            cli_env: dict[str, str]) -> None:
     # 4 modelled GPUs x 4 images = global batch 16: 12 steps per epoch, 24 in all; checkpoint at step 10, killed after 13.
-    args = ["train", *TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "log_steps=true", "checkpoint_every_steps=5", "--results", str(tmp_path)]
-    killed = subprocess.run([sys.executable, "-m", "ablation", *args], env={**cli_env, FAULT_ENV: "step:13:kill"}, capture_output=True, text=True, timeout=300)
+    args = ["train", *TINY, "gpus=4", "batch_per_gpu=4", "epochs=2", f"data.root={tiny_data}", "log_steps=true", "checkpoint_every_steps=5",
+            "--results", str(tmp_path)]
+    killed = ablation(args, {**cli_env, FAULT_ENV: "step:13:kill"}, timeout=300)
     assert killed.returncode == -9, killed.stderr
     (folder,) = tmp_path.iterdir()
     steps = folder / "steps.jsonl"
     assert [r["step"] for r in rundir.read_jsonl(steps)] == list(range(12))  # flushed every 2 steps
     with open(steps, "ab") as f:
         f.write(b'{"step": 12, "epoch": 2, "lr": 0.0')  # the kill landed in the middle of a write
-    st = subprocess.run([sys.executable, "-m", "ablation", *args], env=cli_env, capture_output=True, text=True, timeout=300)
+    st = ablation(args, cli_env, timeout=300)
     assert st.returncode == 0, st.stderr
     lines = steps.read_bytes().split(b"\n")
     assert lines[-1] == b"" and all(isinstance(json.loads(line), dict) for line in lines[:-1])
@@ -243,9 +242,11 @@ def _whole_json(data: bytes) -> bool:
 
 def test_a_reader_never_sees_a_half_rewritten_file(tmp_path: Path) -> None:
     reads, partial = _race(lambda p, i: rundir.write_jsonl(p, _rows(i)), _whole_jsonl, tmp_path / "metrics.jsonl", 4)
-    reads2, partial2 = _race(lambda p, i: rundir.write_json(p, {"n": len(r := _rows(i)), "rows": r}), _whole_json, tmp_path / "final.json", 4)
+    reads2, partial2 = _race(lambda p, i: rundir.write_json(p, {"n": len(r := _rows(i)), "rows": r}), _whole_json,
+                             tmp_path / "final.json", 4)
     # The same reader against a plain (non-atomic) rewrite: shows that it does catch half-written files.
-    naive_reads, naive_partial = _race(lambda p, i: p.write_text("".join(json.dumps(r) + "\n" for r in _rows(i))), _whole_jsonl, tmp_path / "naive.jsonl", 2)
+    naive_reads, naive_partial = _race(lambda p, i: p.write_text("".join(json.dumps(r) + "\n" for r in _rows(i))), _whole_jsonl,
+                                       tmp_path / "naive.jsonl", 2)
     print(f"\nwrite_jsonl: {reads} reads, {partial} partial; write_json: {reads2} reads, {partial2} partial; "
           f"plain write (control): {naive_reads} reads, {naive_partial} partial")
     assert reads > 50 and reads2 > 50 and partial == 0 and partial2 == 0
@@ -290,7 +291,8 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
     spec = two_run_spec(tmp_path, "[2]")  # 24 steps per epoch: the runs write for a while
     extra = ["epochs=3", "log_steps=true", "log_every_steps=1", "checkpoint_every_steps=3"]
     sweep = subprocess.Popen(
-        [sys.executable, "-m", "ablation", "sweep", str(spec), f"data.root={tiny_data}", *extra, "--results", str(results), "--profile", str(profile)],
+        [sys.executable, "-m", "ablation", "sweep", str(spec), f"data.root={tiny_data}", *extra, "--results", str(results), "--profile",
+         str(profile)],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     out = []
@@ -325,15 +327,16 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
             time.sleep(0.2)
         reader.start()
         while sweep.poll() is None and time.monotonic() - t0 < 120:
-            st = cli(["status", str(sweep_dir)], cli_env, timeout=60)
+            st = ablation(["status", str(sweep_dir)], cli_env, timeout=60)
             assert st.returncode == 0, st.stderr
             assert st.stderr == "" and st.stdout.strip().splitlines()[-1].startswith("2 runs: "), st.stdout + st.stderr
-            table = [re.search(r" (ok|running|stopped|new)\S* .*?(\d+)/(\d+) ", line) for line in st.stdout.splitlines() if "resnet18_" in line]
+            table = [re.search(r" (ok|running|stopped|new)\S* .*?(\d+)/(\d+) ", line)
+                     for line in st.stdout.splitlines() if "resnet18_" in line]
             assert len(table) == 2 and all(table), st.stdout
             assert all(0 <= int(m[2]) <= int(m[3]) == 3 for m in table), st.stdout
             states_seen.update(m[1] for m in table)
             calls["status"] += 1
-            rep = cli(["report", str(results), "--out", str(tmp_path / "rep")], cli_env, timeout=120)
+            rep = ablation(["report", str(results), "--out", str(tmp_path / "rep")], cli_env, timeout=120)
             assert rep.returncode == 0, rep.stderr
             runs = pd.read_csv(tmp_path / "rep" / "runs.csv")
             curves = pd.read_csv(tmp_path / "rep" / "curves.csv")
@@ -351,18 +354,20 @@ def test_status_and_report_in_a_loop_while_a_local_sweep_writes(tiny_data: Path,
         if sweep.poll() is None:
             sweep.kill()
             sweep.wait()
-    print(f"\nwhile the sweep ran ({time.monotonic() - t0:.0f} s): {calls['status']} status and {calls['report']} report calls, all exit 0, "
+    print(f"\nwhile the sweep ran ({time.monotonic() - t0:.0f} s): {calls['status']} status and {calls['report']} report calls, "
+          "all exit 0, "
           f"{calls['in-process reads']} in-process reads of status, collect and steps.jsonl; states seen {sorted(states_seen)}")
     assert not errors, errors
     assert calls["status"] >= 1 and calls["report"] >= 1 and calls["in-process reads"] >= 1
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0 and st.stdout.strip().splitlines()[-1] == "2 runs: 2 ok"
     for run in results.glob("runs/*"):
         assert [r["step"] for r in rundir.read_jsonl(run / "steps.jsonl")] == list(range(72))
     assert status.sweep_states(sweep_dir) and len(collect.collect([results])[0]) == 2
 
 
-def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sweep: Path, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sweep: Path, tiny_data: Path, tmp_path: Path,
+                                                                     cli_env: dict[str, str]) -> None:
     from ablation import provenance
 
     results = tmp_path / "results"
@@ -373,23 +378,25 @@ def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sw
     assert pins == {k: v for k, v in provenance.package_versions().items() if v} and pins["torch"] == torch_version
     a, b = (r["run_id"] for r in json.loads((sweep_dir / "manifest.json").read_text())["runs"])
     assert json.loads((results / "runs" / a / "env.json").read_text())["packages"] == provenance.package_versions()
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0 and "versions:" not in st.stdout, st.stdout
 
     env = json.loads((results / "runs" / b / "env.json").read_text())
     env["packages"]["torch"] = "0.0.1"
     (results / "runs" / b / "env.json").write_text(json.dumps(env))
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0, st.stderr
     assert st.stdout.strip().splitlines()[-1] == (
-        f"versions: torch 0.0.1 in 1 run ({b}), not the sweep's constraints.txt (torch {torch_version}): their numbers may differ in the last digits")
+        f"versions: torch 0.0.1 in 1 run ({b}), not the sweep's constraints.txt (torch {torch_version}): "
+        "their numbers may differ in the last digits")
 
     # Submitted again from another environment: the pins stay the first submission's, and a warning says what differs.
     text = (sweep_dir / "constraints.txt").read_text().replace(f"torch=={torch_version}", "torch==0.0.1")
     (sweep_dir / "constraints.txt").write_text(text)
     (results / "runs" / b / "final.json").unlink()  # so that there is something to resume
-    again = cli(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"], cli_env)
+    again = ablation(["sweep", str(two_run_spec(tmp_path)), f"data.root={tiny_data}", "--results", str(results), "--executor", "debug"],
+                     cli_env)
     assert again.returncode == 0, again.stderr
     assert f"torch {torch_version} (pinned 0.0.1)" in again.stderr and (sweep_dir / "constraints.txt").read_text() == text
-    st = cli(["status", str(sweep_dir)], cli_env)
+    st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.stdout.strip().splitlines()[-1].startswith(f"versions: torch {torch_version} in 2 runs ("), st.stdout

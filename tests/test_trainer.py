@@ -5,55 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, metrics_without_time, run_folder, weights
 
 from ablation import config, rundir
-from ablation.train.distributed import DistEnv
 from ablation.faults import FAULT_ENV
+from ablation.train.distributed import DistEnv
 from ablation.train.trainer import train
-
-# 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
-RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
-TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
-
-
-def cli(args: list[str], env: dict[str, str], *, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m ablation ...` (or under a launcher such as torchrun) and capture its output."""
-    cmd = (launcher or [sys.executable, "-m"]) + ["ablation", *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
-
-
-def run_folder(proc: subprocess.CompletedProcess) -> Path:
-    """The run folder path the train command prints as its last line."""
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def metrics_without_time(folder: Path) -> list[dict]:
-    """metrics.jsonl rows without the timing fields, which legitimately differ between runs."""
-    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rundir.read_jsonl(folder / rundir.METRICS)]
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The model state (weights and BN running statistics) in a run's checkpoint."""
-    return torch.load(folder / rundir.CHECKPOINT, weights_only=False)["model"]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Metrics (less timings), per-step losses and every tensor of the final checkpoint are equal."""
-    assert metrics_without_time(a) == metrics_without_time(b)
-    assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_config_json_twin_is_written_and_restored(tmp_path: Path) -> None:
@@ -79,7 +42,7 @@ def test_config_json_twin_is_written_and_restored(tmp_path: Path) -> None:
 
 
 def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
+    proc = ablation_ok(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     folder = run_folder(proc)
     cfg = config.load(None, RUN + [f"data.root={tiny_data}"])
     assert folder == tmp_path / config.run_id(cfg)
@@ -103,7 +66,8 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     from PIL import features
 
     assert env["decode"]["pillow"] == PIL.__version__ and env["decode"]["pillow_jpeg"] == features.version("jpg")
-    assert env["decode"]["pillow_libjpeg_turbo"] == features.version("libjpeg_turbo") and env["decode"]["torchvision_image_backend"] == "PIL"
+    assert env["decode"]["pillow_libjpeg_turbo"] == features.version("libjpeg_turbo")
+    assert env["decode"]["torchvision_image_backend"] == "PIL"
 
     rows = rundir.read_jsonl(folder / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
@@ -117,13 +81,14 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
 
     # Started again: nothing is trained and nothing is rewritten.
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    again = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
+    again = ablation_ok(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     assert "already finished (ok" in again.stdout and run_folder(again) == folder
-    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train.log"} == {k: v for k, v in before.items() if k != "train.log"}
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != "train.log"} == {
+        k: v for k, v in before.items() if k != "train.log"}
 
 
 def test_diverging_run_ends_as_diverged_with_the_step(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = cli(["train", *RUN, f"data.root={tiny_data}", "optim.lr=1e6", "--results", str(tmp_path)], cli_env, check=False)
+    proc = ablation(["train", *RUN, f"data.root={tiny_data}", "optim.lr=1e6", "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 3, proc.stderr
     assert "error: run diverged: loss is" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     final = json.loads((run_folder(proc) / "final.json").read_text())
@@ -137,20 +102,20 @@ def test_unreadable_image_fails_the_run_and_a_rerun_resumes(tiny_data: Path, tmp
     good = victim.read_bytes()
     victim.write_bytes(b"not a jpeg")
     args = ["train", *RUN, f"data.root={data}", "--results", str(tmp_path / "runs")]
-    proc = cli(args, cli_env, check=False)
+    proc = ablation(args, cli_env)
     assert proc.returncode == 2 and victim.name in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     folder = run_folder(proc)
     final = json.loads((folder / "final.json").read_text())
     assert final["status"] == "failed" and victim.name in final["reason"]
 
     victim.write_bytes(good)  # the user fixes the file and starts the same run again
-    proc = cli(args, cli_env)
+    proc = ablation_ok(args, cli_env)
     assert json.loads((folder / "final.json").read_text())["status"] == "ok"
 
 
 def test_optimizer_decays_gamma_and_beta_unless_told_not_to() -> None:
-    from ablation.train.optim import build_optimizer
     from ablation.train.models import create_model
+    from ablation.train.optim import build_optimizer
 
     cfg = config.load(None, TINY)
     model = create_model(cfg, 4)
@@ -175,7 +140,7 @@ def test_a_locked_run_folder_is_refused(tiny_data: Path, tmp_path: Path, cli_env
         f.write("pid 12345 on somehost")
         f.flush()
         fcntl.flock(f, fcntl.LOCK_EX)
-        proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env, check=False)
+        proc = ablation(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 2 and "is in use by pid 12345 on somehost" in proc.stderr
     assert not (folder / "final.json").exists()
 
@@ -185,7 +150,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tiny_data: Path, tmp_path: Path, 
     folder = tmp_path / config.run_id(cfg)
     folder.mkdir()
     (folder / "checkpoint.pt").write_bytes(b"garbage")
-    proc = cli(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env, check=False)
+    proc = ablation(["train", *RUN, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 2 and "checkpoint.pt: cannot load checkpoint" in proc.stderr
 
 
@@ -197,7 +162,7 @@ def test_gpus_must_be_a_multiple_of_the_processes(tiny_data: Path, tmp_path: Pat
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = cli(["train", *RUN, f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path)], cli_env, check=False)
+    proc = ablation(["train", *RUN, f"data.root={tmp_path / 'nowhere'}", "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nowhere" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == [] and proc.stdout == ""  # no run folder for a run that never started
@@ -208,7 +173,7 @@ def test_split_pipelines_train_end_to_end(pipeline: str, tiny_data: Path, tmp_pa
     # Loader workers ship uint8 pixels (split) or JPEG bytes (device-decode) with their parameters;
     # decoding (device-decode) and the photometric steps run in the trainer.
     args = ["train", *RUN, f"data.root={tiny_data}", f"data.pipeline={pipeline}", "data.workers=2"]
-    folder = run_folder(cli([*args, "--results", str(tmp_path)], cli_env))
+    folder = run_folder(ablation_ok([*args, "--results", str(tmp_path)], cli_env))
     cfg = config.load(None, RUN + [f"data.root={tiny_data}", f"data.pipeline={pipeline}"])
     assert folder.name == config.run_id(cfg) != config.run_id(config.load(None, RUN + [f"data.root={tiny_data}"]))
     assert yaml.safe_load((folder / "config.yaml").read_text())["data"]["pipeline"] == pipeline
@@ -219,16 +184,17 @@ def test_split_pipelines_train_end_to_end(pipeline: str, tiny_data: Path, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["reference", "split"])
-def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline: str, tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline: str, tiny_data: Path, tmp_path: Path,
+                                                                        cli_env: dict[str, str]) -> None:
     args = ["train", *RUN, "epochs=3", f"data.root={tiny_data}", f"data.pipeline={pipeline}", "checkpoint_every_steps=5", "log_steps=true"]
-    whole = run_folder(cli([*args, "--results", str(tmp_path / "whole")], cli_env))
+    whole = run_folder(ablation_ok([*args, "--results", str(tmp_path / "whole")], cli_env))
 
     killed_env = {**cli_env, FAULT_ENV: "step:18:kill"}  # last checkpoint before the kill: step 15, mid epoch 2
-    proc = cli([*args, "--results", str(tmp_path / "resumed")], killed_env, check=False)
+    proc = ablation([*args, "--results", str(tmp_path / "resumed")], killed_env)
     assert proc.returncode == -9
     folder = tmp_path / "resumed" / whole.name
     assert not (folder / "final.json").exists() and len(rundir.read_jsonl(folder / "metrics.jsonl")) == 1
-    resumed = run_folder(cli([*args, "--results", str(tmp_path / "resumed")], cli_env))
+    resumed = run_folder(ablation_ok([*args, "--results", str(tmp_path / "resumed")], cli_env))
 
     starts = json.loads((resumed / "env.json").read_text())["starts"]
     assert [s["resumed_from_step"] for s in starts] == [0, 15]
@@ -254,12 +220,13 @@ PRECISE = "norm.precise_bn_images=20"  # PreciseBN on: its moments are averaged 
     ],
     ids=["bn-rank0", "bn-mean", "brn-rank0-precise", "brn-mean-precise", "evonorm_b0-rank0-precise", "bn-mean-precise"],
 )
-def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], tiny_data: Path, tmp_path: Path,
+                                                               cli_env: dict[str, str]) -> None:
     """Losses, weights, running statistics and metrics of 4 torchrun processes equal one process standing in for 4 GPUs."""
     args = ["train", *RUN, *norm, f"data.root={tiny_data}", "log_steps=true"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
-    multi = run_folder(cli([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
-    single = run_folder(cli([*args, "--results", str(tmp_path / "single")], cli_env))
+    multi = run_folder(ablation_ok([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
+    single = run_folder(ablation_ok([*args, "--results", str(tmp_path / "single")], cli_env))
     assert multi.name == single.name
     assert json.loads((multi / "env.json").read_text())["processes"] == 4
 
@@ -281,8 +248,8 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], 
 def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from ablation.train import loop
     from ablation.norms import PerGPUBatchNorm2d
+    from ablation.train import loop
 
     synced_after: list[int] = []  # training steps done at each sync (a BN layer's batch count)
     real_sync = loop.sync_running_stats
@@ -301,7 +268,8 @@ def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step
 
     monkeypatch.setattr(loop, "sync_running_stats", sync)
     monkeypatch.setattr(torch, "tensor", tensor)
-    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0", "log_every_steps=1000"])
+    cfg = config.load(None, RUN + [f"data.root={tiny_data}", "checkpoint_every_steps=5", "checkpoint_every_minutes=0",
+                                   "log_every_steps=1000"])
     assert train(cfg, tmp_path / "run")["status"] == "ok"
     # 12 steps per epoch: checkpoints at steps 5, 10, 15, 20; evaluations (then epoch checkpoints) at 12 and 24.
     assert synced_after == [5, 10, 12, 15, 20, 24]
@@ -330,8 +298,8 @@ def test_cuda_backends_follow_the_config_and_are_recorded() -> None:
 
 
 def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() -> None:
-    from ablation.train.loaders import GlobalBatchSampler
     from ablation.norms import split_per_gpu
+    from ablation.train.loaders import GlobalBatchSampler
 
     cfg = config.load(None, TINY + ["gpus=8", "batch_per_gpu=3"])
     d = config.derive(cfg, 200)

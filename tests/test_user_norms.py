@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,13 +13,13 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import ROOT, TINY
+from helpers import ROOT, TINY, ablation
 
 from ablation import config
-from ablation.sweep import spec as sweep
 from ablation.errors import NormError
-from ablation.train.models import check_model_norm
 from ablation.norms import NormSpec, create_norm
+from ablation.sweep import spec as sweep
+from ablation.train.models import check_model_norm
 
 EXAMPLES = ROOT / "sweeps" / "examples"
 EXAMPLE = EXAMPLES / "my_norm.yaml"
@@ -42,10 +41,6 @@ def my_norm_module():
 def tiny(*overrides: str) -> config.RunConfig:
     """The tests' tiny ResNet-18 (widths 8, 16) with these overrides."""
     return config.load(None, [*TINY, *overrides])
-
-
-def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ablation", *args], env=env, capture_output=True, text=True, timeout=900)
 
 
 # ---------------------------------------------------------------- the worked example
@@ -75,13 +70,15 @@ def test_example_norm_is_the_group_rms_definition_per_image_with_its_options(my_
     expected = expected * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x[:1]), layer(x)[:1], rtol=1e-6, atol=1e-6)  # batch-free: an image's output ignores its batch mates
-    fixed = create_norm(16, NormSpec(config.replace(config.RunConfig(), **{"norm.name": NAME, "norm.options": {"groups": 2, "affine": False}}).norm))
+    fixed_cfg = config.replace(config.RunConfig(), **{"norm.name": NAME, "norm.options": {"groups": 2, "affine": False}})
+    fixed = create_norm(16, NormSpec(fixed_cfg.norm))
     assert list(fixed.parameters()) == []
 
 
 def test_example_norm_builds_in_resnet50_and_its_mistakes_are_one_line(my_norm_module) -> None:
     check_model_norm(config.load(EXAMPLES / "one_run.yaml", [f"norm.name={NAME}"]))  # G=32 divides every ResNet-50 width
-    with pytest.raises(NormError, match=r"^norm.name: building 'my_norm:my_norm' layers failed: ValueError: norm.options.groups=32 does not divide a layer's 8 channels$"):
+    with pytest.raises(NormError, match=r"^norm.name: building 'my_norm:my_norm' layers failed: "
+                                        r"ValueError: norm.options.groups=32 does not divide a layer's 8 channels$"):
         check_model_norm(tiny(f"norm.name={NAME}"))
     with pytest.raises(NormError, match=r"unknown option\(s\) group; my_norm takes groups, affine$"):
         check_model_norm(tiny(f"norm.name={NAME}", "norm.options={group: 4}"))
@@ -100,10 +97,11 @@ def test_example_sweep_trains_and_reports_beside_bn_and_gn(tiny_data: Path, tmp_
     path.write_text(yaml.safe_dump(spec))
     env = {**cli_env, "PYTHONPATH": os.pathsep.join([cli_env["PYTHONPATH"], str(EXAMPLES)])}
     results, out = tmp_path / "results", tmp_path / "report"
-    proc = run_cli(["sweep", str(path), f"data.root={tiny_data}", *TINY, "gpus=4", "epochs=2", "--executor", "local", "--results", str(results)], env)
+    proc = ablation(["sweep", str(path), f"data.root={tiny_data}", *TINY, "gpus=4", "epochs=2", "--executor", "local", "--results",
+                     str(results)], env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "6 runs: 6 ok"
-    rep = run_cli(["report", str(results / "my_norm"), "--out", str(out)], env)
+    rep = ablation(["report", str(results / "my_norm"), "--out", str(out)], env, timeout=900)
     assert rep.returncode == 0, rep.stderr
     runs = pd.read_csv(out / "runs.csv")
     assert len(runs) == 6 and set(runs["status"]) == {"ok"} and set(runs["norm"]) == {"bn", "gn", NAME} and not runs["paper_setting"].any()
@@ -121,9 +119,10 @@ def test_example_sweep_trains_and_reports_beside_bn_and_gn(tiny_data: Path, tmp_
 
 
 def test_example_without_its_folder_on_the_path_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    proc = run_cli(["sweep", str(EXAMPLE), "--dry-run", "--results", str(tmp_path / "results")], cli_env)
+    proc = ablation(["sweep", str(EXAMPLE), "--dry-run", "--results", str(tmp_path / "results")], cli_env, timeout=900)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == "error: norm.name: cannot import module 'my_norm' (No module named 'my_norm'); is it installed or on PYTHONPATH?"
+    assert proc.stderr.strip() == ("error: norm.name: cannot import module 'my_norm' (No module named 'my_norm'); "
+                                   "is it installed or on PYTHONPATH?")
 
 
 # ---------------------------------------------------------------- a user's mistakes
@@ -134,14 +133,22 @@ def test_example_without_its_folder_on_the_path_is_one_line(tmp_path: Path, cli_
     [
         ("nosuchpkg.norms:f", None, r"^norm.name: cannot import module 'nosuchpkg.norms' .*PYTHONPATH\?$"),
         ("plugins.badnorms:missing", None, r"^norm.name: module 'plugins.badnorms' has no callable 'missing'$"),
-        ("plugins.badnorms:returns_none", None, r"^norm.name: factory 'plugins.badnorms:returns_none' returned NoneType, not a torch.nn.Module$"),
-        ("plugins.badnorms:changes_shape", None, r"^norm.name: 'plugins.badnorms:changes_shape' changes the tensor's shape at 8 channels: \(2, 8, 4, 4\) -> \(2, 4, 4, 4\)"),
-        ("plugins.badnorms:pools", None, r"^norm.name: 'plugins.badnorms:pools' changes the tensor's shape at 8 channels: \(2, 8, 4, 4\) -> \(2, 8, 1, 1\)"),
-        ("plugins.badnorms:plain_tensor", None, r"^norm.name: 'plugins.badnorms:plain_tensor' keeps the tensor 'weight' as a plain attribute, which is never trained"),
-        ("plugins.badnorms:claims_affine", None, r"^norm.name: 'plugins.badnorms:claims_affine' sets affine=True but has no learnable parameters"),
-        ("plugins.badnorms:fixed", {"affine": True}, r"^norm.name: 'plugins.badnorms:fixed' has no learnable parameters although norm.options.affine is true"),
-        ("plugins.badnorms:breaks_in_forward", None, r"^norm.name: 'plugins.badnorms:breaks_in_forward' fails on a \(2, 8, 4, 4\) input in train mode: RuntimeError: "),
-        ("plugins.badnorms:nans", None, r"^norm.name: 'plugins.badnorms:nans' returns NaN or inf on a random \(2, 8, 4, 4\) input in train mode$"),
+        ("plugins.badnorms:returns_none", None,
+         r"^norm.name: factory 'plugins.badnorms:returns_none' returned NoneType, not a torch.nn.Module$"),
+        ("plugins.badnorms:changes_shape", None,
+         r"^norm.name: 'plugins.badnorms:changes_shape' changes the tensor's shape at 8 channels: \(2, 8, 4, 4\) -> \(2, 4, 4, 4\)"),
+        ("plugins.badnorms:pools", None,
+         r"^norm.name: 'plugins.badnorms:pools' changes the tensor's shape at 8 channels: \(2, 8, 4, 4\) -> \(2, 8, 1, 1\)"),
+        ("plugins.badnorms:plain_tensor", None,
+         r"^norm.name: 'plugins.badnorms:plain_tensor' keeps the tensor 'weight' as a plain attribute, which is never trained"),
+        ("plugins.badnorms:claims_affine", None,
+         r"^norm.name: 'plugins.badnorms:claims_affine' sets affine=True but has no learnable parameters"),
+        ("plugins.badnorms:fixed", {"affine": True},
+         r"^norm.name: 'plugins.badnorms:fixed' has no learnable parameters although norm.options.affine is true"),
+        ("plugins.badnorms:breaks_in_forward", None,
+         r"^norm.name: 'plugins.badnorms:breaks_in_forward' fails on a \(2, 8, 4, 4\) input in train mode: RuntimeError: "),
+        ("plugins.badnorms:nans", None,
+         r"^norm.name: 'plugins.badnorms:nans' returns NaN or inf on a random \(2, 8, 4, 4\) input in train mode$"),
     ],
 )
 def test_a_users_mistake_is_one_line_naming_the_norm_before_any_work(name: str, options: dict | None, message: str) -> None:
@@ -173,11 +180,15 @@ def test_a_norm_without_parameters_is_legal_and_said_once(caplog: pytest.LogCapt
         logger.removeHandler(caplog.handler)
 
 
-def test_a_bad_user_norm_in_a_sweep_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_a_bad_user_norm_in_a_sweep_exits_2_with_one_line_and_writes_nothing(tiny_data: Path, tmp_path: Path,
+                                                                             cli_env: dict[str, str]) -> None:
     spec = tmp_path / "bad.yaml"
-    spec.write_text(yaml.safe_dump({"name": "bad", "base": {"gpus": 4, "epochs": 1}, "grid": {"norm.name": ["gn", "plugins.badnorms:changes_shape"]}}))
-    proc = run_cli(["sweep", str(spec), f"data.root={tiny_data}", *TINY, "norm.groups=4", "--executor", "local", "--results", str(tmp_path / "results")], cli_env)
+    spec.write_text(yaml.safe_dump({"name": "bad", "base": {"gpus": 4, "epochs": 1},
+                                    "grid": {"norm.name": ["gn", "plugins.badnorms:changes_shape"]}}))
+    proc = ablation(["sweep", str(spec), f"data.root={tiny_data}", *TINY, "norm.groups=4", "--executor", "local", "--results",
+                     str(tmp_path / "results")], cli_env, timeout=900)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: norm.name: 'plugins.badnorms:changes_shape' changes the tensor's shape at 8 channels")
+    assert len(lines) == 1
+    assert lines[0].startswith("error: norm.name: 'plugins.badnorms:changes_shape' changes the tensor's shape at 8 channels")
     assert not (tmp_path / "results").exists()

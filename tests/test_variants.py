@@ -13,25 +13,20 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from helpers import TINY
+from helpers import norm_spec as spec
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import nn
 
 from ablation import config, rundir
 from ablation.errors import ConfigError
-from ablation.train.models import check_model_norm, create_model, init_weights, last_norms
-from ablation.norms import NormSpec, create_norm
+from ablation.norms import create_norm
 from ablation.norms.evonorm import EvoNormS0
 from ablation.norms.weight_std import WSConv2d, standardize
+from ablation.train.models import check_model_norm, create_model, init_weights, last_norms
 from ablation.train.trainer import train
 
 NORM_ACT = ("frn", "evonorm_s0")
-
-
-def spec(name: str, apply_act: bool = False, **norm: object) -> NormSpec:
-    """A NormSpec for a norm name, its norm.* options and apply_act."""
-    cfg = config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}})
-    return NormSpec(cfg.norm, apply_act=apply_act)
 
 
 def randomize(layer: nn.Module, seed: int = 1) -> nn.Module:
@@ -113,7 +108,7 @@ def test_weight_std_is_in_the_run_id_only_when_set() -> None:
 @pytest.mark.parametrize("apply_act", [True, False])
 @torch.no_grad()
 def test_frn_matches_the_definition(apply_act: bool) -> None:
-    layer = randomize(create_norm(4, spec("frn", apply_act)))
+    layer = randomize(create_norm(4, spec("frn", apply_act=apply_act)))
     assert layer.eps == 1e-6  # the paper's epsilon, from the registry
     assert (layer.tau is not None) == apply_act
     out = layer(X)
@@ -143,7 +138,7 @@ def test_frn_eps_follows_norm_eps() -> None:
 @pytest.mark.parametrize("apply_act", [True, False])
 @torch.no_grad()
 def test_evonorm_s0_matches_the_definition(apply_act: bool) -> None:
-    layer = randomize(create_norm(4, spec("evonorm_s0", apply_act, groups=2)))
+    layer = randomize(create_norm(4, spec("evonorm_s0", apply_act=apply_act, groups=2)))
     assert isinstance(layer, EvoNormS0) and layer.groups == 2 and layer.eps == 1e-5
     assert (layer.v is not None) == apply_act
     out = layer(X)
@@ -314,7 +309,8 @@ def test_init_of_norm_act_layers(norm: str) -> None:
     ids=["frn", "evonorm_s0", "gn+ws"],
 )
 def test_trains_a_few_steps_on_the_cpu(tiny_data: Path, tmp_path: Path, overrides: list[str], moved: str) -> None:
-    cfg = config.load(None, TINY + overrides + [f"data.root={tiny_data}", "gpus=1", "batch_per_gpu=16", "epochs=1", "log_steps=true", "optim.lr=3.2"])
+    cfg = config.load(None, TINY + overrides + [f"data.root={tiny_data}", "gpus=1", "batch_per_gpu=16", "epochs=1", "log_steps=true",
+                                                "optim.lr=3.2"])
     torch.manual_seed(cfg.seed)
     initial = create_model(cfg, 4).state_dict()[moved].clone()
     final = train(cfg, tmp_path / "run")

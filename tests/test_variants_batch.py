@@ -13,19 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from helpers import RUN
+from helpers import norm_spec as spec
 
 from ablation import config, rundir
-from ablation.norms import NormSpec, create_norm, sync_running_stats
+from ablation.norms import create_norm, sync_running_stats
 from ablation.norms.precise import precise_bn
 
 F64 = {"rtol": 1e-12, "atol": 1e-12}
-
-
-def spec(name: str, gpus_per_process: int = 1, apply_act: bool = False, **norm: object) -> NormSpec:
-    """A NormSpec for a norm name and norm.* fields (validated as a run config would be)."""
-    cfg = config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}})
-    return NormSpec(cfg.norm, gpus_per_process, apply_act=apply_act)
 
 
 def randomize(layer: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
@@ -42,7 +37,8 @@ def chunk_rows(n: int, k: int) -> list[torch.Tensor]:
     return [torch.arange(i, n, k) for i in range(k)]
 
 
-def step_against_separate(stand_in: torch.nn.Module, gpus: list[torch.nn.Module], x: torch.Tensor, up: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def step_against_separate(stand_in: torch.nn.Module, gpus: list[torch.nn.Module], x: torch.Tensor, up: torch.Tensor,
+                          channels_last: bool) -> torch.Tensor:
     """One training step of a layer standing in for k GPUs and of k separate layers, one per GPU's rows:
     outputs, input gradients and parameter gradients (summed over GPUs, as DDP does) must agree. Returns
     the stand-in's output; every gradient is zeroed again."""
@@ -78,7 +74,8 @@ def c4(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- Batch Renormalization
 
 
-def brn_reference(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, r_max: float, d_max: float, eps: float = 1e-5):
+def brn_reference(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, r_max: float,
+                  d_max: float, eps: float = 1e-5):
     """BRN training output by the paper's formula; r and d computed as constants. Returns (y, r, d, mu_B, sigma_B)."""
     mu_b, var_b = moments(x)
     sigma_b = torch.sqrt(var_b + eps)
@@ -104,7 +101,8 @@ def test_brn_registry_defaults_are_the_gn_papers_and_fields_are_brn_only() -> No
 def test_brn_clips_r_and_d_as_defined() -> None:
     """Channels chosen so r is inside, at r_max and at 1/r_max, and d at +d_max and -d_max."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 4.0, 0.2, 1.0], dtype=torch.float64).view(1, 4, 1, 1) + 2.0
+    scale = torch.tensor([1.0, 4.0, 0.2, 1.0], dtype=torch.float64).view(1, 4, 1, 1)
+    x = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * scale + 2.0
     layer = randomize(create_norm(4, spec("brn", momentum=0.25))).double()
     mu_b, var_b = moments(x)
     sigma_b = torch.sqrt(var_b + 1e-5)
@@ -218,7 +216,8 @@ def test_brn_stand_in_equals_k_separate_modules(k: int, rule: str, channels_last
     for m in gpus:
         m.load_state_dict(stand_in.state_dict())
     for step in range(5):
-        x = (torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64) * (1 + step) + torch.randn(c, 1, 1, generator=g, dtype=torch.float64) * 3).requires_grad_()
+        x = (torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64) * (1 + step)
+             + torch.randn(c, 1, 1, generator=g, dtype=torch.float64) * 3).requires_grad_()
         up = torch.randn(k * b, c, 3, 2, generator=g, dtype=torch.float64)
         y = step_against_separate(stand_in, gpus, x, up, channels_last)
         assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -293,7 +292,8 @@ def test_evonorm_b0_stand_in_equals_k_separate_modules(k: int, rule: str, apply_
     """Outputs, input and parameter gradients, and the running variance (each GPU's own chain, then the rule)."""
     g = torch.Generator().manual_seed(20 * k + apply_act)
     c, b = 5, 2
-    stand_in = randomize(create_norm(c, spec("evonorm_b0", gpus_per_process=k, apply_act=apply_act, running_stats=rule, momentum=0.3))).double()
+    stand_in = randomize(create_norm(c, spec("evonorm_b0", gpus_per_process=k, apply_act=apply_act, running_stats=rule,
+                                             momentum=0.3))).double()
     gpus = [create_norm(c, spec("evonorm_b0", apply_act=apply_act, momentum=0.3)).double() for _ in range(k)]
     for m in gpus:
         m.load_state_dict(stand_in.state_dict())
@@ -309,7 +309,8 @@ def test_evonorm_b0_stand_in_equals_k_separate_modules(k: int, rule: str, apply_
     stand_in.eval()
     torch.testing.assert_close(stand_in.running_var, expected, **F64)
     xe = torch.randn(3, c, 3, 2, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(stand_in(xe), evonorm_b0_reference(xe, expected, stand_in.weight, stand_in.bias, stand_in.v, apply_act), **F64)
+    torch.testing.assert_close(stand_in(xe), evonorm_b0_reference(xe, expected, stand_in.weight, stand_in.bias, stand_in.v, apply_act),
+                               **F64)
 
 
 def test_evonorm_b0_running_variance_follows_sync_and_load_like_bn() -> None:
@@ -371,7 +372,8 @@ def test_precise_bn_is_the_true_average_over_every_modelled_gpus_batches(rule: s
         mu, var = true_average([s[0] for s in stats], [s[1] for s in stats])
         torch.testing.assert_close(layer.running_mean, mu, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(layer.running_var, var, rtol=1e-10, atol=1e-12)
-        assert torch.equal(layer.gpu_running_mean, layer.running_mean.repeat(k)) and torch.equal(layer.gpu_running_var, layer.running_var.repeat(k))
+        assert torch.equal(layer.gpu_running_mean, layer.running_mean.repeat(k))
+        assert torch.equal(layer.gpu_running_var, layer.running_var.repeat(k))
         assert int(layer.num_batches_tracked) == 2  # the pass took no training step
         # fvcore's update_bn_stats (mean of Bessel-corrected batch variances) is another number at n = 3 x 2 x 2
         n = b * 4
@@ -414,12 +416,9 @@ def test_precise_bn_sets_evonorm_b0_running_variance() -> None:
 
 # ---------------------------------------------------------------- tiny CPU runs
 
-# 4 modelled GPUs x 4 images = global batch 16; 192 training images = 12 steps per epoch.
-RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
-
-
 @pytest.mark.parametrize("name", ["brn", "evonorm_b0"])
-def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_images(name: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_images(name: str, tiny_data: Path, tmp_path: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Each epoch: 12 steps, then PreciseBN over 20 images = 2 global batches (the epoch's first two, same
     augmentation), then one evaluation batch; everything goes through loop.to_device, in that order."""
     from ablation.train import loop
@@ -450,7 +449,8 @@ def test_variant_trains_a_tiny_cpu_run_with_precise_bn_on_its_first_training_ima
     assert any(k.endswith(key) for k in state) and all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop right after PreciseBN (in the evaluation) checkpoints precise mu, sigma; the resumed run must
     not recompute them from themselves, and ends bitwise equal to an uninterrupted run."""
     from ablation.train import loop
@@ -475,7 +475,7 @@ def test_brn_with_precise_bn_stopped_in_evaluation_resumes_bitwise(tiny_data: Pa
     stop["now"] = False
     assert train(cfg, tmp_path / "resumed")["status"] == "ok"
     assert calls == [2, 0, 2]  # epoch 1; epoch 1 again after the resume: already precise, skipped; epoch 2
-    from test_trainer import assert_same_run
+    from helpers import assert_same_run
 
     assert_same_run(tmp_path / "whole", tmp_path / "resumed")
 

@@ -1,0 +1,127 @@
+"""What several test files share: the tiny run settings, the `python -m ablation` runner, run-folder checks, NormSpecs,
+run folders written as the trainer writes them (for the report tests)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from ablation import config, rundir
+from ablation.norms import NormSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny ResNet-18-shaped model on 16-pixel images: seconds per run on a CPU.
+TINY = [
+    "model.name=resnet18",
+    "model.widths=[8,16,16,16]",
+    "model.stem_width=8",
+    "model.stem=small",
+    "data.image_size=16",
+    "data.eval_resize=16",
+    "data.workers=0",
+    "data.eval_batch=64",
+    "device=cpu",
+    "log_every_steps=2",
+]
+
+# 4 modelled GPUs x 4 images = global batch 16; 192 training images (tiny_data) = 12 steps per epoch.
+RUN = TINY + ["gpus=4", "batch_per_gpu=4", "epochs=2"]
+
+# metrics.jsonl fields that legitimately differ between two otherwise equal runs.
+TIME_KEYS = {"images_per_s", "epoch_seconds", "wall_seconds"}
+
+
+def ablation(args: list[str], env: dict[str, str], *, cwd: Path | None = None, launcher: list[str] | None = None,
+             timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m ablation ARGS` (or under a launcher such as torchrun) and capture its output.
+
+    check: raise AssertionError, with the command and its output, when it exits non-zero.
+    """
+    cmd = (launcher or [sys.executable, "-m"]) + ["ablation", *args]
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def ablation_ok(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess:
+    """ablation(..., check=True): the command must succeed."""
+    return ablation(args, env, check=True, **kw)
+
+
+def run_folder(proc: subprocess.CompletedProcess) -> Path:
+    """The run folder path the train command prints as its last line."""
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def metrics_without_time(folder: Path) -> list[dict]:
+    """metrics.jsonl rows without the timing fields, which legitimately differ between runs."""
+    return [{k: v for k, v in row.items() if k not in TIME_KEYS} for row in rundir.read_jsonl(folder / rundir.METRICS)]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model state (weights and BN running statistics) in a run's checkpoint."""
+    return torch.load(folder / rundir.CHECKPOINT, weights_only=False)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Metrics (less timings), per-step losses and every tensor of the final checkpoint are equal."""
+    assert metrics_without_time(a) == metrics_without_time(b)
+    assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def norm_spec(name: str, gpus_per_process: int = 1, apply_act: bool = False, **norm: object) -> NormSpec:
+    """A NormSpec for a norm name, its norm.* options (validated as a run config would be) and apply_act."""
+    cfg = config.replace(config.RunConfig(), **{"norm.name": name, **{f"norm.{k}": v for k, v in norm.items()}})
+    return NormSpec(cfg.norm, gpus_per_process, apply_act=apply_act)
+
+
+# ---------------------------------------------------------------- run folders for the report tests
+
+PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
+PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
+
+
+def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
+              train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
+    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json
+    (trained on ImageNet's image count unless told)."""
+    cfg = config.load(None, ["epochs=10", *overrides])
+    rid = config.run_id(cfg)
+    folder = root / rid
+    folder.mkdir(parents=True)
+    doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg),
+           "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(doc))
+    (folder / "config.json").write_text(rundir.config_json_text(doc))
+    (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))
+    rows = [
+        {"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0,
+         "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
+        for i, v in enumerate(val)
+    ]
+    rundir.write_jsonl(folder / "metrics.jsonl", rows)
+    if status:
+        final = {"status": status, "reason": reason, "val_err1": statistics.median(val[-5:]) if status == "ok" else None, "val_err5": 1.0,
+                 "gpu_hours": 0.5, "wall_seconds": 3.0}
+        rundir.write_json(folder / "final.json", final)
+    return {"run_id": rid, "folder": folder, "val": val}
+
+
+def curve(end: float, n: int = 10) -> list[float]:
+    """A falling val-error curve whose last five epochs are end+0.4, end+0.2, end, end-0.2, end+0.1."""
+    return [end + 30 - i for i in range(n - 5)] + [end + 0.4, end + 0.2, end, end - 0.2, end + 0.1]
+
+
+def med(end: float) -> float:
+    """The paper metric of curve(end), computed independently."""
+    return statistics.median([end + 0.4, end + 0.2, end, end - 0.2, end + 0.1])
