@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import yaml
@@ -125,3 +126,21 @@ def curve(end: float, n: int = 10) -> list[float]:
 def med(end: float) -> float:
     """The paper metric of curve(end), computed independently."""
     return statistics.median([end + 0.4, end + 0.2, end, end - 0.2, end + 0.1])
+
+
+def make_cfg(**overrides: object) -> SimpleNamespace:
+    """A DataConfig stand-in with the paper's defaults scaled to tiny images."""
+    fields = dict(root="", image_size=28, eval_resize=32, crop_scale=(0.08, 1.0),
+                  crop_ratio=(0.75, 4 / 3), color_jitter=0.4, lighting=0.1, hflip=True,
+                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    fields.update(overrides)
+    return SimpleNamespace(**fields)
+
+
+def split_cfg(**overrides: object) -> SimpleNamespace:
+    """The paper's augmentation at 24 px, split pipeline."""
+    return make_cfg(**{"image_size": 24, "eval_resize": 28, "pipeline": "split", **overrides})
+
+
+# A tiny run with mid-epoch checkpoints and per-step logs: what the fault tests kill and resume.
+FAULT_ARGS = ["train", *RUN, "epochs=3", "checkpoint_every_steps=5", "log_steps=true"]

@@ -6,12 +6,11 @@ import re
 import shutil
 import statistics
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from helpers import ablation
+from helpers import ablation, make_cfg, split_cfg
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -38,15 +37,6 @@ from ablation.data.synth import SynthSpec, write_synth
 from ablation.errors import DataError
 
 SPEC = SynthSpec(classes=3, train_per_class=4, val_per_class=2, size=32, seed=3)
-
-
-def make_cfg(**overrides: object) -> SimpleNamespace:
-    """A DataConfig stand-in with the paper's defaults scaled to tiny images."""
-    fields = dict(root="", image_size=28, eval_resize=32, crop_scale=(0.08, 1.0),
-                  crop_ratio=(0.75, 4 / 3), color_jitter=0.4, lighting=0.1, hflip=True,
-                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    fields.update(overrides)
-    return SimpleNamespace(**fields)
 
 
 @pytest.fixture(scope="module")
@@ -381,11 +371,6 @@ def test_folder_given_a_scan_does_not_walk(synth_root: Path, monkeypatch: pytest
 
 # 96-px images cropped to 24 px: crops of 48 px or more decode at 1/2 scale, whole images at 1/4.
 SPLIT_SPEC = SynthSpec(classes=3, train_per_class=8, val_per_class=2, size=96, seed=5)
-
-
-def split_cfg(**overrides: object) -> SimpleNamespace:
-    """The paper's augmentation at 24 px, split pipeline."""
-    return make_cfg(**{"image_size": 24, "eval_resize": 28, "pipeline": "split", **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
+from helpers import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
 import ablation.data.layout as data_module
 from ablation import config

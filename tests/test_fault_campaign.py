@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAULT_ARGS as ARGS
 from helpers import assert_same_run
-from test_faults import ARGS
 
 from ablation import config, faults, rundir
 from ablation.results import collect

@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 from conftest import subprocess_env
-from helpers import ROOT, RUN, TINY, ablation, ablation_ok, assert_same_run, run_folder
+from helpers import FAULT_ARGS, ROOT, RUN, TINY, ablation, ablation_ok, assert_same_run, run_folder
 
 from ablation import config, rundir
 from ablation.faults import FAULT_ENV, FAULT_RANK_ENV
 
 # 3 epochs of 12 steps, a checkpoint every 5 steps, one line per step: every kind of resume point.
-ARGS = ["train", *RUN, "epochs=3", "checkpoint_every_steps=5", "log_steps=true"]
+ARGS = FAULT_ARGS
 
 
 @pytest.fixture(scope="module")
