@@ -49,6 +49,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             print(f"{key:34s} {default!r:28s} {help_}")
         return EXIT_OK
     cfg = _load(args)
+    _check_models([cfg])  # G against every layer's channels, as a sweep checks it: a config that cannot build is an error
     doc = {"run_id": config.run_id(cfg), **config.to_dict(cfg), "derived": dataclasses.asdict(config.derive(cfg, args.train_images))}
     print(yaml.safe_dump(doc, sort_keys=False), end="")
     return EXIT_OK
@@ -266,6 +267,13 @@ class _Parser(argparse.ArgumentParser):
         self._intermixed = intermixed
         self._inside = False
 
+    def error(self, message: str):  # type: ignore[override]
+        """argparse's usage error, with a hint where a config override was typed as an option (--data.root=/x)."""
+        dashed = [w for w in message.split() if w.startswith("--") and "." in w.split("=", 1)[0]]
+        if message.startswith("unrecognized arguments") and dashed:
+            message += f"; config overrides are key=value without dashes, e.g. {dashed[0].lstrip('-')}"
+        super().error(message)
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
         if not self._intermixed or self._inside:  # Python < 3.13's intermixed parsing calls back here
             return super().parse_known_args(args, namespace)
@@ -276,9 +284,22 @@ class _Parser(argparse.ArgumentParser):
             self._inside = False
 
 
+def _version() -> str:
+    """ablation's version and those of the libraries that decide its numbers (read without importing them)."""
+    import platform
+
+    import ablation
+    from ablation import provenance
+
+    libs = provenance.package_versions()
+    shown = ", ".join(f"{k} {libs[k] or 'missing'}" for k in ("torch", "torchvision", "timm", "numpy", "pillow"))
+    return f"ablation {ablation.__version__} (Python {platform.python_version()}; {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = _Parser(prog="ablation", description="Normalization x batch-size ablations (Wu & He, Group Normalization).")
+    p.add_argument("--version", action="version", version=_version(), help="print the versions of ablation and its libraries")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", intermixed=True, help="train one run (DDP under torchrun or SLURM)")

@@ -285,9 +285,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     """The error for an unknown key, with a suggestion and the valid keys."""
-    leaf = key.rsplit(".", 1)[-1]
+    section, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""  # the full dotted name to type
     return ConfigError(f"unknown config key '{key}'{hint}; valid: {', '.join(valid)}")
 
 

@@ -44,9 +44,45 @@ def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
     proc = ablation(["config", "norm.grups=4"], cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'norm.grups' (did you mean 'groups'?); valid: name, groups, channels_per_group, eps, momentum, "
+        "error: unknown config key 'norm.grups' (did you mean 'norm.groups'?); valid: name, groups, channels_per_group, eps, momentum, "
         "running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
     ]
+
+
+def test_version_names_ablation_and_the_libraries_behind_its_numbers(cli_env: dict[str, str]) -> None:
+    import ablation as package
+    from ablation import provenance
+
+    proc = ablation(["--version"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    torch_version = provenance.package_versions()["torch"]
+    assert proc.stdout.startswith(f"ablation {package.__version__} (Python ") and f"torch {torch_version}," in proc.stdout
+
+
+def test_config_checks_the_norm_against_every_layer(cli_env: dict[str, str]) -> None:
+    proc = ablation(["config", "norm.name=gn", "norm.groups=7"], cli_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: norm.groups=7 does not divide a layer's 64 channels") and len(proc.stderr.splitlines()) == 1
+
+
+def test_an_override_typed_as_an_option_is_told_the_key_value_form(cli_env: dict[str, str]) -> None:
+    proc = ablation(["config", "--data.root=/x"], cli_env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "ablation: error: unrecognized arguments: --data.root=/x; config overrides are key=value without dashes, e.g. data.root=/x")
+    plain = ablation(["config", "--nonsense"], cli_env)  # an unknown option that is no config key: argparse's own words
+    assert plain.stderr.strip().splitlines()[-1] == "ablation: error: unrecognized arguments: --nonsense"
+
+
+def test_a_report_of_nothing_leaves_no_output_folder(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = ablation(["report", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "r2")], cli_env)
+    assert proc.returncode != 0 and "nonexistent" in proc.stderr and not (tmp_path / "r2").exists()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "mine.txt").write_text("kept")
+    proc = ablation(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r3")], cli_env)
+    assert proc.returncode != 0 and "no run folders" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "r3").iterdir()) == ["mine.txt"]  # a folder that was there stays, as it was
 
 
 def test_data_synth_and_check(tmp_path: Path, cli_env: dict[str, str]) -> None:

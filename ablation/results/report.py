@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -896,12 +897,18 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     """Collect the runs under roots and write tables, figures and CSVs to out; `timings` gets the seconds of each phase
     (find, read, frames: ablation.collect; csv, tables, figures)."""
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME)
-    if runs.empty:
-        from ablation.errors import AblationError
+    try:
+        runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME)
+        if runs.empty:
+            from ablation.errors import AblationError
 
-        raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
+            raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
+    except BaseException:
+        if created:  # a report that found nothing to report leaves no folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     t = time.perf_counter()
 
     def lap(name: str) -> None:
