@@ -296,10 +296,21 @@ def _version() -> str:
     return f"ablation {ablation.__version__} (Python {platform.python_version()}; {shown})"
 
 
+class _VersionAction(argparse.Action):
+    """--version: print _version() and exit; the versions are looked up only when asked, not at every start."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[override]
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     p = _Parser(prog="ablation", description="Normalization x batch-size ablations (Wu & He, Group Normalization).")
-    p.add_argument("--version", action="version", version=_version(), help="print the versions of ablation and its libraries")
+    p.add_argument("--version", action=_VersionAction, help="print the versions of ablation and its libraries")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", intermixed=True, help="train one run (DDP under torchrun or SLURM)")
