@@ -38,11 +38,13 @@ def parse_constraints(text: str) -> dict[str, str]:
 
 
 def recorded_versions(env: dict) -> dict[str, str]:
-    """The versions an env.json records: its `packages` map, or for folders from before it, the top-level ones."""
+    """The versions an env.json records in its `packages` map ({} for folders from before it).
+
+    Older folders only have the modules' own __version__ (torch's "2.14.1+cu130" where pip's metadata may say
+    "2.14.1"): not the same kind of string as a pin, so they are not compared rather than always reported.
+    """
     packages = env.get("packages")
-    if isinstance(packages, dict):
-        return {k: v for k, v in packages.items() if isinstance(v, str)}
-    return {k: env[k] for k in ("torch", "torchvision", "timm") if isinstance(env.get(k), str)}
+    return {k: v for k, v in packages.items() if isinstance(v, str)} if isinstance(packages, dict) else {}
 
 
 def differences(recorded: dict[str, str], pinned: dict[str, str]) -> dict[str, tuple[str, str]]:

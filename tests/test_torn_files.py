@@ -380,6 +380,14 @@ def test_a_sweep_pins_its_versions_and_status_names_runs_that_differ(finished_sw
     assert json.loads((results / "runs" / a / "env.json").read_text())["packages"] == provenance.package_versions()
     st = ablation(["status", str(sweep_dir)], cli_env)
     assert st.returncode == 0 and "versions:" not in st.stdout, st.stdout
+    env_a = (results / "runs" / a / "env.json").read_text()
+    old_env = json.loads(env_a)
+    old_env.pop("packages")  # a folder from before env.json recorded packages: only torch.__version__ and the like
+    old_env["torch"] = "0.0.1+cu999"
+    (results / "runs" / a / "env.json").write_text(json.dumps(old_env))
+    st = ablation(["status", str(sweep_dir)], cli_env)
+    assert st.returncode == 0 and "versions:" not in st.stdout, st.stdout  # not compared, never reported
+    (results / "runs" / a / "env.json").write_text(env_a)
 
     env = json.loads((results / "runs" / b / "env.json").read_text())
     env["packages"]["torch"] = "0.0.1"
