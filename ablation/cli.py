@@ -101,38 +101,65 @@ DEFAULT_RESULTS = "results"
 
 
 def _profile(args: argparse.Namespace):
-    """The --profile file, or the built-in local profile: one process standing in for all GPUs."""
-    from ablation.sweep.cluster import Profile, load_profile
+    """(profile, where it comes from): --profile, else the default profile ($ABLATION_PROFILE, the user config file), else
+    the built-in local profile: one process standing in for all GPUs."""
+    from ablation.sweep.cluster import Profile, default_profile, load_profile
 
-    if args.profile:
-        return load_profile(args.profile, args.executor)
+    path, source = (args.profile, "--profile") if args.profile else default_profile()
+    if path:
+        return load_profile(path, args.executor), f"{path}, from {source}"
     if args.executor == "slurm":
         from ablation.errors import ConfigError
 
         raise ConfigError("--executor slurm needs --profile slurm/profiles/<cluster>.yaml (partition, GPUs per node, time limit)")
-    return Profile(name="default", executor=args.executor or "local", stand_in=True, processes_per_job=1, array_parallelism=1)
+    return Profile(name="default", executor=args.executor or "local", stand_in=True, processes_per_job=1, array_parallelism=1), None
+
+
+PAPER_MODELS = ("resnet50", "resnet101")  # the paper's networks: at its image size, days of GPU time a run
+
+
+def _refuse_training_here(sweep, args: argparse.Namespace, profile_file: str | None) -> None:
+    """A sweep of the paper's networks at its image size is not trained on this machine by default: it needs a profile
+    (a cluster) or --executor local said out loud (a GPU node the user is on)."""
+    if profile_file or args.executor:
+        return
+    big = [r for r in sweep.runs if r.config.model.name in PAPER_MODELS and r.config.data.image_size >= 224]
+    if big:
+        from ablation.errors import ConfigError
+
+        c = big[0].config
+        raise ConfigError(
+            f"sweep {sweep.name}: {len(big)} run(s) of {c.model.name} at {c.data.image_size} px would train on this machine, one after "
+            "another: pass --profile slurm/profiles/<cluster>.yaml to submit them to a cluster, or --executor local to train them here"
+        )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Expand a sweep; with --dry-run show what would run, else submit what is not done."""
+    if args.list:
+        return _list_presets()
+    if not args.spec:
+        args.parser.error("the following arguments are required: spec")  # optional only beside --list
     from ablation import sweepdir
     from ablation.sweep import estimates, launch, slurmjobs, status
     from ablation.sweep import spec as sweepmod
     from ablation.sweep.cluster import check_run_fits
 
     sweep = sweepmod.load(args.spec, args.overrides)
-    profile = _profile(args)
+    profile, profile_file = _profile(args)
     results = Path(args.results)
     sweepdir.require_sweep_folder(results / sweep.name)
     for run in sweep.runs:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
+    _refuse_training_here(sweep, args, profile_file)
     from ablation.train.models import checkpoint_bytes
 
     warning = estimates.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)
     if warning:
         print(warning, file=sys.stderr)
-    if not (args.dry_run or args.no_data_check):
+    roots = sorted({r.config.data.root for r in sweep.runs})
+    if not args.no_data_check:  # a dry run checks what a submission checks
         _check_data([r.config for r in sweep.runs])
     planned = launch.plan(sweep, results, args.retry_failed)
     todo = launch.to_submit(planned)
@@ -140,9 +167,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     hours, source = estimates.estimate_hours([cfg_of[r] for r in todo], profile, sweepdir.runs_root(results))
     unit = "GPU-hours" if profile.gpus_per_node else "device-hours (CPU)"
     est = f"~{hours:.1f} {unit} ({source})" if hours is not None else f"{unit}: unknown ({source})"
+    if hours is not None and profile.throughput_illustrative and "profile " in source:
+        est = f"~{hours:.1f} {unit} from ILLUSTRATIVE throughputs (set your GPUs' in {profile.name}'s throughput_images_per_s) ({source})"
     first = cfg_of[todo[0]] if todo else sweep.runs[0].config
     print(f"sweep {sweep.name}: {sweep.description}" if sweep.description else f"sweep {sweep.name}")
     print(status.format_table([s for s, _ in planned], list(sweep.axes)))
+    data = "skipped (--no-data-check)" if args.no_data_check else f"{', '.join(roots)} has train/ and val/"
+    print(f"checked: profile {profile.name} ({profile_file or 'built-in: this machine, one process per run'}); "
+          f"norms and G on every layer; data: {data}")
     print(
         f"{len(sweep.runs)} runs: {len(todo)} to submit, {len(sweep.runs) - len(todo)} done or in flight; "
         f"{len(todo)} jobs on {profile.executor} ({profile.name}), {launch.describe_profile(profile, first)}; {est}"
@@ -159,6 +191,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     else:
         print(status.summary(status.sweep_states(sweep_dir)))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _list_presets() -> int:
+    """Print the sweep presets and cluster profiles found here (./sweeps, ./slurm/profiles) and beside the package."""
+    from ablation.config import ConfigError, load_yaml
+    from ablation.sweep.cluster import default_profile
+
+    here = Path.cwd()
+    repo = Path(__file__).resolve().parents[1]
+    for title, folder, pattern in (("sweep presets", "sweeps", "**/*.yaml"), ("cluster profiles", "slurm/profiles", "*.yaml")):
+        files: dict[Path, Path] = {}
+        for base in dict.fromkeys([here, repo]):
+            for f in sorted((base / folder).glob(pattern)):
+                files.setdefault(f.resolve(), f)
+        print(f"{title}:")
+        if not files:
+            print(f"  (none under ./{folder})")
+        for f in files.values():
+            try:
+                doc = load_yaml(f)
+            except ConfigError as e:
+                doc, what = None, f"unreadable: {e}"
+            if doc is None:
+                pass
+            elif not title.startswith("sweep"):
+                what = f"executor {doc.get('executor', 'local')}, {doc.get('gpus_per_node', 0)} GPU(s) per node"
+            elif "name" in doc and {"grid", "zip", "blocks"} & set(doc):
+                what = str(doc.get("description") or "")
+            else:
+                continue  # a run config beside the presets (ablation train FILE), not a sweep
+            shown = f.relative_to(here) if f.is_relative_to(here) else f
+            print(f"  {str(shown):44s} {what}")
+    path, source = default_profile()
+    print(f"default profile: {path} (from {source})" if path else
+          "default profile: built-in (this machine, one process per run); set $ABLATION_PROFILE or 'profile:' in "
+          f"{_user_config()} to change it")
+    return EXIT_OK
+
+
+def _user_config() -> str:
+    """The user config file's path, as text."""
+    from ablation.sweep.cluster import user_config_path
+
+    return str(user_config_path())
 
 
 def _check_data(cfgs: list) -> None:
@@ -349,19 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_data_bench)
 
     w = sub.add_parser("sweep", intermixed=True, help="expand a sweep spec and submit what is not done (or --dry-run)")
-    w.add_argument("spec", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml")
+    w.add_argument("spec", nargs="?", help="sweep spec YAML, e.g. sweeps/paper/fig1_batch_size.yaml (ablation sweep --list shows them)")
     w.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                    help="overrides of the sweep's base config, e.g. data.root=/datasets/imagenet")
-    w.add_argument("--dry-run", action="store_true", help="show the runs, their states, jobs and GPU-hours; submit nothing")
-    w.add_argument("--profile", help="cluster profile YAML (slurm/profiles/*.yaml); default: this machine, one process per run")
-    w.add_argument("--executor", choices=["slurm", "local", "debug"], help="override the profile's executor")
+    w.add_argument("--list", action="store_true", help="list the sweep presets and cluster profiles, and the default profile")
+    w.add_argument("--dry-run", action="store_true",
+                   help="run every check a submission runs, show the runs, their states, jobs and GPU-hours; submit nothing")
+    w.add_argument("--profile", help="cluster profile YAML (slurm/profiles/*.yaml); default: $ABLATION_PROFILE, else 'profile:' in "
+                   "~/.config/ablation/config.yaml, else this machine, one process per run")
+    w.add_argument("--executor", choices=["slurm", "local", "debug"],
+                   help="override the profile's executor (default: the profile's; local: train here, one run after another)")
     w.add_argument("--results", default=DEFAULT_RESULTS,
                    help=f"results root: runs in DIR/runs, the sweep in DIR/<name> (default {DEFAULT_RESULTS})")
     w.add_argument("--retry-failed", action="store_true", help="also resubmit runs that failed")
     w.add_argument("--print-sbatch", action="store_true", help="print the sbatch script of one job (slurm profiles)")
     w.add_argument("--no-data-check", action="store_true",
-                   help="submit without checking that data.root has train/ and val/ here (data only on the compute nodes)")
-    w.set_defaults(func=cmd_sweep)
+                   help="submit (or dry-run) without checking that data.root has train/ and val/ here (data only on the compute nodes)")
+    w.set_defaults(func=cmd_sweep, parser=w)
 
     st = sub.add_parser("status", help="show a sweep's runs: pending / running / ok / diverged / failed / requeued")
     st.add_argument("sweep_dir", help="the sweep folder, e.g. results/fig1_batch_size")

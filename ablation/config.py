@@ -283,27 +283,47 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    """The error for an unknown key, with a suggestion and the valid keys."""
-    section, _, leaf = key.rpartition(".")
-    close = difflib.get_close_matches(leaf, valid, n=1)
-    hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""  # the full dotted name to type
-    return ConfigError(f"unknown config key '{key}'{hint}; valid: {', '.join(valid)}")
+def _unknown_key(keys: list[tuple[str, list[str]]], what: str = "config key") -> ConfigError:
+    """The error for unknown keys, (dotted name, the valid names beside it): each with a suggestion, then the valid keys."""
+    named = []
+    for key, valid in keys:
+        section, _, leaf = key.rpartition(".")
+        close = difflib.get_close_matches(leaf, valid, n=1)
+        hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""  # the full dotted name to type
+        named.append(f"'{key}'{hint}")
+    levels = {key.rpartition(".")[0]: valid for key, valid in keys}
+    valid = "; ".join(f"{section}.{{{', '.join(names)}}}" if section else ", ".join(names) for section, names in levels.items())
+    return ConfigError(f"unknown {what}{'s' if len(keys) > 1 else ''} {', '.join(named)}; valid: {valid}")
 
 
-def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    """Build dataclass cls from a mapping, strictly (unknown keys and wrong types are errors)."""
+def _unknown_keys(cls: type, data: Any, prefix: str) -> list[tuple[str, list[str]]]:
+    """The keys in data (and its sections) that cls does not have: (dotted name, the valid names beside it)."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+        return []
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
+    out = []
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(prefix + str(key), names)
+            out.append((prefix + str(key), names))
+        elif dataclasses.is_dataclass(hints[key]):
+            out += _unknown_keys(hints[key], value, f"{prefix}{key}.")
+    return out
+
+
+def build_dataclass(cls: type, data: Mapping[str, Any], prefix: str, what: str = "config key") -> Any:
+    """Build dataclass cls from a mapping, strictly (unknown keys, all named at once, and wrong types are errors)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or what.split()[0]}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = _unknown_keys(cls, data, prefix)
+    if unknown:  # every misspelt key at once, not one per try
+        raise _unknown_key(unknown, what)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = build_dataclass(tp, value or {}, f"{prefix}{key}.")
+            kwargs[key] = build_dataclass(tp, value or {}, f"{prefix}{key}.", what)
         else:
             kwargs[key] = _coerce(value, tp, prefix + key)
     return cls(**kwargs)

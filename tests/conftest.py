@@ -16,6 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/plugins is imp
 from helpers import ROOT  # noqa: E402  (tests/ on the path first)
 
 
+def pytest_configure(config) -> None:
+    """The tests see no user defaults: no $ABLATION_PROFILE, an empty user config folder (in-process and in subprocesses)."""
+    import tempfile
+
+    os.environ.pop("ABLATION_PROFILE", None)
+    os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="ablation-test-config-")
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A 4-class synthetic ImageFolder of 16x16 JPEGs (48 train / 8 val per class)."""

@@ -44,8 +44,8 @@ def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
     proc = ablation(["config", "norm.grups=4"], cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'norm.grups' (did you mean 'norm.groups'?); valid: name, groups, channels_per_group, eps, momentum, "
-        "running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options"
+        "error: unknown config key 'norm.grups' (did you mean 'norm.groups'?); valid: norm.{name, groups, channels_per_group, eps, "
+        "momentum, running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options}"
     ]
 
 

@@ -78,7 +78,8 @@ def test_yaml_file_plus_overrides(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["norm.group=3"], r"unknown config key 'norm.group' \(did you mean 'norm.groups'\?\); valid: name, groups"),
+        (["norm.group=3"], r"unknown config key 'norm.group' \(did you mean 'norm.groups'\?\); valid: norm\.\{name, groups"),
+        (["norm.nme=gn", "epocs=3"], r"unknown config keys 'norm.nme' \(did you mean 'norm.name'\?\), 'epocs' \(did you mean 'epochs'\?\)"),
         (["norm.nme=gn"], r"unknown config key 'norm.nme' \(did you mean 'norm.name'\?\)"),
         (["batch_per_gpux=2"], r"unknown config key 'batch_per_gpux' \(did you mean 'batch_per_gpu'\?\)"),
         (["batchsize=3"], r"unknown config key 'batchsize'.*valid: gpus, batch_per_gpu"),

@@ -154,8 +154,8 @@ def test_a_sweep_warns_when_the_signal_comes_too_late_for_a_checkpoint(tmp_path:
     for delay, warned in ((1, True), (90, False)):
         profile = tmp_path / f"p{delay}.yaml"
         profile.write_text(yaml.safe_dump({**doc, "signal_delay_s": delay}))
-        proc = ablation_ok(["sweep", str(ROOT / "sweeps" / "paper" / "table1_norms.yaml"), "--dry-run", "--profile", str(profile),
-                            "--results", str(tmp_path)], cli_env)
+        proc = ablation_ok(["sweep", str(ROOT / "sweeps" / "paper" / "table1_norms.yaml"), "--dry-run", "--no-data-check", "--profile",
+                            str(profile), "--results", str(tmp_path)], cli_env)
         assert ("signal_delay_s=1 is shorter than" in proc.stderr) is warned, proc.stderr
         assert ("a resnet50 checkpoint is ~204 MB" in proc.stderr) is warned
 

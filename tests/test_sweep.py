@@ -140,15 +140,15 @@ def test_malformed_specs_are_clear_errors(spec: dict, message: str) -> None:
 
 def test_dry_run_counts_runs_and_gpu_hours_and_writes_nothing(tmp_path: Path, cli_env: dict[str, str]) -> None:
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
-    proc = ablation(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--profile", str(profile), "--results", str(tmp_path)],
-                    cli_env)
+    proc = ablation(["sweep", str(PAPER / "fig1_batch_size.yaml"), "--dry-run", "--no-data-check", "--profile", str(profile),
+                     "--results", str(tmp_path)], cli_env)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("10 runs: 10 to submit") and "8 GPU(s) per job (1 node(s) x 8 task(s))" in last
     # 100 epochs x 1,281,167 images at the profile's per-GPU throughput for the run's images per GPU, BN and GN at each
     table = yaml.safe_load(profile.read_text())["throughput_images_per_s"]
     hours = sum(2 * 100 * 1_281_167 / table[b] / 3600 for b in (32, 16, 8, 4, 2))
-    assert f"~{hours:.1f} GPU-hours" in last
+    assert f"~{hours:.1f} GPU-hours from ILLUSTRATIVE throughputs" in last  # the example profile's figures are placeholders
     assert "32: 400, 16: 380, 8: 330, 4: 250, 2: 150 (profile example-cluster's table)" in last  # each batch's figure and its source
     assert not any(tmp_path.iterdir())
 
@@ -174,7 +174,8 @@ def test_slurmless_path_hides_slurm_and_nothing_else(tmp_path: Path) -> None:
 def test_print_sbatch_shows_the_job_script_without_slurm(tmp_path: Path, no_slurm_env: dict[str, str]) -> None:
     """Planning a sweep and reading its script happen on a laptop, before logging into the cluster."""
     profile = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
-    args = ["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--print-sbatch", "--profile", str(profile), "--results", str(tmp_path)]
+    args = ["sweep", str(PAPER / "table1_norms.yaml"), "--dry-run", "--no-data-check", "--print-sbatch", "--profile", str(profile),
+            "--results", str(tmp_path)]
     proc = ablation(args, no_slurm_env)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --gpus-per-node=8" in proc.stdout and "#SBATCH --ntasks-per-node=8" in proc.stdout
@@ -307,3 +308,88 @@ def test_a_local_child_is_forked_preloaded_with_the_output_of_a_process_of_its_o
     assert any(line.startswith("[2/2] error: ") and "nosuchkey" in line for line in lines)
     assert str(runs / config.run_id(cfg)) in log.read_text().splitlines()  # the second child appended to the same log
     assert local._forkserver() is not None and bad.pid != ok.pid != os.getpid()
+
+
+# ---------------------------------------------------------------- the pre-flight (a dry run checks what a submission checks)
+
+
+def test_dry_run_checks_the_data_as_a_submission_does(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    args = ["sweep", str(PAPER / "fig1_batch_size.yaml"), "data.root=/nonexistent", "--dry-run", "--results", str(tmp_path)]
+    proc = ablation([*args, "--profile", str(ROOT / "slurm" / "profiles" / "example-cluster.yaml")], cli_env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip().splitlines() == [
+        "error: dataset folder /nonexistent does not exist; point data.root at a folder holding train/ and val/ in ImageNet "
+        "(ImageFolder) layout (if the data exists only on the compute nodes, pass --no-data-check)"
+    ]
+    skipped = ablation([*args, "--profile", str(ROOT / "slurm" / "profiles" / "example-cluster.yaml"), "--no-data-check"], cli_env)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "; data: skipped (--no-data-check)" in skipped.stdout  # said, not silently left out
+    assert not any(tmp_path.iterdir())
+
+
+def test_dry_run_names_what_it_checked(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = ablation([*tiny_args(tiny_data, tmp_path / "results"), "--dry-run"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    checked = next(line for line in proc.stdout.splitlines() if line.startswith("checked: "))
+    assert checked == (f"checked: profile default (built-in: this machine, one process per run); norms and G on every layer; "
+                       f"data: {tiny_data} has train/ and val/")
+
+
+def test_the_paper_network_is_not_trained_here_without_saying_so(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """ResNet-50 at 224 px with no profile would train ten runs in the foreground of a login node: refused, both ways out named."""
+    args = ["sweep", str(PAPER / "fig1_batch_size.yaml"), "--no-data-check", "--results", str(tmp_path)]
+    for extra in ([], ["--dry-run"]):
+        proc = ablation([*args, *extra], cli_env)
+        assert proc.returncode == 2 and proc.stdout == ""
+        line = proc.stderr.strip()
+        assert line.startswith("error: sweep fig1_batch_size: 10 run(s) of resnet50 at 224 px would train on this machine")
+        assert "--profile slurm/profiles/<cluster>.yaml" in line and "--executor local" in line and "\n" not in line
+    said = ablation([*args, "--dry-run", "--executor", "local"], cli_env)  # said out loud: a GPU node the user is on
+    assert said.returncode == 0 and "10 jobs on local (default)" in said.stdout, said.stderr
+    small = ablation([*args, "--dry-run", "data.image_size=64", "data.eval_resize=73"], cli_env)  # not the paper's size
+    assert small.returncode == 0, small.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_default_profile_from_the_environment_or_the_user_config(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    example = ROOT / "slurm" / "profiles" / "example-cluster.yaml"
+    args = ["sweep", str(PAPER / "fig1_batch_size.yaml"), "--no-data-check", "--dry-run", "--results", str(tmp_path / "r")]
+    env = {**cli_env, "ABLATION_PROFILE": str(example)}
+    proc = ablation(args, env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checked: profile example-cluster ({example}, from $ABLATION_PROFILE);" in proc.stdout
+    home = tmp_path / "xdg"
+    (home / "ablation").mkdir(parents=True)
+    (home / "ablation" / "config.yaml").write_text(f"profile: {example}\n")
+    env = {**cli_env, "XDG_CONFIG_HOME": str(home)}
+    proc = ablation(args, env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"checked: profile example-cluster ({example}, from {home / 'ablation' / 'config.yaml'});" in proc.stdout
+    listed = ablation(["sweep", "--list"], env)
+    assert f"default profile: {example} (from {home / 'ablation' / 'config.yaml'})" in listed.stdout
+    (home / "ablation" / "config.yaml").write_text(f"profle: {example}\n")
+    bad = ablation(args, env)
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {home / 'ablation' / 'config.yaml'}: unknown key(s) profle; valid: profile"
+
+
+def test_sweep_list_shows_presets_and_profiles(cli_env: dict[str, str]) -> None:
+    proc = ablation(["sweep", "--list"], cli_env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    presets = {line.split()[0]: line for line in lines[1 : lines.index("cluster profiles:")]}
+    expected = {str(p.relative_to(ROOT)) for p in (ROOT / "sweeps").rglob("*.yaml") if {"grid", "blocks", "zip"} & set(yaml.safe_load(p.read_text()))}
+    assert set(presets) == expected and "sweeps/examples/one_run.yaml" not in presets  # a run config is not a sweep
+    assert "Wu & He Figure 1" in presets["sweeps/paper/fig1_batch_size.yaml"]
+    assert "  slurm/profiles/example-cluster.yaml" in proc.stdout and "executor slurm, 8 GPU(s) per node" in proc.stdout
+    assert lines[-1].startswith("default profile: built-in")
+
+
+def test_profile_typos_are_all_named_as_profile_keys(tmp_path: Path) -> None:
+    from ablation.sweep.cluster import load_profile
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: x\npartiton: gpu\nacount: me\n")
+    with pytest.raises(ConfigError) as e:
+        load_profile(bad)
+    assert str(e.value).startswith(f"{bad}: unknown profile keys 'partiton' (did you mean 'partition'?), 'acount' (did you mean 'account'?); "
+                                   "valid: name, executor, partition, account")

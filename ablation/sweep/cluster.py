@@ -43,6 +43,7 @@ class Profile:
     # Training images/s per GPU for GPU-hour estimates: one number for every batch size, or a table by
     # per-GPU batch size ({32: 400, 2: 150}; interpolated in log batch between sizes). See throughput_at.
     throughput_images_per_s: float | Mapping[int, float] | None = None
+    throughput_illustrative: bool = False  # the figures above are placeholders (the example profile's): estimates say so
     gpu: str | None = None  # the GPU model the jobs run on (e.g. A100): estimates use the GPU benchmark's records of that device
     stand_in: bool = False  # a job may run fewer processes than the run's modelled GPUs
     processes_per_job: int = 1  # with stand_in: processes (tasks) per job, each standing in for gpus/processes GPUs
@@ -124,7 +125,7 @@ def load_profile(path: str | Path | None, executor: str | None = None) -> Profil
     data = dict(config.load_yaml(path)) if path else {}
     throughput = _throughput(data.pop("throughput_images_per_s", None), str(path or "profile"))
     try:
-        profile = config.build_dataclass(Profile, data, "")
+        profile = config.build_dataclass(Profile, data, "", what="profile key")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     profile = Profile(**{**profile.__dict__, "throughput_images_per_s": throughput})
@@ -139,6 +140,37 @@ def load_profile(path: str | Path | None, executor: str | None = None) -> Profil
         if getattr(profile, key) < 0:
             raise ConfigError(f"{path or 'profile'}: {key} must be >= 0, got {getattr(profile, key)}")
     return profile
+
+
+PROFILE_ENV = "ABLATION_PROFILE"  # a default --profile for `ablation sweep`
+USER_CONFIG_KEYS = ("profile",)
+
+
+def user_config_path() -> Path:
+    """The user's defaults file: $XDG_CONFIG_HOME/ablation/config.yaml (~/.config/ablation/config.yaml)."""
+    import os
+
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "ablation" / "config.yaml"
+
+
+def default_profile() -> tuple[str | None, str]:
+    """(the profile path used when --profile is not given, where that default comes from): $ABLATION_PROFILE, then
+    the user config file's `profile:`, else (None, 'built-in'): this machine, one process per run."""
+    import os
+
+    if os.environ.get(PROFILE_ENV):
+        return os.environ[PROFILE_ENV], f"${PROFILE_ENV}"
+    path = user_config_path()
+    if not path.is_file():
+        return None, "built-in"
+    data = config.load_yaml(path)
+    unknown = sorted(str(k) for k in data if k not in USER_CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(USER_CONFIG_KEYS)}")
+    if data.get("profile") is None:
+        return None, "built-in"
+    return str(Path(str(data["profile"])).expanduser()), str(path)  # a relative path is read from where the command runs, as --profile
 
 
 def check_run_fits(profile: Profile, cfg: RunConfig, run_id: str) -> None:
