@@ -369,7 +369,8 @@ def test_default_profile_from_the_environment_or_the_user_config(tmp_path: Path,
     assert f"default profile: {example} (from {home / 'ablation' / 'config.yaml'})" in listed.stdout
     (home / "ablation" / "config.yaml").write_text(f"profle: {example}\n")
     bad = ablation(args, env)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {home / 'ablation' / 'config.yaml'}: unknown key(s) profle; valid: profile"
+    user_file = home / "ablation" / "config.yaml"
+    assert bad.returncode == 2 and bad.stderr.strip() == f"error: {user_file}: unknown key(s) profle; valid: profile"
 
 
 def test_sweep_list_shows_presets_and_profiles(cli_env: dict[str, str]) -> None:
@@ -377,7 +378,8 @@ def test_sweep_list_shows_presets_and_profiles(cli_env: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     presets = {line.split()[0]: line for line in lines[1 : lines.index("cluster profiles:")]}
-    expected = {str(p.relative_to(ROOT)) for p in (ROOT / "sweeps").rglob("*.yaml") if {"grid", "blocks", "zip"} & set(yaml.safe_load(p.read_text()))}
+    sweeps = [p for p in (ROOT / "sweeps").rglob("*.yaml") if {"grid", "blocks", "zip"} & set(yaml.safe_load(p.read_text()))]
+    expected = {str(p.relative_to(ROOT)) for p in sweeps}
     assert set(presets) == expected and "sweeps/examples/one_run.yaml" not in presets  # a run config is not a sweep
     assert "Wu & He Figure 1" in presets["sweeps/paper/fig1_batch_size.yaml"]
     assert "  slurm/profiles/example-cluster.yaml" in proc.stdout and "executor slurm, 8 GPU(s) per node" in proc.stdout
@@ -391,5 +393,5 @@ def test_profile_typos_are_all_named_as_profile_keys(tmp_path: Path) -> None:
     bad.write_text("name: x\npartiton: gpu\nacount: me\n")
     with pytest.raises(ConfigError) as e:
         load_profile(bad)
-    assert str(e.value).startswith(f"{bad}: unknown profile keys 'partiton' (did you mean 'partition'?), 'acount' (did you mean 'account'?); "
-                                   "valid: name, executor, partition, account")
+    assert str(e.value).startswith(f"{bad}: unknown profile keys 'partiton' (did you mean 'partition'?), "
+                                   "'acount' (did you mean 'account'?); valid: name, executor, partition, account")
