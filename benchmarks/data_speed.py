@@ -31,7 +31,7 @@ from PIL import features
 
 from ablation import config
 from ablation.data import bench as databench
-from ablation.data.layout import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
+from ablation.data.pipelines import DeviceDecodeTrainTransform, SeededImageFolder, SplitTrainTransform, collate, finish_on_device
 from ablation.data.synth import SynthSpec, write_synth
 
 OUT = results_file("data_speed")

@@ -27,7 +27,8 @@ from common import append, machine, results_file, stamp
 
 from ablation import config
 from ablation.config import derive
-from ablation.data.layout import SeededImageFolder, pipeline_transforms, scan_layout
+from ablation.data.layout import scan_layout
+from ablation.data.pipelines import SeededImageFolder, pipeline_transforms
 from ablation.data.synth import SynthSpec, write_synth
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device

@@ -1,4 +1,4 @@
-"""Tests for ablation.data.layout: layout check, transforms and the seeded ImageFolder."""
+"""Tests for ablation.data.layout and ablation.data.pipelines: layout check, transforms and the seeded ImageFolder."""
 
 from __future__ import annotations
 
@@ -14,23 +14,20 @@ from helpers import ablation, make_cfg, split_cfg
 from PIL import Image
 from torchvision.transforms import v2
 
-import ablation.data.layout as data_module
-from ablation.data.layout import (
-    DatasetInfo,
+import ablation.data.pipelines as pipelines_module
+from ablation.data.layout import DatasetInfo, check_layout, load_rgb, scan_layout
+from ablation.data.pipelines import (
     Lighting,
     SeededImageFolder,
     SplitEvalTransform,
     SplitSample,
     SplitTrainTransform,
-    check_layout,
     draft_scale,
     eval_transform,
     finish_on_device,
-    load_rgb,
     pipeline_transforms,
     read_crop,
     sample_seed,
-    scan_layout,
     train_transform,
 )
 from ablation.data.synth import SynthSpec, write_synth
@@ -361,8 +358,8 @@ def test_folder_given_a_scan_does_not_walk(synth_root: Path, monkeypatch: pytest
     def no_walk(*args: object, **kwargs: object) -> None:
         raise AssertionError("walked the folders again")
 
-    monkeypatch.setattr(data_module, "make_dataset", no_walk)
-    monkeypatch.setattr(data_module, "find_classes", no_walk)
+    monkeypatch.setattr(pipelines_module, "make_dataset", no_walk)
+    monkeypatch.setattr(pipelines_module, "find_classes", no_walk)
     ds = SeededImageFolder(synth_root, "train", None, seed=0, scan=scan)
     assert len(ds) == scan.info.train_images and ds[0][0].shape == (3, 32, 32)
 
@@ -516,10 +513,10 @@ def test_full_size_decode_is_pils_with_or_without_torchvision(big_jpeg: Path, mo
     want = np.array(load_rgb(str(big_jpeg)).crop(box))
     data = big_jpeg.read_bytes()
     with Image.open(big_jpeg) as img:
-        assert np.array_equal(data_module._decode_crop(img, data, box).numpy(), want)
-    monkeypatch.setattr(data_module, "_tv_decode_jpeg", None)  # a torchvision without image decoders
+        assert np.array_equal(pipelines_module._decode_crop(img, data, box).numpy(), want)
+    monkeypatch.setattr(pipelines_module, "_tv_decode_jpeg", None)  # a torchvision without image decoders
     with Image.open(big_jpeg) as img:
-        assert np.array_equal(data_module._decode_crop(img, data, box).numpy(), want)
+        assert np.array_equal(pipelines_module._decode_crop(img, data, box).numpy(), want)
 
 
 def test_split_eval_equals_reference_eval(split_root: Path) -> None:
@@ -610,7 +607,7 @@ ONE_LEVEL = 1.4**3 / 255 / 0.224 + 1e-5
 
 
 def test_device_decode_draws_the_split_parameters_and_gives_the_full_scale_pixels(split_root: Path) -> None:
-    from ablation.data.layout import DeviceDecodeTrainTransform, EncodedSample, collate
+    from ablation.data.pipelines import DeviceDecodeTrainTransform, EncodedSample, collate
 
     cfg = split_cfg(pipeline="device-decode")
     split_ds = SeededImageFolder(split_root, "train", SplitTrainTransform(cfg), seed=3)
@@ -653,7 +650,7 @@ def test_split_equals_reference_at_the_demos_settings(split_root: Path) -> None:
 
 
 def test_device_decode_takes_non_jpeg_files_on_the_loader(copy_root: Path) -> None:
-    from ablation.data.layout import DeviceDecodeTrainTransform, collate
+    from ablation.data.pipelines import DeviceDecodeTrainTransform, collate
 
     jpeg = copy_root / "train" / "01_ring" / "01_ring_00002.JPEG"
     png = jpeg.with_suffix(".png")

@@ -10,9 +10,10 @@ import pytest
 import torch
 from helpers import split_cfg as cfg  # the paper's augmentation at 24 px, split pipeline
 
-import ablation.data.layout as data_module
+import ablation.data.pipelines as pipelines_module
 from ablation import config
-from ablation.data.layout import DecodedCache, SeededImageFolder, SplitTrainTransform, load_rgb, pipeline_transforms
+from ablation.data.layout import load_rgb
+from ablation.data.pipelines import DecodedCache, SeededImageFolder, SplitTrainTransform, pipeline_transforms
 from ablation.data.synth import SynthSpec, write_synth
 from ablation.errors import ConfigError
 from ablation.train.trainer import decoded_cache, train
@@ -82,8 +83,8 @@ def test_whole_image_crops_read_no_file_after_the_first_epoch(root: Path, pipeli
     def no_reading(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached image was read from its file again")
 
-    monkeypatch.setattr(data_module.Image, "open", no_reading)
-    monkeypatch.setattr(data_module.Path, "read_bytes", no_reading)
+    monkeypatch.setattr(pipelines_module.Image, "open", no_reading)
+    monkeypatch.setattr(pipelines_module.Path, "read_bytes", no_reading)
     second = epoch_samples(ds, 1)
     assert cache.hits == len(ds)
     monkeypatch.undo()

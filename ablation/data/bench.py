@@ -29,14 +29,13 @@ from ablation.config import PIPELINES
 from ablation.data.layout import (
     DatasetInfo,
     DatasetScan,
-    SeededImageFolder,
     check_splits,
     class_folders,
     class_images,
     load_rgb,
     open_image,
-    pipeline_transforms,
 )
+from ablation.data.pipelines import SeededImageFolder, pipeline_transforms
 from ablation.errors import DataError
 
 # ResNet-50 training at 224 px in bfloat16 on one H100: ~2,500 images/s (the speed issue: an 8 x H100

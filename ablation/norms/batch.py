@@ -96,10 +96,10 @@ class PerGPURunningStats:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._spread_running_stats()
+        self.spread_running_stats()
 
     @torch.no_grad()
-    def _spread_running_stats(self) -> None:
+    def spread_running_stats(self) -> None:
         """Every modelled GPU starts from the state_dict's buffers (after a load, a reset or PreciseBN)."""
         k, c = self.gpus_per_process, self.num_features
         if k > 1 and self.track_running_stats:
@@ -184,7 +184,7 @@ class PerGPUBatchNorm2d(PerGPURunningStats, nn.BatchNorm2d):
         """Reset the running statistics, every modelled GPU's included."""
         super().reset_running_stats()
         if hasattr(self, "gpu_running_mean"):  # nn.BatchNorm2d.__init__ calls this before ours exist
-            self._spread_running_stats()
+            self.spread_running_stats()
 
 
 _AFFINE_GROUPS = "_per_gpu_affine_groups"

@@ -19,22 +19,19 @@ import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from torch import nn
 
 from ablation.errors import NormError
 from ablation.norms import registry
 
-if TYPE_CHECKING:  # a type only: config imports the registry, so norms/ stays below config at run time
-    from ablation.config import NormConfig
-
 
 @dataclass(frozen=True)
 class NormSpec:
     """What a norm factory is told: the run's norm config and how many GPUs this process models."""
 
-    cfg: NormConfig
+    cfg: Any  # the run's NormConfig (a frozen dataclass), typed loosely: norms/ stands below the config, which imports the registry
     gpus_per_process: int = 1
     # For norm+activation layers (registry: replaces_activation): True where the position is followed by
     # the network's activation, which the layer then replaces (FRN's TLU, EvoNorm's nonlinearity); False

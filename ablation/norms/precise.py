@@ -129,4 +129,4 @@ def _set_population(layer: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> 
         layer.running_mean.copy_(mean)
     layer.running_var.copy_(var)
     if isinstance(layer, PerGPURunningStats):
-        layer._spread_running_stats()
+        layer.spread_running_stats()

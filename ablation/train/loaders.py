@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ablation.config import Derived, RunConfig
 from ablation.cpus import cpu_budget
-from ablation.data.layout import DatasetScan, SeededImageFolder, collate, finish_on_device, scan_layout
+from ablation.data.layout import DatasetScan, scan_layout
+from ablation.data.pipelines import SeededImageFolder, collate, finish_on_device
 from ablation.errors import DataError
 from ablation.norms import interleave
 from ablation.train.distributed import DistEnv

@@ -30,7 +30,8 @@ from torch import nn
 
 from ablation import faults, rundir
 from ablation.config import ConfigError, RunConfig, config_hash, derive, normalized, run_id
-from ablation.data.layout import DatasetScan, DecodedCache, SeededImageFolder, pipeline_transforms
+from ablation.data.layout import DatasetScan
+from ablation.data.pipelines import DecodedCache, SeededImageFolder, pipeline_transforms
 from ablation.errors import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OK, last_line
 from ablation.norms import count_steps_per_layer
 from ablation.signals import StopRequest
