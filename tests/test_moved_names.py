@@ -8,19 +8,14 @@ import pytest
 
 import ablation
 import ablation.data
-import ablation.data.layout
-import ablation.data.pipelines
 
-# (old module, name, the module that holds it now): the flat module ablation.data's names, and the pipelines' names
-# that ablation.data.layout held before ablation.data.pipelines did.
-DATA_MOVES = [("ablation.data", name, module) for name, module in ablation.data._MOVED.items()] + [
-    ("ablation.data.layout", name, "ablation.data.pipelines") for name in sorted(ablation.data.layout._MOVED_TO_PIPELINES)
-]
+# (old module, name, the module that holds it now): the flat module ablation.data's names.
+DATA_MOVES = [("ablation.data", name, module) for name, module in ablation.data._MOVED.items()]
 
 
 @pytest.mark.parametrize(("old", "name", "new"), DATA_MOVES, ids=[f"{old}.{name}" for old, name, _ in DATA_MOVES])
 def test_old_data_paths_resolve_to_the_same_objects(old: str, name: str, new: str) -> None:
-    """`from ablation.data.layout import SplitTrainTransform` (and the flat module's names): the new module's object."""
+    """`from ablation.data import SplitTrainTransform` (the flat module's names): the new module's object."""
     new_module = importlib.import_module(new)
     assert name in vars(new_module), f"{new} does not define {name}"
     assert name not in vars(importlib.import_module(old)), f"{old}.{name} is defined there, not forwarded"
@@ -30,9 +25,9 @@ def test_old_data_paths_resolve_to_the_same_objects(old: str, name: str, new: st
     assert namespace[name] is vars(new_module)[name]
 
 
-@pytest.mark.parametrize("old", ["ablation.data", "ablation.data.layout"])
+@pytest.mark.parametrize("old", ["ablation.data", "ablation.data.layout", "ablation.data.pipelines"])
 def test_unknown_names_still_raise(old: str) -> None:
-    """The hooks forward only the moved names."""
+    """The hook forwards only the moved names."""
     with pytest.raises(ImportError):
         exec(f"from {old} import NoSuchName", {})
 

@@ -7,9 +7,7 @@ file list, in torchvision's order; image files are read to RGB, or fail with one
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,19 +206,3 @@ def open_image(path: str) -> Image.Image:
     except READ_ERRORS as exc:
         raise unreadable_error(path, exc) from exc
 
-
-# The pipelines' names, which lived here before ablation.data.pipelines held them (deprecated here; imported on use,
-# so this module never imports pipelines, which imports it).
-_MOVED_TO_PIPELINES = frozenset({
-    "Transform", "IMAGENET_EIGVAL", "IMAGENET_EIGVEC", "Lighting", "train_transform", "eval_transform", "DecodedCache",
-    "SplitSample", "AugParams", "draft_scale", "read_crop", "SplitTrainTransform", "EncodedSample", "DeviceDecodeTrainTransform",
-    "collate", "decode_on_device", "SplitEvalTransform", "pipeline_transforms", "finish_on_device", "sample_seed", "SeededImageFolder",
-})
-
-
-def __getattr__(name: str) -> Any:
-    """`from ablation.data.layout import SplitTrainTransform` (a pipeline's name): ablation.data.pipelines', with a DeprecationWarning."""
-    if name not in _MOVED_TO_PIPELINES:
-        raise AttributeError(f"module 'ablation.data.layout' has no attribute {name!r}")
-    warnings.warn(f"ablation.data.layout.{name} is now ablation.data.pipelines.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module("ablation.data.pipelines"), name)
