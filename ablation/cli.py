@@ -153,6 +153,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_run_fits(profile, run.config, run.run_id)
     _check_models([r.config for r in sweep.runs])
     _refuse_training_here(sweep, args, profile_file)
+    from ablation.train.tracking import require
+
+    for tracking in sorted({r.config.tracking for r in sweep.runs}):
+        require(tracking)  # tracking=wandb without wandb: one line here, not a failure in every job
     from ablation.train.models import checkpoint_bytes
 
     warning = estimates.signal_delay_warning(profile, [r.config for r in sweep.runs], sweepdir.runs_root(results), checkpoint_bytes)

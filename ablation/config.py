@@ -37,6 +37,7 @@ HASH_VERSION = 1
 IMAGENET_TRAIN_IMAGES = 1_281_167
 SCHEDULES = ("step", "cosine")
 PIPELINES = ("reference", "split", "device-decode")
+TRACKERS = ("off", "tensorboard", "wandb")  # the extras named after them hold their packages
 # Keys the trainer writes into config.yaml beside the config; reading one back ignores them.
 WRITTEN_KEYS = ("run_id", "config_hash", "derived")
 
@@ -212,6 +213,13 @@ class RunConfig:
     checkpoint_every_minutes: float = _f(10.0, "also checkpoint after this many minutes since the last one (0 = off)", hash=False)
     log_every_steps: int = _f(50, "progress and divergence check every this-many steps", hash=False)
     log_steps: bool = _f(False, "write steps.jsonl with every step's loss and LR", hash=False)
+    # Not in the run id: turning live curves on or off, even between two starts of one run, changes no number.
+    tracking: str = _f(
+        "off",
+        "live curves of each epoch's metrics from rank 0: off | tensorboard (event files in <run>/tb/) "
+        "| wandb (offline unless WANDB_MODE says otherwise); docs/tracking.md",
+        hash=False,
+    )
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "norm": NormConfig, "data": DataConfig, "optim": OptimConfig}
@@ -447,6 +455,8 @@ def validate(cfg: RunConfig) -> None:
     for key in ("checkpoint_every_steps", "checkpoint_every_minutes"):
         _positive(getattr(cfg, key), key, allow_zero=True)
     _positive(cfg.log_every_steps, "log_every_steps")
+    if cfg.tracking not in TRACKERS:
+        raise ConfigError(f"tracking must be one of {', '.join(TRACKERS)}; got {cfg.tracking!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device must be one of auto, cpu, cuda; got {cfg.device!r}")
     n = cfg.norm

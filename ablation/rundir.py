@@ -12,6 +12,8 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       final.json      written last: status ok | diverged | failed, the paper's metric, GPU-hours
       failures.jsonl  one line per failed start (stage, rank, step, reason), appended: the retry count
       train.log       human-readable log (never parsed)
+      tb/             optional (tracking=tensorboard): TensorBoard event files, one per start (ablation.train.tracking)
+      wandb/          optional (tracking=wandb): wandb's own files, offline runs for `wandb sync` among them
 
 Readers never see half a file and never crash on what a crash leaves:
   - whole files (config.yaml, config.json, env.json, metrics.jsonl, final.json, manifest.json) are written to a temporary
@@ -50,6 +52,8 @@ FINAL = "final.json"
 LOG = "train.log"
 LOCK = ".lock"
 FAILURES = "failures.jsonl"
+TENSORBOARD = "tb"
+WANDB = "wandb"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -315,6 +319,8 @@ class RunDir:
         self.log = self.root / LOG
         self.lock = self.root / LOCK
         self.failures = self.root / FAILURES
+        self.tensorboard = self.root / TENSORBOARD
+        self.wandb = self.root / WANDB
 
     def final_status(self) -> dict[str, Any] | None:
         """final.json's content, or None while the run has not ended.

@@ -30,6 +30,7 @@ from ablation.train.coordination import StopVote
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import to_device
 from ablation.train.optim import lr_at
+from ablation.train.tracking import Tracker
 
 log = logging.getLogger("ablation")
 
@@ -100,6 +101,7 @@ class EpochLoop:
         self.eval_polls = eval_polls
         self.stage = "train"  # train | eval | checkpoint: what a failure interrupted
         self.eval_model: nn.Module = model  # the compiled model when cfg.compile is on
+        self.tracker = Tracker()  # live curves (ablation.train.tracking): the trainer sets rank 0's
         self.losses: list[torch.Tensor] = []  # per-step losses not yet checked (kept on device: no sync per step)
         self.session_start = time.monotonic()
         self.last_save = time.monotonic()
@@ -223,6 +225,7 @@ class EpochLoop:
         self._checkpoint(None)
         if env.is_main:
             rundir.write_jsonl(self.rd.metrics, st.history)
+        self.tracker.epoch(st.history[-1])  # after the checkpoint: an epoch a start shows is one a resume will not redo
         log.info(
             f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} err {row['train_err1']:.2f}%  "
             f"val err {val1:.2f}% (top-5 {val5:.2f}%)  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"

@@ -4,8 +4,8 @@ run_training() is the one way a run is trained (the `ablation train` command, a 
 executor's runs all call it): it joins the process group, trains, and leaves it. train() sets a run up
 and hands it to the pieces, one concern each: ablation.train.loaders (which images,
 loaders, batches on the device), ablation.train.loop (steps, evaluation, checkpoints at boundaries, stops),
-ablation.train.bookkeeping (config, env, checkpoints, final status, failures in the run folder) and
-ablation.train.coordination (stop votes, one failing rank ending all).
+ablation.train.bookkeeping (config, env, checkpoints, final status, failures in the run folder),
+ablation.train.coordination (stop votes, one failing rank ending all) and ablation.train.tracking (live curves).
 
 Reproducibility rests on three choices:
 - every image's augmentation is seeded by (seed, epoch, index) and every global batch is a fixed
@@ -54,6 +54,7 @@ from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_c
 from ablation.train.loop import Diverged, EpochLoop
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
+from ablation.train.tracking import Tracker, open_tracker, require
 
 __all__ = ["run_training", "train", "train_command"]
 
@@ -123,6 +124,8 @@ def train(cfg: RunConfig, run_dir: str | Path, env: DistEnv | None = None, shoul
     finished = rd.is_finished()
     # A missing or malformed dataset is the user's to fix, not the run's failure: refuse before writing anything.
     scan = None if finished else scan_dataset(cfg.data.root, env)
+    if not finished:
+        require(cfg.tracking)  # tracking=tensorboard without its package: one line, before the folder is touched
     setup_logging(rd, env)
     if finished:
         final = rd.final_status() or {}
@@ -143,7 +146,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
     if env.is_main:
         write_config(rd, cfg, d)  # another run's folder is refused here, not marked failed
         remove_temporaries(rd)
-    state, loop = TrainState(), None
+    state, loop, tracker, failed = TrainState(), None, Tracker(), False
 
     def record(reason: str, rank: int) -> None:
         record_failure(rd, cfg, state, loop.stage if loop else "setup", reason, rank, env.world_size)
@@ -167,6 +170,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             rundir.write_jsonl(rd.metrics, state.history)
             if cfg.log_steps:
                 rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
+        tracker = open_tracker(cfg, rd, meta["run_id"], state.history, env.is_main)  # live curves, rank 0 (tracking=)
         ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
         ddp, eval_model = _compiled(cfg, ddp, model)
 
@@ -192,6 +196,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
         loop = EpochLoop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
         loop.eval_model = eval_model
+        loop.tracker = tracker
         t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch, state.step_in_epoch)
@@ -210,10 +215,15 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         if full:
             guard.note(str(full))  # the peers stop too; a full disk is not the run's failure
             raise full from None
+        failed = True
         guard.failed(f"{type(e).__name__}: {last_line(e)}")
         raise
     finally:
         guard.close()
+        try:
+            tracker.close(failed)
+        except Exception as e:  # the curves are a view of metrics.jsonl: losing their tail does not fail the run
+            log.warning(f"tracking={cfg.tracking}: closing the tracker failed: {type(e).__name__}: {last_line(e)}")
     final = write_final(rd, cfg, state, "ok") if env.is_main else {"status": "ok"}
     if env.is_main:
         log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% "
