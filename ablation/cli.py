@@ -319,8 +319,8 @@ def cmd_norms(args: argparse.Namespace) -> int:
         print(f"{info.name:<11} {stats:<16} {info.eps:<6g} {'yes' if info.replaces_activation else '':<4} {info.summary}")
         if info.params:
             print(f"{'':<11} norm.{', norm.'.join(info.params)}")
-    print("+act: a norm+activation layer (it takes the ReLU after it; see README, 'Norms').")
-    print("Or your own: norm.name=package.module:function, with norm.options passed to it (README, 'Your own norm').")
+    print("+act: a norm+activation layer (it takes the ReLU after it; see docs/norms.md, 'Norm+activation layers in ResNet v1').")
+    print("Or your own: norm.name=package.module:function, with norm.options passed to it (docs/norms.md, 'Your own norm').")
     return EXIT_OK
 
 

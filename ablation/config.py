@@ -31,7 +31,7 @@ from ablation.errors import ConfigError
 from ablation.norms import registry
 from ablation.norms.registry import RUNNING_STATS_RULES
 
-# Bump only with a deliberate break of every run id (documented in the README's changelog).
+# Bump only with a deliberate break of every run id (announced in CHANGELOG.md).
 HASH_VERSION = 1
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -146,7 +146,7 @@ class DataConfig:
     # The split pipeline changes pixels (by resampling, where it decodes JPEGs at reduced scale), so it
     # is in the run id. `reference` stays the default and is left out of the hash, so every run folder
     # made before this field existed keeps its id and resumes with the pixels it started with; the
-    # fast path is opt-in (README, "The data path").
+    # fast path is opt-in (docs/data.md).
     pipeline: str = _f(
         "reference",
         "reference (whole augmentation per image on the loader, in float) | split (loader decodes, crops, resizes to uint8; "

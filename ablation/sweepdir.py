@@ -81,7 +81,8 @@ def load_manifest(sweep_dir: Path) -> dict[str, Any]:
     """manifest.json of a sweep folder, with a clear error when it is not one."""
     path = Path(sweep_dir) / MANIFEST
     if not path.is_file():
-        raise AblationError(f"{sweep_dir} is not a sweep folder (no {MANIFEST}); pass results/<sweep name>")
+        raise AblationError(f"{sweep_dir} is not a sweep folder (no {MANIFEST}); pass <results root>/<sweep name>, "
+                            "e.g. results/fig1_batch_size, or demo/results/demo for the demo")
     return rundir.read_json(path)  # written atomically; a damaged one is a one-line CorruptFile naming it
 
 
