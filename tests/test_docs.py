@@ -154,7 +154,7 @@ def test_every_quoted_command_parses_with_the_real_parser() -> None:
             if args.command in ("train", "config", "probe") or getattr(args, "data_command", None) == "bench":
                 _check_config_items(args.items)
             if args.command == "sweep":
-                if (ROOT / args.spec).is_file():
+                if args.spec and (ROOT / args.spec).is_file():
                     sweepmod.load(ROOT / args.spec, args.overrides)
                 else:
                     config.load(None, args.overrides)
