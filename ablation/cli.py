@@ -266,25 +266,54 @@ def _check_models(cfgs: list) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA."""
+    """Show each run of a sweep folder: state, epoch, error, job; totals and a rough ETA (a results root: its sweeps)."""
+    import json
+
     from ablation import sweepdir
     from ablation.sweep import status
 
     sweep_dir = Path(args.sweep_dir)
+    if sweep_dir.is_dir() and not sweepdir.is_sweep_folder(sweep_dir) and status.sweep_folders(sweep_dir):
+        return _status_of_root(sweep_dir, args.json)
     manifest = sweepdir.load_manifest(sweep_dir)
     while True:
         states = status.sweep_states(sweep_dir)
         running = sum(s.state == "running" for s in states)
-        print(f"sweep {manifest['name']} ({sweep_dir})")
-        print(status.format_table(states, manifest["axes"]))
-        print(status.summary(states, parallel=max(1, running)))
-        drift = status.version_drift(sweep_dir, [s.run_id for s in states])
-        if drift:
-            print(drift)
+        if args.json:
+            print(json.dumps(status.as_json(sweep_dir, manifest, states, parallel=max(1, running))), flush=True)
+        else:
+            print(f"sweep {manifest['name']} ({sweep_dir})")
+            print(status.format_table(states, manifest["axes"]))
+            print(status.summary(states, parallel=max(1, running)))
+            drift = status.version_drift(sweep_dir, [s.run_id for s in states])
+            if drift:
+                print(drift)
         if not args.watch or all(s.state in ("ok", "diverged", "failed") for s in states):
             return EXIT_OK
         time.sleep(args.watch)
-        print()
+        if not args.json:
+            print()
+
+
+def _status_of_root(root: Path, as_json: bool) -> int:
+    """A results root: one line per sweep folder in it (or one JSON document of them all)."""
+    import json
+
+    from ablation import sweepdir
+    from ablation.sweep import status
+
+    docs = []
+    for folder in status.sweep_folders(root):
+        manifest = sweepdir.load_manifest(folder)
+        states = status.sweep_states(folder)
+        docs.append(status.as_json(folder, manifest, states))
+        if not as_json:
+            print(f"{manifest['name']:24s} {status.summary(states)}  ({folder})")
+    if as_json:
+        print(json.dumps({"results": str(root), "sweeps": docs}))
+    else:
+        print(f"{len(docs)} sweep(s) in {root}; one in full: ablation status {status.sweep_folders(root)[0]}")
+    return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -400,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("config", intermixed=True, help="print the resolved config, run id and derived values")
-    c.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]")
+    c.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
+                   help="a YAML config and/or dotted overrides (default: the paper's recipe), e.g. norm.name=gn")
     c.add_argument("--train-images", type=int, default=1_281_167, help="training-set size for the derived values (ImageNet's by default)")
     c.add_argument("--list", action="store_true", help="list every config key with its default and meaning")
     c.set_defaults(func=cmd_config)
@@ -408,15 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="datasets: synthesize or check")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write a deterministic synthetic ImageFolder dataset of JPEG files")
-    s.add_argument("root")
-    s.add_argument("--classes", type=int, default=10)
-    s.add_argument("--train-per-class", type=int, default=64)
-    s.add_argument("--val-per-class", type=int, default=16)
-    s.add_argument("--size", type=int, default=64, help="image side in pixels")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("root", help="folder to write train/<class>/*.JPEG and val/<class>/*.JPEG into (kept when already there)")
+    s.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    s.add_argument("--train-per-class", type=int, default=64, help="training images per class (default 64)")
+    s.add_argument("--val-per-class", type=int, default=16, help="validation images per class (default 16)")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed writes the same bytes (default 0)")
     s.set_defaults(func=cmd_data_synth)
     k = dsub.add_parser("check", help="check a dataset's ImageFolder layout")
-    k.add_argument("root")
+    k.add_argument("root", help="dataset folder holding train/ and val/ in ImageFolder layout")
     k.set_defaults(func=cmd_data_check)
 
     b = dsub.add_parser("bench", intermixed=True,
@@ -448,8 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_sweep, parser=w)
 
     st = sub.add_parser("status", help="show a sweep's runs: pending / running / ok / diverged / failed / requeued")
-    st.add_argument("sweep_dir", help="the sweep folder, e.g. results/fig1_batch_size")
-    st.add_argument("--watch", type=float, default=0, metavar="SECONDS", help="refresh every SECONDS until every run has ended")
+    st.add_argument("sweep_dir", help="a sweep folder, e.g. results/fig1_batch_size (demo/results/demo for the demo), "
+                    "or a results root to list its sweeps")
+    st.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                    help="refresh every SECONDS until every run has ended (default 0: once)")
+    st.add_argument("--json", action="store_true", help="print JSON (a sweep: its runs, counts by state, ETA; a root: every sweep)")
     st.set_defaults(func=cmd_status)
 
     r = sub.add_parser("report", help="tables and figures from run folders, beside the paper's numbers")

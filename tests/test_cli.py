@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from helpers import ablation
 
 from ablation import rundir
+from ablation.cli import build_parser
 
 
 def test_help_lists_the_commands(cli_env: dict[str, str]) -> None:
@@ -230,3 +232,25 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
     ci = next(line for line in (root / ".ci" / "run").read_text().splitlines() if line.startswith("README_TEST_COMMAND="))
     assert shlex.split(ci.split("=", 1)[1]) == [command]
     assert 'bash -c "$README_TEST_COMMAND"' in (root / ".ci" / "run").read_text()
+
+
+def _arguments(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, action) of every argument of every (sub)command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _arguments(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_argument_has_help_and_says_its_default() -> None:
+    """`--help` is the reference a user reads first: no argument without a text, no option whose default is unsaid."""
+    missing = []
+    for path, action in _arguments(build_parser()):
+        text = action.help or ""
+        unsaid = action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        if not text or unsaid:
+            missing.append(f"ablation {' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+    assert len(list(_arguments(build_parser()))) > 40  # the walk reaches every subcommand

@@ -395,3 +395,23 @@ def test_profile_typos_are_all_named_as_profile_keys(tmp_path: Path) -> None:
         load_profile(bad)
     assert str(e.value).startswith(f"{bad}: unknown profile keys 'partiton' (did you mean 'partition'?), "
                                    "'acount' (did you mean 'account'?); valid: name, executor, partition, account")
+
+
+def test_status_of_a_results_root_lists_its_sweeps_and_json_has_every_run(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    from ablation.sweep import launch
+
+    results = tmp_path / "results"
+    folders = [launch.prepare(sweep.load(PAPER / name), results, []) for name in ("table1_norms.yaml", "fig1_batch_size.yaml")]
+    listed = ablation(["status", str(results)], cli_env)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["fig1_batch_size", "table1_norms"]  # by name
+    assert "10 runs: 10 new" in lines[0] and str(folders[1]) in lines[0]
+    assert lines[-1] == f"2 sweep(s) in {results}; one in full: ablation status {folders[1]}"
+    doc = json.loads(ablation(["status", str(results), "--json"], cli_env).stdout)
+    assert [s["sweep"] for s in doc["sweeps"]] == ["fig1_batch_size", "table1_norms"]
+    one = json.loads(ablation(["status", "--json", str(folders[1])], cli_env).stdout)  # options in any order
+    assert one["counts"] == {"new": 10} and one["axes"] == ["norm.name", "batch_per_gpu"]
+    assert {r["run_id"] for r in one["runs"]} == ids(PAPER / "fig1_batch_size.yaml")
+    assert {(r["state"], r["epochs_done"], r["epochs"]) for r in one["runs"]} == {("new", 0, 100)}
+    assert doc["sweeps"][0] == one

@@ -11,6 +11,7 @@ A run's state, from what its folder and the scheduler say:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 from collections.abc import Callable
@@ -173,3 +174,25 @@ def version_drift(sweep_dir: Path, run_ids: list[str]) -> str | None:
              for name, pairs in drift.items() for (got, _), ids in pairs.items()]
     pinned = ", ".join(f"{name} {pins[name]}" for name in drift)
     return f"versions: {'; '.join(parts)}, not the sweep's {sweepdir.CONSTRAINTS} ({pinned}): their numbers may differ in the last digits"
+
+
+def counts(states: list[RunState]) -> dict[str, int]:
+    """Runs per state, in the order summary() names them."""
+    order = ["ok", "running", "requeued", "pending", "stopped", "new", "diverged", "failed"]
+    got = {k: sum(s.state == k for s in states) for k in order}
+    return {k: n for k, n in got.items() if n}
+
+
+def sweep_folders(root: Path) -> list[Path]:
+    """The sweep folders directly under a results root (the folders with a manifest), by name."""
+    return sorted((p for p in Path(root).iterdir() if p.is_dir() and sweepdir.is_sweep_folder(p)), key=lambda p: p.name)
+
+
+def as_json(sweep_dir: Path, manifest: dict[str, Any], states: list[RunState], parallel: int = 1) -> dict[str, Any]:
+    """One sweep's status as plain data (ablation status --json): its runs, the counts by state and the ETA."""
+    eta = eta_seconds(states, parallel)
+    return {
+        "sweep": manifest["name"], "folder": str(sweep_dir), "axes": list(manifest["axes"]),
+        "counts": counts(states), "eta_seconds": round(eta, 1) if eta else None,
+        "runs": [dataclasses.asdict(s) for s in states],
+    }
