@@ -510,9 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the probe's forwards are small)")
     pr.set_defaults(func=cmd_probe)
 
-    m = sub.add_parser("demo", help="the embedded default: BN vs GN over per-GPU batch sizes on this CPU, with the figure")
+    m = sub.add_parser("demo", help="the embedded default: BN vs GN over per-GPU batch sizes on this CPU, with the figure "
+                       "(about 5 minutes on 2 cores)")
     m.add_argument("--out", default="demo", help="folder for the demo's data, runs and report (default ./demo)")
-    m.add_argument("--quick", action="store_true", help="a smaller version (about a minute) for smoke tests")
+    m.add_argument("--quick", action="store_true",
+                   help="a smoke test of the whole path in about 30 s (4 runs, 3 epochs): too little training to show the effect")
     m.add_argument("--seed", type=int, default=0, help="training seed (the data stay the same)")
     m.add_argument("--docs", help="maintainers: copy the figure and table into this folder (docs/, which the README shows)")
     m.set_defaults(func=cmd_demo)

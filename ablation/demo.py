@@ -32,10 +32,19 @@ QUICK_DATA = SynthSpec(classes=10, train_per_class=200, val_per_class=40, size=3
 
 
 def fingerprint(quick: bool = False) -> str:
-    """A hash of everything that decides the demo's result: its sweep file and its data spec."""
+    """A hash of the demo's settings: its sweep file and its data spec (docs/demo.json records it beside made_with)."""
     sweep_text = (SWEEPS / ("demo_quick.yaml" if quick else "demo.yaml")).read_text()
     data = json.dumps(spec_to_json(QUICK_DATA if quick else DATA), sort_keys=True)
     return hashlib.sha256((sweep_text + data).encode()).hexdigest()[:16]
+
+
+def code_version() -> str:
+    """A hash of the package's source files: the code that trained the numbers (git-independent: an installed copy has one too)."""
+    root = Path(ablation.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _cpu_capability() -> str:
@@ -45,20 +54,60 @@ def _cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+# The libraries whose versions decide the demo's digits (the others only write the report).
+NUMERIC_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow")
+
+
+def made_with() -> dict:
+    """What decides the demo's digits besides its settings: the code, the libraries and the CPU's float kernels."""
+    return {"code": code_version(), "cpu": provenance.cpu_model(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(),
+            "packages": provenance.package_versions()}
+
+
+def differences(published: dict, quick: bool = False) -> list[str]:
+    """What differs between this machine and the published demo (docs/demo.json): settings, code, libraries, CPU kind."""
+    here = made_with()
+    theirs = published.get("made_with", {})
+    out = []
+    if published.get("fingerprint") != fingerprint(quick):
+        out.append("the demo's settings")
+    if theirs.get("code") != here["code"]:
+        out.append("the code" + (f" ({here['code']}, published {theirs['code']})" if theirs.get("code") else " (not recorded there)"))
+    for name in NUMERIC_PACKAGES:
+        mine, pub = here["packages"].get(name), theirs.get("packages", {}).get(name)
+        if mine != pub:
+            out.append(f"{name} {mine} (published {pub})")
+    if theirs.get("cpu_capability") != here["cpu_capability"]:
+        out.append(f"CPU kernels {here['cpu_capability']} (published {theirs.get('cpu_capability')})")
+    return out
+
+
 def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
-    """Copy the demo's figure and table into docs/ (the README shows them), with the settings' fingerprint."""
+    """Copy the demo's figure and table into docs/ (the README shows them), with the settings' fingerprint and made_with."""
     from ablation.rundir import atomic_path, write_text
 
     for src, dst in (("fig_error_vs_batch.png", "demo_error_vs_batch.png"), ("table_batch_size.md", "demo_table.md")):
         with atomic_path(docs / dst) as tmp:  # the README never shows half a figure
             shutil.copyfile(rep_dir / src, tmp)
-    meta = {
-        "fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d"),
-        # What decides the digits besides the settings: the libraries and the CPU's float kernels.
-        "made_with": {"cpu": provenance.cpu_model(), "cpu_capability": _cpu_capability(), "cores": os.cpu_count(),
-                      "packages": provenance.package_versions()},
-    }
+    meta = {"fingerprint": fingerprint(), "seed": seed, "wall_seconds": round(seconds), "made_at": time.strftime("%Y-%m-%d"),
+            "made_with": made_with()}
     write_text(docs / "demo.json", json.dumps(meta, indent=2) + "\n")
+
+
+PUBLISHED = SWEEPS.parent / "docs" / "demo.json"  # in a clone of the repository; an installed copy has none
+
+
+def _compare_with_published(seed: int, quick: bool) -> str:
+    """One line: whether this machine should give the published table's digits, and if not, why not."""
+    if quick:
+        return "demo: --quick is a smoke test: 3 epochs on 2,000 images train too little to show BN's rise; `ablation demo` shows it"
+    if not PUBLISHED.is_file():
+        return "demo: no published table here to compare with (docs/demo.json is in a clone of the repository)"
+    published = json.loads(PUBLISHED.read_text())
+    diff = differences(published) + ([f"seed {seed} (published {published.get('seed')})"] if seed != published.get("seed") else [])
+    if not diff:
+        return "demo: same settings, code, libraries and CPU kernels as the published table (docs/demo.md): the same digits are expected"
+    return f"demo: the published table (docs/demo.md) was made with other {'; '.join(diff)}: expect the effect, not its digits"
 
 
 def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, docs: str | Path | None = None) -> Path:
@@ -67,6 +116,8 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     t0 = time.monotonic()
     spec = QUICK_DATA if quick else DATA
     data = out / ("data-quick" if quick else "data")
+    if quick:
+        print("demo: --quick is a smoke test of the whole path (data, 4 runs, report): no effect is expected", flush=True)
     local.start_local_server()  # torch's imports for the runs, on the other core while the data is written
     print(f"demo: data {data} ({spec.classes} classes, {spec.classes * spec.train_per_class} train / "
           f"{spec.classes * spec.val_per_class} val images, {spec.size}px)", flush=True)
@@ -87,7 +138,10 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     print(rep.tables[0].markdown())
     seconds = time.monotonic() - t0
     print(f"demo: figure {rep_dir / 'fig_error_vs_batch.png'}, table {rep_dir / 'table_batch_size.md'} ({seconds:.0f}s)")
+    print(_compare_with_published(seed, quick))
     if docs and not quick:
         publish(rep_dir, Path(docs), seconds, seed)
         print(f"demo: published the figure and table to {docs}")
+    print(f"next: ablation status {sweep_dir}    # the sweep's runs and their states")
+    print(f"      ablation report {sweep_dir} --out {out / 'report-again'}    # the report again, elsewhere")
     return rep_dir

@@ -112,6 +112,13 @@ def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: P
     assert ["_b2x8_" in rid for rid in started] == [True, True, False, False]  # longest runs (most steps) first
     again = ablation(["demo", "--quick", "--out", str(tmp_path / "demo")], cli_env)
     assert "4 runs (4 already done)" in again.stdout  # data and runs are cached
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "demo: --quick is a smoke test of the whole path (data, 4 runs, report): no effect is expected"
+    assert "demo: --quick is a smoke test: 3 epochs on 2,000 images train too little to show BN's rise" in proc.stdout
+    sweep_dir = tmp_path / "demo" / "results" / "demo_quick"
+    assert lines[-2].startswith(f"next: ablation status {sweep_dir} ")  # the commands for its folders, which then work
+    assert lines[-1].split("#")[0].split() == ["ablation", "report", str(sweep_dir), "--out", str(tmp_path / "demo" / "report-again")]
+    assert ablation(["status", str(sweep_dir)], cli_env).stdout.strip().splitlines()[-1] == "4 runs: 4 ok"
 
 
 def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
@@ -123,6 +130,30 @@ def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
         "the demo's settings changed: regenerate the README figure with `ablation demo --docs docs` and commit docs/"
     )
     assert (docs / "demo_error_vs_batch.png").stat().st_size > 10_000
+
+
+def test_the_demo_says_whether_the_published_digits_are_expected_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The published table's provenance is compared with this machine: the same everything expects the same digits,
+    anything else is named (settings, code, a library, the CPU kernels)."""
+    from ablation import demo
+
+    here = {"fingerprint": demo.fingerprint(), "seed": 0, "made_with": demo.made_with()}
+    published = tmp_path / "demo.json"
+    monkeypatch.setattr(demo, "PUBLISHED", published)
+    published.write_text(json.dumps(here))
+    assert demo._compare_with_published(0, quick=False).endswith("the same digits are expected")
+    other = json.loads(json.dumps(here))
+    other["made_with"]["packages"]["torch"] = "2.13.0"
+    other["made_with"]["cpu_capability"] = "AVX2"
+    other["made_with"]["code"] = "0123456789abcdef"
+    published.write_text(json.dumps(other))
+    line = demo._compare_with_published(1, quick=False)
+    assert line.startswith("demo: the published table (docs/demo.md) was made with other ")
+    assert line.endswith("expect the effect, not its digits")
+    for part in (f"the code ({demo.code_version()}, published 0123456789abcdef)", f"torch {here['made_with']['packages']['torch']} "
+                 "(published 2.13.0)", "CPU kernels", "(published AVX2)", "seed 1 (published 0)"):
+        assert part in line
+    assert "numpy" not in line and "settings" not in line  # only what differs
 
 
 def test_demo_publishes_its_figure_table_and_fingerprint_whole(tmp_path: Path) -> None:
@@ -143,8 +174,9 @@ def test_demo_publishes_its_figure_table_and_fingerprint_whole(tmp_path: Path) -
 
     from ablation import provenance
 
-    assert meta["made_with"] == {"cpu": provenance.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                                 "cores": os.cpu_count(), "packages": provenance.package_versions()}
+    assert meta["made_with"] == {"code": demo.code_version(), "cpu": provenance.cpu_model(),
+                                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+                                 "packages": provenance.package_versions()}
     assert sorted(p.name for p in docs.iterdir()) == ["demo.json", "demo_error_vs_batch.png", "demo_table.md"]
 
 

@@ -199,3 +199,20 @@ def test_baselines_resolve_against_the_results(caplog: pytest.LogCaptureFixture)
     with caplog.at_level("WARNING", logger="ablation"):
         assert report.resolve_baselines(["bn", "gn"], ["GN (G=8)", "GN (G=4)"]) == []  # bn absent, gn ambiguous
     assert "'bn'" in caplog.text and "'gn'" in caplog.text
+
+
+def test_the_papers_rise_is_never_drawn_above_100_percent(tmp_path: Path) -> None:
+    """A base near chance (a smoke test's 89.9 %) leaves no room for the paper's +11.1 at 2 images per GPU: that point is
+    left out rather than drawn at 101 % error; the rises that fit are drawn from our base."""
+    root = tmp_path / "runs"
+    for b, v in ((32, 89.88), (2, 88.75)):
+        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(v), train_images=20_000)
+    runs, _ = collect([root])
+    ref = report.load_reference(report.reference_dir())
+    pts, what, _ = report.paper_points(runs, ref, [32, 2], [89.88, 88.75])
+    assert what == "paper's rise from our 32"
+    rises = {b: PAPER_BN[b] - PAPER_BN[32] for b in PAPER_BN}
+    assert dict(pts) == pytest.approx({b: 89.88 + r for b, r in rises.items() if 89.88 + r <= 100})
+    assert 2 not in dict(pts) and max(v for _, v in pts) <= 100.0  # BN@2: 89.88 + 11.1 > 100
+    low, _, _ = report.paper_points(runs, ref, [32, 2], [20.0, 60.0])
+    assert dict(low)[2] == pytest.approx(20.0 + rises[2])  # room for it: drawn

@@ -588,6 +588,24 @@ def _batch_axis(ax: Any, batches: Any) -> None:
     ax.set_xlabel("images per GPU (log scale)")
 
 
+def paper_points(grp: pd.DataFrame, ref: pd.DataFrame, xs: list[Any], ys: list[float]) -> tuple[list[tuple[int, float]], str, dict]:
+    """The paper's dashed line for one row, (points, label, the references by batch): its own levels for a row in the
+    paper's setting, else its rises drawn from our base (xs[0], ys[0]: the row's largest batch); a rise that would pass
+    100 % error is left out (a base near chance leaves no room for it, and an error above 100 % is none)."""
+    comparable, first = _comparable(grp), grp.iloc[0]
+    paper_b = sorted({int(b) for b in grp["batch_per_gpu"].dropna()}
+                     | {int(b) for b in ref[ref["table"] == "table2_batch_size"]["batch_per_gpu"].dropna()}, reverse=True)
+    refs = {b: _ref_for(ref, BATCH_TABLES, first, b, loose=not comparable) for b in paper_b}
+    if comparable:
+        return [(b, r.value) for b, r in refs.items() if r is not None and (not r.any_batch or b in set(xs))], "paper", refs
+    if not xs:
+        return [], "", refs
+    base = refs.get(int(xs[0]))
+    pts = [(b, ys[0] + r.value - base.value) for b, r in refs.items()
+           if r is not None and base is not None and not r.any_batch and not base.any_batch]
+    return [p for p in pts if p[1] <= 100.0], f"paper's rise from our {int(xs[0])}", refs
+
+
 def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
     """Val error vs images per GPU (log2 axis), one line per variant, the paper's numbers dashed in the line's
     colour: its own levels for a row in the paper's setting, else its rises drawn from our base (the row's
@@ -611,20 +629,7 @@ def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> l
             ax.annotate(f"{var}: {note}", (b, 1.0), xycoords=("data", "axes fraction"),
                         fontsize=7, rotation=90, va="top", ha="center", color=color)
             ax.plot([b], [1.0], marker="x", transform=ax.get_xaxis_transform(), color=color, clip_on=False)
-        comparable, first = _comparable(grp), grp.iloc[0]
-        paper_b = sorted({int(b) for b in grp["batch_per_gpu"].dropna()}
-                         | {int(b) for b in ref[ref["table"] == "table2_batch_size"]["batch_per_gpu"].dropna()}, reverse=True)
-        refs = {b: _ref_for(ref, BATCH_TABLES, first, b, loose=not comparable) for b in paper_b}
-        if comparable:
-            pts = [(b, r.value) for b, r in refs.items() if r is not None and (not r.any_batch or b in set(xs))]
-            what = "paper"
-        elif xs:  # the paper's rises from our base
-            base = refs.get(int(xs[0]))
-            pts = [(b, ys[0] + r.value - base.value) for b, r in refs.items()
-                   if r is not None and base is not None and not r.any_batch and not base.any_batch]
-            what = f"paper's rise from our {int(xs[0])}"
-        else:
-            pts = []
+        pts, what, refs = paper_points(grp, ref, xs, ys)
         if pts:
             recipe = any(r.recipe for r in refs.values() if r is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle="--", marker="o", markerfacecolor="none", color=color, alpha=0.7,
