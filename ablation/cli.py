@@ -321,11 +321,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ablation.results import report
 
     rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference)
-    counts = rep.runs["status"].value_counts().to_dict()
+    counts = rep.status_counts()  # from the files where nothing changed: no table is made again to print these
     order = ["ok", "diverged", "failed", "unfinished"]
-    print(f"{len(rep.runs)} runs: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
+    print(f"{sum(counts.values())} runs: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
     print()
-    print(rep.tables[0].markdown())
+    print(rep.main_table())
     print(f"wrote {len(rep.files)} files to {args.out}: " + ", ".join(sorted({p.name for p in rep.files if p.suffix in ('.png', '.md')})))
     return EXIT_OK
 

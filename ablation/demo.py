@@ -39,12 +39,8 @@ def fingerprint(quick: bool = False) -> str:
 
 
 def code_version() -> str:
-    """A hash of the package's source files: the code that trained the numbers (git-independent: an installed copy has one too)."""
-    root = Path(ablation.__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    """A hash of the package's source files (provenance.code_version)."""
+    return provenance.code_version()
 
 
 def _cpu_capability() -> str:
@@ -135,7 +131,7 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     rep_dir = out / "report"
     rep = report.build([sweep_dir], rep_dir, ["bn", "gn"])
     print()
-    print(rep.tables[0].markdown())
+    print(rep.main_table())
     seconds = time.monotonic() - t0
     print(f"demo: figure {rep_dir / 'fig_error_vs_batch.png'}, table {rep_dir / 'table_batch_size.md'} ({seconds:.0f}s)")
     print(_compare_with_published(seed, quick))

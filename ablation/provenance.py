@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from importlib import metadata
+from pathlib import Path
 
 # The distributions a run's numbers or its outputs depend on: the model, the pixels, the tables and figures.
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "matplotlib", "submitit", "pyyaml", "tqdm")
@@ -64,3 +66,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def code_version() -> str:
+    """A hash of the package's source files: the code behind a number (git-independent: an installed copy has one too)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import curve, write_run
+from helpers import ablation, curve, write_run
 
 from ablation import config, rundir
 from ablation.results import collect, report, runfiles
@@ -187,7 +187,7 @@ def many(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _reference(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The collector's tables built the plain way: read_run per folder, a frame from the row dicts."""
     folders = collect.find_run_folders(roots)
-    sweeps = collect._sweep_index(roots)
+    sweeps = collect._sweep_index(collect.sweep_links(roots))
     runs, curves = [], []
     for folder in folders:
         run, c = collect.read_run(folder)
@@ -470,3 +470,76 @@ def test_a_damaged_config_json_is_read_from_config_yaml_with_a_warning(many: Pat
         _assert_same(_tables([base]), _tables([many / "results"]))
     assert sum(rundir.CONFIG_JSON in r.getMessage() for r in caplog.records) == 1
     assert rundir.read_config(folder / rundir.CONFIG) == entry["config"]  # what the launcher reads too
+
+
+def _stamps(out: Path) -> dict[str, tuple[int, int]]:
+    """Each file of a report folder: (inode, mtime_ns)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.iterdir()}
+
+
+def test_a_report_of_unchanged_inputs_reads_and_writes_nothing(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture, cli_env: dict[str, str]) -> None:
+    """Nothing that makes the outputs changed (run files, sweep links, reference, options, versions) and the outputs are as
+    left: no run folder is read and no file written; the tables behind the files are made on first use, equal to a fresh
+    report's, and the warnings of the report that made the files are said again."""
+    roots = [many / "results", many / "other"]  # the copy of a run under `other`: a warning
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="ablation"):
+        first = report.build(roots, out)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("copies of a run" in m for m in said)
+    stamps = _stamps(out)
+    seen = _count_reads(monkeypatch)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ablation"):
+        again = report.build(roots, out)
+    assert seen == [] and _stamps(out) == stamps  # not read, not written
+    assert [r.getMessage() for r in caplog.records] == said
+    assert [p.name for p in again.files] == [p.name for p in first.files]
+    assert again.status_counts() == first.status_counts() and again.main_table() == (out / "table_batch_size.md").read_text()
+    assert seen == []  # the counts and the main table come from the files
+    pd.testing.assert_frame_equal(again.runs, first.runs)
+    pd.testing.assert_frame_equal(again.curves, first.curves)
+    assert [t.markdown() for t in again.tables] == [t.markdown() for t in first.tables]
+    cold = ablation(["report", *map(str, roots), "--out", str(tmp_path / "cli")], cli_env)
+    warm = ablation(["report", *map(str, roots), "--out", str(tmp_path / "cli")], cli_env)
+    assert cold.returncode == warm.returncode == 0 and warm.stdout == cold.stdout and warm.stderr == cold.stderr
+
+
+@pytest.mark.parametrize("change", ["a run's final status", "a sweep link", "the reference numbers", "the baselines", "an output removed"])
+def test_a_report_remakes_its_outputs_when_an_input_changed(many: Path, tmp_path: Path, change: str) -> None:
+    base = tmp_path / "copy"
+    shutil.copytree(many / "results", base / "results", symlinks=True)
+    ref = tmp_path / "reference"
+    shutil.copytree(report.reference_dir(), ref)
+    roots, out = [base / "results"], tmp_path / "out"
+    report.build(roots, out, ["bn", "gn"], ref)
+    before = (out / "runs.csv").read_text()
+    folder = sorted((base / "results" / "runs").iterdir())[20]
+    baselines = ["bn", "gn"]
+    if change == "a run's final status":
+        rundir.write_json(folder / rundir.FINAL, {**rundir.read_json(folder / rundir.FINAL), "status": "failed", "reason": "x"})
+    elif change == "a sweep link":
+        (base / "results" / "sweep_a" / "runs" / folder.name).symlink_to(folder)
+    elif change == "the reference numbers":
+        table = next(ref.glob("wu_he*.csv"))
+        table.write_text(table.read_text().replace("34.7", "34.6"))
+    elif change == "the baselines":
+        baselines = ["gn"]
+    else:
+        (out / "table_norms.tex").unlink()
+    stamps = _stamps(out)
+    rep = report.build(roots, out, baselines, ref)
+    assert rep._made is not None  # made, not taken from the files
+    changed = {n for n, s in _stamps(out).items() if stamps.get(n) != s}
+    assert report.OUTPUTS_NAME in changed
+    if change == "a run's final status":
+        assert (out / "runs.csv").read_text() != before and "runs.csv" in changed
+    elif change == "a sweep link":
+        assert "sweep_a" in rep.runs.set_index("run_id").loc[folder.name, "sweeps"] and "runs.csv" in changed
+    elif change == "the reference numbers":
+        assert "34.6" in (out / "table_batch_size.md").read_text() or "34.6" in (out / "table_batch_size.csv").read_text()
+    elif change == "the baselines":
+        assert "fig_delta_vs_batch.png" in changed
+    else:
+        assert (out / "table_norms.tex").is_file()

@@ -6,6 +6,7 @@ unfinished run keeps its row and its status, and its metric stays empty (NaN), n
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -250,26 +252,53 @@ def find_run_folders(roots: Iterable[str | Path]) -> list[Path]:
     return sorted(seen.values(), key=lambda p: p.name)
 
 
-def _sweep_index(roots: list[Path]) -> Callable[[str], str]:
-    """name -> names of the sweeps (sweep folders with a manifest) that link to a run folder of that name.
+def sweep_links(roots: list[Path]) -> list[tuple[str, frozenset[str]]]:
+    """(sweep name, the run folder names its runs/ links lead to) of each sweep folder (with a manifest) at or under a root.
 
     Each sweep's runs/ folder is listed once (not once per run folder: 10,000 runs, a second each time).
     """
-    linked: list[tuple[str, set[str]]] = []
+    linked: list[tuple[str, frozenset[str]]] = []
     for root in roots:
-        for manifest in [root / sweepdir.MANIFEST, *root.glob(f"*/{sweepdir.MANIFEST}")]:
+        for manifest in [root / sweepdir.MANIFEST, *sorted(root.glob(f"*/{sweepdir.MANIFEST}"))]:
             runs = manifest.parent / sweepdir.RUNS_LINKS
             try:
                 with os.scandir(runs) as it:
-                    names = {e.name for e in it if os.path.exists(e.path)}  # a link to nothing links to no run
+                    names = frozenset(e.name for e in it if os.path.exists(e.path))  # a link to nothing links to no run
             except OSError:
-                names = set()
+                names = frozenset()
             linked.append((manifest.parent.name, names))
+    return linked
+
+
+def _sweep_index(linked: list[tuple[str, frozenset[str]]]) -> Callable[[str], str]:
+    """name -> names of the sweeps that link to a run folder of that name."""
 
     def sweeps(name: str) -> str:
         return ",".join(sorted({sweep for sweep, names in linked if name in names}))
 
     return sweeps
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a collect reads, before reading it: the run folders under the roots, their files' identities (size, mtime,
+    inode) and the sweeps' links. Two equal surveys read the same: a report whose inputs' survey is unchanged is too."""
+
+    folders: list[Path]
+    identities: list[runfiles.Identity]
+    links: list[tuple[str, frozenset[str]]]
+
+    def digest(self) -> str:
+        """A hash of the whole survey."""
+        links = [(name, sorted(names)) for name, names in self.links]
+        return hashlib.sha256(repr(([str(f) for f in self.folders], self.identities, links)).encode()).hexdigest()
+
+
+def survey(roots: Iterable[str | Path]) -> Survey:
+    """The survey of the run folders and sweeps under the roots (a stat of each run folder's files; nothing read)."""
+    roots = [Path(r) for r in roots]
+    folders = find_run_folders(roots)
+    return Survey(folders, [runfiles.identity(str(f)) for f in folders], sweep_links(roots))
 
 
 def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
@@ -335,31 +364,33 @@ _CHUNK = 500  # run folders per piece of work
 
 
 def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None,
-            index: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+            index: str | Path | None = None, surveyed: Survey | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) tables of every run folder under the roots.
 
     timings: gets the seconds of each phase (find, read, frames). workers: processes reading the run folders
     (default: one per usable core from PARALLEL_MIN_FOLDERS folders to read on, where this process can fork: a
     single-threaded process on Linux; 1: this process alone). index: a file keeping what was read of each folder
     (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
+    surveyed: the roots' survey, where the caller has made it.
     """
     with runfiles.gc_paused():  # the configs, rows and tables made here are many and hold no cycles
-        return _collect(roots, timings, workers, index)
+        return _collect(roots, timings, workers, index, surveyed)
 
 
 def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None,
-             index: str | Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+             index: str | Path | None, surveyed: Survey | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """collect(), the collector as it is."""
-    roots = [Path(r) for r in roots]
     clock = _Clock(timings)
-    folders = find_run_folders(roots)
-    clock.lap("find")
+    if surveyed is None:
+        surveyed = survey(roots)
+        clock.lap("find")
+    folders = surveyed.folders
     paths = [str(f) for f in folders]
     known = runfiles.load_index(index)
     entries: list[dict[str, Any] | None] = []
-    for p in paths:
+    for p, ident in zip(paths, surveyed.identities):
         e = known.get(p)
-        entries.append(e if e is not None and e.get("identity") == runfiles.identity(p) else None)
+        entries.append(e if e is not None and e.get("identity") == ident else None)
     missing = [i for i, e in enumerate(entries) if e is None]
     with _reader(reader_count(workers, len(missing))) as read:
         for i, e in zip(missing, read([paths[i] for i in missing])):
@@ -367,7 +398,7 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     if index is not None and (missing or len(known) != len(paths)):
         runfiles.save_index(index, dict(zip(paths, entries)))
     clock.lap("read")
-    sweeps = _sweep_index(roots)
+    sweeps = _sweep_index(surveyed.links)
     runs = []
     for folder, entry in zip(folders, entries):
         run = _run_from(folder, entry)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablation import provenance
 from ablation.norms import registry
 from ablation.results import runfiles
-from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, variant
+from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, survey, variant
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -797,7 +798,7 @@ def _write_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs,
 # ---------------------------------------------------------------- outputs already made
 
 OUTPUTS_NAME = ".report-outputs.json"  # in the report's folder: which outputs are what which inputs made
-OUTPUTS_VERSION = 2
+OUTPUTS_VERSION = 3
 FIGURES = ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch")
 
 
@@ -836,14 +837,21 @@ class _Outputs:
     def __init__(self, out: Path):
         self.out, self.path, self.new, self.pieces = out, out / OUTPUTS_NAME, {}, {}
         self.old, self.old_piece_lists = {}, {}
+        self.inputs, self.files, self.warnings = None, [], []  # the last report's: what made it, its files in order, its warnings
         try:
             doc = json.loads(self.path.read_text())
             if doc.get("version") == OUTPUTS_VERSION:
                 self.old, self.old_piece_lists = dict(doc["outputs"]), dict(doc["pieces"])
+                self.inputs, self.files, self.warnings = doc["inputs"], list(doc["files"]), list(doc["warnings"])
         except FileNotFoundError:
             pass
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warning(f"{self.path} is unreadable ({type(e).__name__}); every output is made again")
+
+    def unchanged(self, inputs: str) -> bool:
+        """True where the last report here was made from inputs of this digest and each of its files is as it left it."""
+        return (self.inputs == inputs and bool(self.files)
+                and all(isinstance(self.old.get(n), list) and self.old[n][1] == _identity(self.out / n) for n in self.files))
 
     def fresh(self, names: list[str], digest: str) -> bool:
         """True where every one of these outputs is there as made from inputs of this digest."""
@@ -880,40 +888,90 @@ class _Outputs:
                 raise ValueError(f"{self.out / name} was replaced while being read")
             yield f
 
-    def save(self) -> None:
-        write_text(self.path, json.dumps({"version": OUTPUTS_VERSION, "outputs": self.new, "pieces": self.pieces}) + "\n", durable=False)
+    def save(self, inputs: str, files: list[str], warnings: list[str]) -> None:
+        """Write the record: each output's digest and identity, and what made this report (inputs, its files, its warnings)."""
+        doc = {"version": OUTPUTS_VERSION, "outputs": self.new, "pieces": self.pieces, "inputs": inputs, "files": files,
+               "warnings": warnings}
+        write_text(self.path, json.dumps(doc) + "\n", durable=False)
 
 
 # ---------------------------------------------------------------- the report
 
 
-@dataclass(frozen=True)
 class Report:
-    """What `ablation report` produced."""
+    """What `ablation report` produced: its files, and the tables behind them.
 
-    runs: pd.DataFrame
-    curves: pd.DataFrame
-    tables: list[Table]
-    files: list[Path]
+    Where every output was already there as the same inputs made it, nothing is collected or written: runs,
+    curves and tables are made on first use (status_counts and main_table read the files instead).
+    """
+
+    def __init__(self, files: list[Path], made: tuple[pd.DataFrame, pd.DataFrame, list[Table]] | None = None,
+                 make: Callable[[], tuple[pd.DataFrame, pd.DataFrame, list[Table]]] | None = None):
+        self.files, self._made, self._make = files, made, make
+
+    def _frames(self) -> tuple[pd.DataFrame, pd.DataFrame, list[Table]]:
+        if self._made is None:
+            self._made = self._make()  # type: ignore[misc]
+        return self._made
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """runs.csv's table: one row per run."""
+        return self._frames()[0]
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        """curves.csv's table: one row per run and epoch."""
+        return self._frames()[1]
+
+    @property
+    def tables(self) -> list[Table]:
+        """The tables: by batch size, by norm, then the group tables."""
+        return self._frames()[2]
+
+    def _file(self, name: str) -> Path:
+        return next(p for p in self.files if p.name == name)
+
+    def status_counts(self) -> dict[str, int]:
+        """Runs by status (ok, diverged, failed, unfinished)."""
+        runs = self._made[0] if self._made else pd.read_csv(self._file("runs.csv"), usecols=["status"])
+        return {str(k): int(v) for k, v in runs["status"].value_counts().items()}
+
+    def main_table(self) -> str:
+        """The table by batch size (the paper's Table 2), as Markdown."""
+        return self._made[2][0].markdown() if self._made else self._file(f"{BATCH_TABLE}.md").read_text()
+
+
+BATCH_TABLE = "table_batch_size"
+
+
+def _reference_text(folder: Path) -> str:
+    """The reference CSVs' names and contents (part of what a report's outputs are made from)."""
+    return "".join(f"{f.name}\0{f.read_text()}\0" for f in sorted(folder.glob("*.csv")))
+
+
+@contextmanager
+def _warnings_kept(kept: list[str]) -> Iterator[None]:
+    """Keep the text of each warning the `ablation` logger gives meanwhile (a report of unchanged inputs says them again)."""
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            kept.append(record.getMessage())
+        return True  # a filter, not a handler: where the logger has no handler, the warning still reaches stderr
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
 
 
 def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None,
           timings: dict[str, float] | None = None) -> Report:
     """Collect the runs under roots and write tables, figures and CSVs to out; `timings` gets the seconds of each phase
-    (find, read, frames: ablation.collect; csv, tables, figures)."""
+    (find, read, frames: ablation.collect; csv, tables, figures). Where nothing that makes them changed since the last
+    report into `out` (the run folders' files, the sweeps' links, the reference numbers, the options, the versions of
+    the code and libraries) and its outputs are as it left them, nothing is read or written again."""
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME)
-        if runs.empty:
-            from ablation.errors import AblationError
-
-            raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
-    except BaseException:
-        if created:  # a report that found nothing to report leaves no folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
     t = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -923,13 +981,47 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
             timings[name] = timings.get(name, 0.0) + now - t
         t = now
 
-    ref = load_reference(reference_dir(reference))
-    bases = resolve_baselines(baselines or ["bn", "gn"], runs["variant"])
+    surveyed = survey(roots)
+    if not surveyed.folders:  # before anything is made: a report that found nothing to report leaves no folder behind
+        from ablation.errors import AblationError
+
+        raise AblationError(f"no run folders under {', '.join(map(str, roots))}")
+    lap("find")
+    ref_dir = reference_dir(reference)
+    versions = (pd.__version__, np.__version__)
+    asked = baselines or ["bn", "gn"]
+    inputs = _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version())
+    outputs = _Outputs(out)
+
+    def frames() -> tuple[pd.DataFrame, pd.DataFrame, list[Table]]:
+        runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME, surveyed=surveyed)
+        lap("frames")
+        ref = load_reference(ref_dir)
+        bases = resolve_baselines(asked, runs["variant"])
+        return runs, curves, [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
+
+    if outputs.unchanged(inputs):
+        for warning in outputs.warnings:
+            log.warning(warning)
+        lap("read")
+        return Report([out / name for name in outputs.files], make=frames)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    warnings: list[str] = []
+    try:
+        with _warnings_kept(warnings):
+            runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME, surveyed=surveyed)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    t = time.perf_counter()
+    ref = load_reference(ref_dir)
+    with _warnings_kept(warnings):
+        bases = resolve_baselines(asked, runs["variant"])
     files = []
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
     # sees each file old or new, never cut. One that is there as the same inputs made it is left as it is.
-    outputs = _Outputs(out)
-    versions = (pd.__version__, np.__version__)
     for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
         _write_csv_output(frame, out, name, outputs, versions)
     files += [out / "runs.csv", out / "curves.csv"]
@@ -937,8 +1029,10 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
     for table in tables:
         for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):
-            write_text(out / f"{table.name}.{ext}", text, durable=False)
-            files.append(out / f"{table.name}.{ext}")
+            name = f"{table.name}.{ext}"
+            write_text(out / name, text, durable=False)
+            outputs.made([name], _digest(text))
+            files.append(out / name)
     lap("tables")
     figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
     digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
@@ -948,9 +1042,9 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
         figure_delta(runs, bases, out)
         outputs.made(figures, digest)
     files += [out / name for name in figures]
-    outputs.save()
+    outputs.save(inputs, [p.name for p in files], warnings)
     lap("figures")
-    return Report(runs, curves, tables, files)
+    return Report(files, made=(runs, curves, tables))
 
 
 def _matplotlib_version() -> str:
