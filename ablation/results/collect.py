@@ -395,8 +395,9 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     with _reader(reader_count(workers, len(missing))) as read:
         for i, e in zip(missing, read([paths[i] for i in missing])):
             entries[i] = e
+    saved = None
     if index is not None and (missing or len(known) != len(paths)):
-        runfiles.save_index(index, dict(zip(paths, entries)))
+        saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))  # while the tables are made
     clock.lap("read")
     sweeps = _sweep_index(surveyed.links)
     runs = []
@@ -412,8 +413,32 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     curves = _curves_from_columns(every, entries, setting)  # type: ignore[arg-type]
     if curves is None:
         curves = _curves_from_rows(every, [runfiles.metric_rows(e) for e in entries], setting)  # type: ignore[arg-type]
+    if saved is not None and not saved():
+        log.warning(f"collect index {index} was not written (the next report reads every run folder again)")
     clock.lap("frames")
     return runs_df, curves
+
+
+def can_fork() -> bool:
+    """True where this process may fork a child that runs Python: fork exists and no other thread runs (Jupyter's do)."""
+    return "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
+
+
+def background(work: Callable[[], Any]) -> Callable[[], bool]:
+    """Run work in a forked child while this process goes on; returns a function that waits for it and tells whether it
+    succeeded. Where this process may not fork, work runs here, now (its exception then propagates as it would)."""
+    if not can_fork():
+        work()
+        return lambda: True
+    pid = os.fork()
+    if pid == 0:  # the child: never returns to the caller's code
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)  # no atexit handlers, no flush of the parent's buffered output
+    return lambda: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
 def reader_count(asked: int | None, folders: int) -> int:
@@ -423,8 +448,7 @@ def reader_count(asked: int | None, folders: int) -> int:
 
         asked = min(8, usable_cores(1)[0]) if folders >= PARALLEL_MIN_FOLDERS else 1
     # fork: no re-import in the workers (spawn would run __main__ again); never from a threaded process (Jupyter).
-    can_fork = "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1
-    return max(1, asked) if can_fork else 1
+    return max(1, asked) if can_fork() else 1
 
 
 @contextmanager
@@ -498,8 +522,8 @@ def _curves_from_columns(runs: list[dict[str, Any]], entries: list[dict[str, Any
         out[key] = np.frombuffer(b"".join([data for _, data in col]), dtype=np.float64 if codes == {"d"} else np.int64)
     reps = np.array([e["n"] for _, e in with_rows])
     for key in ("run_id", "variant"):
-        out[key] = [x for run, e in with_rows for x in [run[key]] * e["n"]]
-    out["setting"] = [x for run, e in with_rows for x in [setting[run["run_id"]]] * e["n"]]
+        out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=object), reps)
+    out["setting"] = np.repeat(np.array([setting[run["run_id"]] for run, _ in with_rows], dtype=object), reps)
     for key in ("batch_per_gpu", "seed"):
         out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=np.int64), reps)
     return pd.DataFrame(out, columns=CURVE_COLUMNS)

@@ -43,7 +43,7 @@ import pandas as pd
 from ablation import provenance
 from ablation.norms import registry
 from ablation.results import runfiles
-from ablation.results.collect import PARALLEL_MIN_FOLDERS, collect, reader_count, survey, variant
+from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -1019,29 +1019,35 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     ref = load_reference(ref_dir)
     with _warnings_kept(warnings):
         bases = resolve_baselines(asked, runs["variant"])
-    files = []
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
     # sees each file old or new, never cut. One that is there as the same inputs made it is left as it is.
-    for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
-        _write_csv_output(frame, out, name, outputs, versions)
-    files += [out / "runs.csv", out / "curves.csv"]
-    lap("csv")
+    figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
+    digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
+
+    def draw() -> None:
+        figure_error_vs_batch(runs, ref, out)
+        figure_curves(runs, curves, out)
+        figure_delta(runs, bases, out)
+
+    # The figures are drawn by a forked child while this process makes the tables and CSVs (one core each).
+    drawn = None if outputs.fresh(figures, digest) else background(draw)
     tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
+    table_files = []
     for table in tables:
         for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):
             name = f"{table.name}.{ext}"
             write_text(out / name, text, durable=False)
             outputs.made([name], _digest(text))
-            files.append(out / name)
+            table_files.append(out / name)
     lap("tables")
-    figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
-    digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
-    if not outputs.fresh(figures, digest):
-        figure_error_vs_batch(runs, ref, out)
-        figure_curves(runs, curves, out)
-        figure_delta(runs, bases, out)
+    for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
+        _write_csv_output(frame, out, name, outputs, versions)
+    lap("csv")
+    if drawn is not None:
+        if not drawn():
+            draw()  # the child failed: drawn again here, where its error (if it is one) is raised with its cause
         outputs.made(figures, digest)
-    files += [out / name for name in figures]
+    files = [out / "runs.csv", out / "curves.csv", *table_files, *(out / name for name in figures)]
     outputs.save(inputs, [p.name for p in files], warnings)
     lap("figures")
     return Report(files, made=(runs, curves, tables))
