@@ -130,6 +130,21 @@ def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
         "the demo's settings changed: regenerate the README figure with `ablation demo --docs docs` and commit docs/"
     )
     assert (docs / "demo_error_vs_batch.png").stat().st_size > 10_000
+    assert set(meta["made_with"]) >= {"code", "packages", "cpu", "cpu_capability"}  # what decides the digits besides the settings
+    assert set(meta["made_with"]["packages"]) >= set(demo.NUMERIC_PACKAGES)
+
+
+def test_the_demo_durations_are_said_one_way() -> None:
+    """README, docs and --help agree: the demo takes about 5 minutes on 2 cores, --quick is a 30-second smoke test."""
+    from ablation.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    demo = next(a for a in build_parser()._subparsers._group_actions[0].choices["demo"]._actions if "--quick" in a.option_strings)
+    texts = {"--help": demo.help, "README.md": (root / "README.md").read_text(), "docs/demo.md": (root / "docs" / "demo.md").read_text()}
+    for where, text in texts.items():
+        assert "smoke test" in text and "30 s" in text.replace("30-second", "30 s"), where
+    for where in ("README.md", "docs/demo.md"):
+        assert "about 5 minutes" in texts[where] and "a minute" not in texts[where] and "half a minute" not in texts[where], where
 
 
 def test_the_demo_says_whether_the_published_digits_are_expected_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

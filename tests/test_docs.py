@@ -295,3 +295,23 @@ def test_the_readme_is_a_quickstart() -> None:
     assert len(lines) <= 120, f"README.md has {len(lines)} lines: move the detail into docs/"
     for page in ("sweep-spec.md", "profiles.md", "norms.md", "run-folder.md", "recipe.md", "data.md", "reliability.md", "internals.md"):
         assert f"(docs/{page}" in README.read_text(), page
+
+
+CITED = re.compile(r"(?<![\w/.<$-])((?:ablation|benchmarks|sweeps|slurm|docs|notebooks|tests|\.ci)/[\w./-]*\w)")
+# Paths the docs cite that are not in the repository by design: a user's copy of the profile template, a placeholder.
+NOT_IN_THE_REPOSITORY = {"slurm/profiles/mycluster.yaml", "sweeps/x.yaml"}
+
+
+def test_every_file_the_docs_cite_exists_or_is_said_not_to() -> None:
+    """A path in the README or docs/ is a file of the repository, or the page says it is not there yet (the GPU benchmark's
+    records, written on a GPU owner's machine): no page sends a reader to a file that does not exist."""
+    missing = []
+    for page in [*OUTSIDE, *doc_pages()]:
+        text = page.read_text()
+        for path in sorted({m.group(1) for m in CITED.finditer(text)}):
+            if (ROOT / path).exists() or path in NOT_IN_THE_REPOSITORY:
+                continue
+            if path == "benchmarks/results/gpu.jsonl" and re.search(r"not (exist )?in the repository", text):
+                continue
+            missing.append(f"{page.relative_to(ROOT)}: {path}")
+    assert missing == []
