@@ -1033,6 +1033,12 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
             write_text(out / name, text, durable=False)
             outputs.made([name], _digest(text))
             files.append(out / name)
+    from ablation.results.compare import significance_files  # table_significance.md/.csv: each norm vs each baseline, tested
+
+    for name, text in significance_files(runs, surveyed.folders, bases):
+        write_text(out / name, text, durable=False)
+        outputs.made([name], _digest(text))
+        files.append(out / name)
     lap("tables")
     figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
     digest = _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
