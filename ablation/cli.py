@@ -330,6 +330,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Is A's error lower than B's, and by how much: per-image tests and seed-level intervals (ablation.results.compare)."""
+    import json
+
+    from ablation.results import compare
+
+    result = compare.compare(args.a, args.b, args.results, args.epoch, args.draws)
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print("\n".join(result.lines()))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: BN vs GN over per-GPU batch sizes, trained here, with the report."""
     from ablation import demo
@@ -491,6 +505,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--baseline", default="bn,gn", help="baselines for the Δ columns and figure (default bn,gn)")
     r.add_argument("--reference", help="folder of reference CSVs, one per paper (default results/reference)")
     r.set_defaults(func=cmd_report)
+
+    cp = sub.add_parser("compare", help="is A's error lower than B's, and by how much: McNemar, a paired bootstrap and seed-level "
+                        "intervals on the same validation images")
+    cp.add_argument("a", metavar="A", help="a run folder (or a folder of one setting's seeds), or a selector over --results in one "
+                    "argument, e.g. 'norm=gn batch_per_gpu=2'")
+    cp.add_argument("b", metavar="B", help="the same for B, e.g. 'norm=my.module:MyNorm batch_per_gpu=2'")
+    cp.add_argument("--results", default=DEFAULT_RESULTS, help=f"results root the selectors pick runs from (default {DEFAULT_RESULTS})")
+    cp.add_argument("--epoch", type=int, help="the epoch whose per-image results are read (default: the last one every run has)")
+    cp.add_argument("--draws", type=int, default=10_000, help="bootstrap resamplings of the images (default 10000)")
+    cp.add_argument("--json", action="store_true", help="print the numbers as one JSON document (default: text)")
+    cp.set_defaults(func=cmd_compare)
 
     nr = sub.add_parser("norms", help="list the built-in norms (the registry), their batch dependence and norm.* fields")
     nr.set_defaults(func=cmd_norms)

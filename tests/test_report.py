@@ -103,6 +103,7 @@ def test_files_are_written(built: report.Report) -> None:
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     for stem in ("table_batch_size", "table_norms", "table_groups", "table_channels_per_group"):
         assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
+    assert {"table_significance.md", "table_significance.csv"} <= names  # tests/test_compare.py checks its rows
     for p in built.files:
         assert p.stat().st_size > 0
     runs = pd.read_csv(next(p for p in built.files if p.name == "runs.csv"))
@@ -168,7 +169,7 @@ def test_report_command_prints_the_main_table_and_never_imports_torch(results: P
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("16 runs: 13 ok, 1 diverged, 1 failed, 1 unfinished")
-    assert "| BN | " in proc.stdout and f"wrote 20 files to {tmp_path / 'out'}" in proc.stdout
+    assert "| BN | " in proc.stdout and f"wrote 22 files to {tmp_path / 'out'}" in proc.stdout
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -287,18 +287,23 @@ class Survey:
     folders: list[Path]
     identities: list[runfiles.Identity]
     links: list[tuple[str, frozenset[str]]]
+    predictions: list[Any]  # each folder's per-image results folder (its mtime moves when a file is renamed into it), or None
 
     def digest(self) -> str:
         """A hash of the whole survey."""
         links = [(name, sorted(names)) for name, names in self.links]
-        return hashlib.sha256(repr(([str(f) for f in self.folders], self.identities, links)).encode()).hexdigest()
+        return hashlib.sha256(repr(([str(f) for f in self.folders], self.identities, links, self.predictions)).encode()).hexdigest()
 
 
 def survey(roots: Iterable[str | Path]) -> Survey:
     """The survey of the run folders and sweeps under the roots (a stat of each run folder's files; nothing read)."""
     roots = [Path(r) for r in roots]
     folders = find_run_folders(roots)
-    return Survey(folders, [runfiles.identity(str(f)) for f in folders], sweep_links(roots))
+    predictions = [runfiles.stat_of(os.path.join(f, PREDICTIONS)) for f in folders]
+    return Survey(folders, [runfiles.identity(str(f)) for f in folders], sweep_links(roots), predictions)
+
+
+PREDICTIONS = "predictions"  # a run folder's per-image results (rundir's contract), which the significance table reads
 
 
 def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:

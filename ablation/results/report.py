@@ -1039,6 +1039,12 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
             write_text(out / name, text, durable=False)
             outputs.made([name], _digest(text))
             table_files.append(out / name)
+    from ablation.results.compare import significance_files  # table_significance.md/.csv: each norm vs each baseline, tested
+
+    for name, text in significance_files(runs, surveyed.folders, bases):
+        write_text(out / name, text, durable=False)
+        outputs.made([name], _digest(text))
+        table_files.append(out / name)
     lap("tables")
     for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
         _write_csv_output(frame, out, name, outputs, versions)

@@ -45,6 +45,11 @@ def _stat(path: str) -> tuple[int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
+def stat_of(path: str) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a file or folder, or None where there is none."""
+    return _stat(path)
+
+
 def identity(folder: str) -> Identity:
     """The identities of the files a folder's entry is read from: its config (config.json, else config.yaml), metrics, final status."""
     config = _stat(os.path.join(folder, rundir.CONFIG_JSON))
