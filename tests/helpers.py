@@ -92,16 +92,30 @@ PAPER_BN = {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7}
 PAPER_GN = {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1}
 
 
+IMAGENET_VAL_IMAGES = 50_000
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_counts(train_images: int | None = config.IMAGENET_TRAIN_IMAGES, val_images: int | None = IMAGENET_VAL_IMAGES,
+                    num_classes: int | None = IMAGENET_CLASSES) -> dict:
+    """The dataset counts the trainer records in config.yaml's `derived` (ImageNet-1k's unless told; None: not recorded,
+    as an older run folder)."""
+    counts = {"train_images": train_images, "val_images": val_images, "num_classes": num_classes}
+    return {k: v for k, v in counts.items() if v is not None}
+
+
 def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
-              train_images: int = config.IMAGENET_TRAIN_IMAGES) -> dict:
-    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json
-    (trained on ImageNet's image count unless told)."""
-    cfg = config.load(None, ["epochs=10", *overrides])
+              train_images: int | None = config.IMAGENET_TRAIN_IMAGES, *, paper: bool = False, val_images: int | None = IMAGENET_VAL_IMAGES,
+              num_classes: int | None = IMAGENET_CLASSES) -> dict:
+    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json (trained on
+    ImageNet-1k's counts unless told). 10 epochs, not the paper's 100, so not in the paper's setting, unless `paper`: the
+    paper's recipe (100 epochs; the overrides still apply)."""
+    cfg = config.load(None, [*([] if paper else ["epochs=10"]), *overrides])
     rid = config.run_id(cfg)
     folder = root / rid
     folder.mkdir(parents=True)
     doc = {"run_id": rid, "config_hash": config.config_hash(cfg), **config.to_dict(cfg),
-           "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, "train_images": train_images}}
+           "derived": {"global_batch": cfg.gpus * cfg.batch_per_gpu, **imagenet_counts(train_images, val_images, num_classes)}}
     (folder / "config.yaml").write_text(yaml.safe_dump(doc))
     (folder / "config.json").write_text(rundir.config_json_text(doc))
     (folder / "env.json").write_text(json.dumps({"processes": 1, "starts": [{"resumed_from_step": 0}]}))

@@ -17,20 +17,21 @@ from ablation.results.collect import collect
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    """Fixture results: BN and GN over batch sizes (BN@32 with two seeds), LN, IN, Table 3 settings,
-    a plugin norm, and runs that diverged, failed or are unfinished."""
+    """Fixture results in the paper's setting (its recipe, ImageNet-1k): BN and GN over batch sizes (BN@32 with two
+    seeds), LN, IN, Table 3 settings, a plugin norm, and runs that diverged, failed or are unfinished."""
     root = tmp_path_factory.mktemp("results") / "runs"
     for b in (32, 16, 8, 4):
-        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 0.5))
-        write_run(root, ["norm.name=gn", f"batch_per_gpu={b}"], curve(PAPER_GN[b] - 0.3))
-    write_run(root, ["norm.name=bn", "batch_per_gpu=32", "seed=1"], curve(PAPER_BN[32] + 0.9))
-    write_run(root, ["norm.name=bn", "batch_per_gpu=2"], [80.0, float("nan")], status="diverged", reason="loss is nan at step 9 (epoch 2)")
-    write_run(root, ["norm.name=gn", "batch_per_gpu=2"], [60.0, 50.0, 40.0], status=None)  # still running
-    write_run(root, ["norm.name=ln"], curve(25.0))
-    write_run(root, ["norm.name=in"], [90.0], status="failed", reason="RuntimeError: out of memory")
-    write_run(root, ["norm.name=gn", "norm.groups=16"], curve(24.9))
-    write_run(root, ["norm.name=gn", "norm.channels_per_group=16"], curve(24.0))
-    write_run(root, ["norm.name=plugins.mynorms:rms_norm"], curve(26.0))
+        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 0.5), paper=True)
+        write_run(root, ["norm.name=gn", f"batch_per_gpu={b}"], curve(PAPER_GN[b] - 0.3), paper=True)
+    write_run(root, ["norm.name=bn", "batch_per_gpu=32", "seed=1"], curve(PAPER_BN[32] + 0.9), paper=True)
+    write_run(root, ["norm.name=bn", "batch_per_gpu=2"], [80.0, float("nan")], status="diverged", reason="loss is nan at step 9 (epoch 2)",
+              paper=True)
+    write_run(root, ["norm.name=gn", "batch_per_gpu=2"], [60.0, 50.0, 40.0], status=None, paper=True)  # still running
+    write_run(root, ["norm.name=ln"], curve(25.0), paper=True)
+    write_run(root, ["norm.name=in"], [90.0], status="failed", reason="RuntimeError: out of memory", paper=True)
+    write_run(root, ["norm.name=gn", "norm.groups=16"], curve(24.9), paper=True)
+    write_run(root, ["norm.name=gn", "norm.channels_per_group=16"], curve(24.0), paper=True)
+    write_run(root, ["norm.name=plugins.mynorms:rms_norm"], curve(26.0), paper=True)
     return root.parent
 
 
@@ -65,7 +66,7 @@ def test_batch_size_table_numbers(built: report.Report) -> None:
         assert gn.mean == pytest.approx(med(PAPER_GN[b] - 0.3)) and gn.paper == PAPER_GN[b]
         assert gn.delta == pytest.approx(med(PAPER_GN[b] - 0.3) - PAPER_GN[b])
     assert t.cells[("BN", "2")].text() == "diverged (34.7)"
-    assert t.cells[("GN (G=32)", "2")].text() == "unfinished 3/10 (24.1)"
+    assert t.cells[("GN (G=32)", "2")].text() == "unfinished 3/100 (24.1)"
     md = t.markdown()
     assert "| BN | " in md and "diverged (34.7)" in md
     csv = t.long()
@@ -99,7 +100,7 @@ def test_group_tables_both_halves_with_secondary_marks(built: report.Report) -> 
 
 def test_files_are_written(built: report.Report) -> None:
     names = {p.name for p in built.files}
-    for stem in ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch"):
+    for stem in ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch", "fig_val_error_vs_epoch"):
         assert {f"{stem}.png", f"{stem}.pdf"} <= names
     for stem in ("table_batch_size", "table_norms", "table_groups", "table_channels_per_group"):
         assert {f"{stem}.md", f"{stem}.tex", f"{stem}.csv"} <= names
@@ -169,7 +170,9 @@ def test_report_command_prints_the_main_table_and_never_imports_torch(results: P
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("16 runs: 13 ok, 1 diverged, 1 failed, 1 unfinished")
-    assert "| BN | " in proc.stdout and f"wrote 22 files to {tmp_path / 'out'}" in proc.stdout
+    assert "| BN | " in proc.stdout and f"wrote 24 files to {tmp_path / 'out'}" in proc.stdout
+    # BN at 32 has two seeds, every other cell one: the noise floor of one seed, under the table
+    assert "_cells of one seed: the binomial noise floor of 50,000 validation images is ±" in proc.stdout
 
 
 def test_report_of_nothing_is_a_clear_error(tmp_path: Path, cli_env: dict[str, str]) -> None:

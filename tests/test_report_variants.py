@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from helpers import PAPER_BN, PAPER_GN, ablation, curve, med, write_run
+from helpers import PAPER_BN, PAPER_GN, ablation, curve, imagenet_counts, med, write_run
 
 from ablation import config, rundir
 from ablation.results import report
@@ -27,10 +27,11 @@ IMAGENET = config.IMAGENET_TRAIN_IMAGES
 SMALL_MODEL = {"name": "resnet18", "widths": [8, 16, 16, 16], "stem_width": 8, "stem": "small"}
 
 
-def write_raw_run(root: Path, changes: dict[str, Any], val: list[float], train_images: int = IMAGENET, status: str = "ok") -> Path:
+def write_raw_run(root: Path, changes: dict[str, Any], val: list[float], train_images: int = IMAGENET, status: str = "ok", *,
+                  paper: bool = False) -> Path:
     """A run folder whose config.yaml is the default config with dotted `changes` written in as they are
-    (no validation: a norm or field this checkout may not know yet)."""
-    doc = config.to_dict(config.load(None, ["epochs=10"]))
+    (no validation: a norm or field this checkout may not know yet); 10 epochs unless `paper` (the paper's recipe, 100)."""
+    doc = config.to_dict(config.load(None, [] if paper else ["epochs=10"]))
     for key, value in changes.items():
         node = doc
         *parents, leaf = key.split(".")
@@ -41,7 +42,8 @@ def write_raw_run(root: Path, changes: dict[str, Any], val: list[float], train_i
     rid = f"{doc['model']['name']}_{doc['norm']['name']}_b{doc['batch_per_gpu']}x{doc['gpus']}_s{doc['seed']}_{digest}"
     folder = root / rid
     folder.mkdir(parents=True)
-    derived = {"global_batch": doc["gpus"] * doc["batch_per_gpu"], "train_images": train_images}
+    counts = imagenet_counts() if train_images == IMAGENET else imagenet_counts(train_images, 10 * 100, 10)  # synthetic: 10 classes
+    derived = {"global_batch": doc["gpus"] * doc["batch_per_gpu"], **counts}
     (folder / "config.yaml").write_text(yaml.safe_dump({"run_id": rid, "config_hash": digest, **doc, "derived": derived}))
     rows = [{"epoch": i + 1, "lr": 0.1, "train_loss": 1.0, "train_err1": v + 1, "val_err1": v, "val_err5": v / 3, "images_per_s": 100.0,
              "epoch_seconds": 1.0, "wall_seconds": i + 1.0} for i, v in enumerate(val)]
@@ -61,16 +63,17 @@ def table(rep: report.Report, name: str) -> report.Table:
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory: pytest.TempPathFactory) -> report.Report:
-    """ImageNet-size runs: BN, GN, BRN (the paper's limits, and other limits) at 4; GN+WS at 32 and 2 on ResNet-50 and -101."""
+    """Runs in the paper's setting (its recipe, ImageNet-1k): BN, GN, BRN (the paper's limits, and other limits) at 4;
+    GN+WS at 32 and 2 on ResNet-50 and -101."""
     root = tmp_path_factory.mktemp("variants") / "runs"
-    write_raw_run(root, {"norm.name": "bn", "batch_per_gpu": 4}, curve(28.0))
-    write_raw_run(root, {"norm.name": "gn", "norm.groups": 32, "batch_per_gpu": 4}, curve(24.5))
-    write_raw_run(root, {"norm.name": "brn", "norm.r_max": 1.5, "norm.d_max": 0.5, "batch_per_gpu": 4}, curve(26.0))
-    write_raw_run(root, {"norm.name": "brn", "norm.r_max": 3.0, "norm.d_max": 5.0, "batch_per_gpu": 4}, curve(27.0))
+    write_raw_run(root, {"norm.name": "bn", "batch_per_gpu": 4}, curve(28.0), paper=True)
+    write_raw_run(root, {"norm.name": "gn", "norm.groups": 32, "batch_per_gpu": 4}, curve(24.5), paper=True)
+    write_raw_run(root, {"norm.name": "brn", "norm.r_max": 1.5, "norm.d_max": 0.5, "batch_per_gpu": 4}, curve(26.0), paper=True)
+    write_raw_run(root, {"norm.name": "brn", "norm.r_max": 3.0, "norm.d_max": 5.0, "batch_per_gpu": 4}, curve(27.0), paper=True)
     for model in ("resnet50", "resnet101"):
         for b, end in ((32, 23.5), (2, 23.9)):
             write_raw_run(root, {"norm.name": "gn", "norm.groups": 32, "model.weight_std": True, "model.name": model, "batch_per_gpu": b},
-                          curve(end - (model == "resnet101")))
+                          curve(end - (model == "resnet101")), paper=True)
     return report.build([root.parent], tmp_path_factory.mktemp("variants_report"), ["bn", "gn"])
 
 
@@ -131,7 +134,9 @@ def test_synthetic_runs_compare_rises_not_levels(tmp_path: Path) -> None:
     rep = report.build([tmp_path], tmp_path / "out", ["bn", "gn"])
     t = table(rep, "table_batch_size")
     assert not rep.runs["paper_setting"].any()
-    assert set(rep.runs["unlike_paper"]) == {"5,120 train images, not ImageNet's 1,281,167; model resnet18; 32-px images"}
+    assert set(rep.runs["unlike_paper"]) == {"10 classes, 5,120 train and 1,000 val images, not ImageNet-1k; "
+                                             "model resnet18 (own widths, stem_width, stem), not ResNet-50/101; "
+                                             "10 epochs, not 100; 32-px images, not 224"}
     bn = {b: med(v) for b, v in DEMO["bn"].items()}
     assert t.cells[("BN", "32")].text() == f"{bn[32]:.2f} (base)"
     for b in (16, 8, 4, 2):
@@ -143,7 +148,8 @@ def test_synthetic_runs_compare_rises_not_levels(tmp_path: Path) -> None:
     gn2 = t.cells[("GN (G=8)", "2")]  # the paper's GN is G=32: its curve stands for the shape of any G
     assert gn2.paper_rise == pytest.approx(PAPER_GN[2] - PAPER_GN[32]) and gn2.rise == pytest.approx(med(0.55) - med(1.07))
     md = t.markdown()
-    assert "not in the paper's setting (5,120 train images" in t.caption and "levels are not comparable" in t.caption
+    assert "not in the paper's setting (10 classes, 5,120 train and 1,000 val images, not ImageNet-1k; model resnet18" in t.caption
+    assert "levels are not comparable" in t.caption
     assert "rise over the row's base" in t.caption
     assert "(23.6" not in md and "(34.7" not in md  # no ImageNet level beside synthetic data
     long = t.long()
@@ -168,9 +174,9 @@ def test_the_base_is_the_largest_batch_that_finished(tmp_path: Path) -> None:
 def test_a_table_with_both_kinds_of_rows_says_which_is_which(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for b in (32, 2):
-        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 1.0))  # ImageNet, ResNet-50
+        write_run(root, ["norm.name=bn", f"batch_per_gpu={b}"], curve(PAPER_BN[b] + 1.0), paper=True)  # the paper's recipe, ImageNet-1k
         write_run(root, ["norm.name=gn", f"batch_per_gpu={b}", "model.widths=[64,128,256,512]", "model.stem_width=32"], curve(20.0 + b / 8),
-                  train_images=IMAGENET)
+                  train_images=IMAGENET, paper=True)
     runs, _ = collect([root])
     t = report.batch_size_table(runs, report.load_reference(report.reference_dir()))
     bn, gn = (next(r for r in t.rows if r.startswith(v)) for v in ("BN", "GN"))
@@ -204,20 +210,21 @@ def test_group_table_off_imagenet_compares_rises_over_the_largest_g(tmp_path: Pa
         ({}, IMAGENET, ""),
         ({}, IMAGENET - 50, ""),  # a copy missing a few images is still ImageNet
         ({"model.name": "resnet101"}, IMAGENET, ""),
-        ({}, 128_116, "128,116 train images, not ImageNet's 1,281,167"),
-        ({"model.name": "resnet18"}, IMAGENET, "model resnet18"),
+        ({}, 128_116, "128,116 train images, not ImageNet-1k's 1,281,167"),
+        ({"model.name": "resnet18"}, IMAGENET, "model resnet18, not ResNet-50/101"),
         ({"model.layers": [1, 1, 1, 1]}, IMAGENET, "resnet50 with its own layers"),
-        ({"data.image_size": 128}, IMAGENET, "128-px images"),
+        ({"model.name": "resnet101", "model.stem_width": 32}, IMAGENET, "resnet101 with its own stem_width"),
+        ({"data.image_size": 128}, IMAGENET, "128-px images, not 224"),
     ],
 )
-def test_the_paper_setting_is_imagenet_size_data_the_papers_model_and_224_px(changes: dict, images: int, unlike: str) -> None:
+def test_the_paper_setting_is_imagenet_1k_data_and_the_papers_recipe(changes: dict, images: int, unlike: str) -> None:
     doc = config.to_dict(config.load(None, []))
     for key, value in changes.items():
         section, leaf = key.split(".")
         doc[section][leaf] = value
-    assert unlike_paper({**doc, "derived": {"train_images": images}}) == unlike
+    assert unlike_paper({**doc, "derived": imagenet_counts(images)}) == unlike
     # a run folder that does not say what it trained on is never compared by level
-    assert unlike_paper(doc).startswith("dataset size not recorded")
+    assert unlike_paper(doc).startswith("data not known to be ImageNet-1k (class, train-image and val-image counts not recorded)")
 
 
 # ---------------------------------------------------------------- what sets runs apart
@@ -262,5 +269,7 @@ def test_report_command_help_runs(cli_env: dict[str, str]) -> None:
 
 def test_runs_csv_has_the_comparability_columns(variants: report.Report) -> None:
     csv = pd.read_csv(next(p for p in variants.files if p.name == "runs.csv"))
-    assert {"train_images", "paper_setting", "unlike_paper", "weight_std", "r_max", "d_max"} <= set(csv.columns)
-    assert (csv["train_images"] == IMAGENET).all() and csv["paper_setting"].all()
+    assert {"train_images", "val_images", "num_classes", "paper_setting", "unlike_paper", "deviations", "weight_std", "r_max",
+            "d_max"} <= set(csv.columns)
+    assert (csv["train_images"] == IMAGENET).all() and (csv["val_images"] == 50_000).all() and (csv["num_classes"] == 1000).all()
+    assert csv["paper_setting"].all() and csv["deviations"].isna().all()  # none: empty

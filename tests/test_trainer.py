@@ -56,6 +56,7 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     assert written["derived"] == {
         "global_batch": 16, "lr": pytest.approx(0.1 * 16 / 256), "eval_resize": 16, "train_images": 192,
         "steps_per_epoch": 12, "total_steps": 24, "milestone_steps": [7, 14, 22], "warmup_steps": 0,
+        "num_classes": 4, "val_images": 32,  # the dataset's counts, what the report knows ImageNet-1k by
     }
 
     env = json.loads((folder / "env.json").read_text())

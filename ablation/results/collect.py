@@ -28,7 +28,7 @@ import pandas as pd
 from ablation import config, rundir, sweepdir
 from ablation.errors import ConfigError
 from ablation.norms import registry
-from ablation.results import runfiles
+from ablation.results import recipe, runfiles
 
 log = logging.getLogger("ablation")
 
@@ -39,15 +39,17 @@ VARIANT_FIELDS = ("model.weight_std",)
 
 RUN_COLUMNS = [
     "run_id", "sweeps", "model", "norm", "variant", "setting", "groups", "channels_per_group", "weight_std", "r_max", "d_max",
-    "gpus", "batch_per_gpu", "global_batch", "seed", "epochs", "train_images", "paper_setting", "unlike_paper",
+    "gpus", "batch_per_gpu", "global_batch", "seed", "epochs", "train_images", "val_images", "num_classes", "paper_setting", "unlike_paper",
+    "deviations",
     "status", "reason", "val_err1", "val_err5", "best_val_err1", "last_val_err1", "epochs_done", "gpu_hours", "wall_seconds", "config_hash",
 ]
 
-# The paper's setting (Wu & He §4.1): ImageNet-1k's 1,281,167 training images, a ResNet-50 (or -101) of
-# timm's own shape, 224-px crops. Only runs in it are compared with the paper's numbers level for level.
-PAPER_MODELS = ("resnet50", "resnet101")
-PAPER_IMAGE_SIZE = 224
-IMAGENET_TOLERANCE = 0.01  # an ImageNet copy missing a few images is still ImageNet; a 10 % subset is not
+# The paper's setting (Wu & He §4.1): its recipe (results/paper_recipe.yaml: every result-affecting field but the axes
+# it sweeps) on ImageNet-1k (1,000 classes, 1,281,167 train and 50,000 val images). Only runs in it are compared with
+# the paper's numbers level for level.
+PAPER_MODELS = tuple(recipe.paper_recipe()["models"])
+PAPER_IMAGE_SIZE = recipe.paper_recipe()["fields"]["data.image_size"]
+IMAGENET_TOLERANCE = recipe.paper_recipe()["dataset"]["tolerance"]  # a copy missing a few images is still ImageNet; a 10 % subset is not
 
 
 def norm_value(norm: dict[str, Any], key: str) -> Any:
@@ -99,32 +101,43 @@ def variant(norm: dict[str, Any], model: dict[str, Any] | None = None) -> str:
     return label
 
 
-def unlike_paper(cfg: dict[str, Any]) -> str:
-    """How a run's config.yaml differs from the paper's setting (dataset, model, image size); '' where it does not.
+def unlike_paper(cfg: dict[str, Any], fields: dict[str, Any] | None = None) -> str:
+    """How a run's config.yaml differs from the paper's setting, grouped and short ('10 epochs, not 100; 1 GPU, not 8;
+    cosine schedule, not step'); '' where it does not (paper_differences).
 
-    The dataset is known by its size, which the trainer records in config.yaml (derived.train_images, from
-    the folders it scanned): ImageNet-1k has 1,281,167 training images; no other dataset in use has within
-    1 % of that. The class count is not in config.yaml and is not read (env.json) for this.
+    fields: the config's result fields (result_fields), where the caller has them.
     """
-    out = []
-    images = (cfg.get("derived") or {}).get("train_images")
-    if not isinstance(images, int) or isinstance(images, bool):
-        out.append("dataset size not recorded")
-    elif abs(images - config.IMAGENET_TRAIN_IMAGES) > IMAGENET_TOLERANCE * config.IMAGENET_TRAIN_IMAGES:
-        out.append(f"{images:,} train images, not ImageNet's {config.IMAGENET_TRAIN_IMAGES:,}")
-    model = cfg.get("model") or {}
-    name = model.get("name", "resnet50")
-    if name not in PAPER_MODELS:
-        out.append(f"model {name}")
-    else:
-        resized = [k for k in ("widths", "stem_width", "layers") if model.get(k) is not None]
-        resized += ["stem"] if model.get("stem", "default") != "default" else []
-        if resized:
-            out.append(f"{name} with its own {', '.join(resized)}")
-    size = (cfg.get("data") or {}).get("image_size", PAPER_IMAGE_SIZE)
-    if size != PAPER_IMAGE_SIZE:
-        out.append(f"{size}-px images")
-    return "; ".join(out)
+    return "; ".join(paper_differences(cfg, fields)[0])
+
+
+_DEVIATIONS: dict[tuple[Any, ...], tuple[list[tuple[str, Any, Any]], list[str]]] = {}
+
+
+def paper_differences(cfg: dict[str, Any], fields: dict[str, Any] | None = None) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """(how a run differs from the paper's setting, short items; its result fields that differ from the paper's recipe).
+
+    The data must be ImageNet-1k by the counts the trainer records in config.yaml (derived: num_classes,
+    train_images, val_images; recipe.dataset_differences); the result-affecting fields (result_fields) the paper's
+    recipe (recipe.deviations: the axes the paper sweeps aside). A config that is not a mapping differs in its data.
+    """
+    cfg = cfg if isinstance(cfg, dict) else {}
+    fields = _fields(cfg) if fields is None else fields
+    model = cfg.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    key = (name, *((k, v) for k, v in fields.items() if k != "seed"))  # runs that differ in their seed differ alike
+    try:
+        found = _DEVIATIONS.get(key)
+    except TypeError:  # a value that is no key (an unvalidated config's own kind of value): not kept
+        key, found = None, None
+    if found is None:
+        devs = recipe.deviations(fields)
+        found = (devs, recipe.summary(devs, name if name in PAPER_MODELS else None))
+        if key is not None:
+            if len(_DEVIATIONS) > 10_000:
+                _DEVIATIONS.clear()
+            _DEVIATIONS[key] = found
+    devs, items = found
+    return recipe.dataset_differences(cfg.get("derived")) + items, devs
 
 
 def result_fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
@@ -311,7 +324,9 @@ def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
     cfg = cfg or {}
     norm = cfg.get("norm", {})
     model = cfg.get("model", {})
-    unlike = unlike_paper(cfg)
+    fields = _fields(cfg)
+    items, devs = paper_differences(cfg, fields)
+    unlike = "; ".join(items)
     brn = norm.get("name") == "brn"
     run = {
         "run_id": cfg.get("run_id", folder.name),
@@ -329,10 +344,13 @@ def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
         "seed": cfg.get("seed"),
         "epochs": cfg.get("epochs"),
         "train_images": cfg.get("derived", {}).get("train_images"),
+        "val_images": cfg.get("derived", {}).get("val_images"),
+        "num_classes": cfg.get("derived", {}).get("num_classes"),
         "paper_setting": not unlike,
         "unlike_paper": unlike,
+        "deviations": recipe.deviations_text(devs),
         "config_hash": cfg.get("config_hash"),
-        "_fields": _fields(cfg),
+        "_fields": fields,
     }
     return run, cfg.get("metric_epochs", 5)
 

@@ -5,15 +5,18 @@ folders; the paper's numbers come from results/reference/*.csv, one file per pap
 
 Two ways to put the paper beside a row, chosen per row and said in each table's caption:
 
-- a row in the paper's setting (collect's ``paper_setting``: ImageNet-size data, the paper's ResNet-50
-  or -101, 224 px) reads "ours (paper, Δ)" with Δ = ours − paper;
-- any other row (synthetic data, a small model) cannot be compared level for level: its cells read
+- a row in the paper's setting (collect's ``paper_setting``: the paper's recipe, results/paper_recipe.yaml, in every
+  result-affecting field but the axes the paper sweeps, on ImageNet-1k by its class, train and val image counts)
+  reads "ours (paper, Δ)" with Δ = ours − paper;
+- any other row (10 epochs, one GPU, synthetic data, a small model ...) cannot be compared level for level, and the
+  caption names how it differs ("10 epochs, not 100; 1 GPU, not 8; cosine schedule, not step"): its cells read
   "ours (rise, paper rise)", the rise being ours minus the row's base (its first column with a number:
   the largest images per GPU, the largest G) and the paper's rise its number minus its number at the
   same base. The base cell reads "ours (base)".
 
-ours is "mean ± std (n=k)" when several seeds finished; a paper number marked † is secondary (a
-third-party transcription), ‡ comes from another recipe (another schedule or batch; the reference
+ours is "mean ± std (n=k)" when several seeds finished; with one seed, a line under the table gives the binomial
+noise floor of the validation set (√(e(1−e)/n): ±0.19 points at 24 % error on 50,000 images). A paper number marked
+† is secondary (a third-party transcription), ‡ comes from another recipe (another schedule or batch; the reference
 file's ``recipe`` says which). A cell whose runs did not finish says so (diverged, failed, unfinished
 k/n) instead of showing a number.
 """
@@ -42,7 +45,7 @@ import pandas as pd
 
 from ablation import provenance
 from ablation.norms import registry
-from ablation.results import runfiles
+from ablation.results import recipe, runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
 from ablation.rundir import atomic_path, write_text
 
@@ -304,9 +307,9 @@ def _caption(what: str, labels: dict[str, bool], unlike: Iterable[str], paper_te
     """A table's caption: what it shows, which mode its rows are in and what the marks mean."""
     paper_rows = [r for r, ok in labels.items() if ok]
     shape_rows = [r for r, ok in labels.items() if not ok]
-    why = "; ".join(dict.fromkeys(u for u in unlike if u))
+    why = "; ".join(dict.fromkeys(item for u in unlike if u for item in str(u).split("; ")))  # each difference once
     if not shape_rows:
-        text = f"{what}, in the paper's setting (ImageNet, the paper's ResNet, 224 px): {paper_text}"
+        text = f"{what}, in the paper's setting (ImageNet-1k, the paper's recipe): {paper_text}"
     elif not paper_rows:
         text = f"{what}, not in the paper's setting ({why}), so levels are not comparable: {shape_text}"
     else:
@@ -323,12 +326,41 @@ def _caption(what: str, labels: dict[str, bool], unlike: Iterable[str], paper_te
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def noise_floor(error_pct: float, images: int) -> float:
+    """The binomial standard error, in points, of an error rate of error_pct % measured on `images` validation images:
+    100·√(e(1−e)/n) (±0.19 points at 24 % on ImageNet's 50,000)."""
+    e = error_pct / 100
+    return 100 * math.sqrt(e * (1 - e) / images)
+
+
+def noise_floor_text(cells: Iterable[Cell], runs: pd.DataFrame) -> str:
+    """The line under a table whose cells (some or all) rest on one seed: the binomial noise floor of the validation set
+    at the median error of those cells, for each validation-set size the table's finished runs record; '' where every
+    cell with a number has several seeds. Seeds add their own spread, which one seed cannot show."""
+    numbered = [c for c in cells if c.mean is not None]
+    single = [c.mean for c in numbered if c.n == 1]
+    if not single:
+        return ""
+    who = "one seed per cell" if len(single) == len(numbered) else "cells of one seed"
+    ok = runs[runs["status"] == "ok"] if "status" in runs else runs
+    recorded = [_num(v) for v in ok["val_images"]] if "val_images" in ok else [None] * len(ok)
+    sizes = sorted({int(v) for v in recorded if v is not None and v > 0})
+    if not sizes:
+        return f"{who}: the binomial noise floor of the validation set is unknown (the runs do not record its size)"
+    err = float(np.median(single))
+    floors = [f"{n:,} validation images is ±{noise_floor(err, n):.2f} points" for n in sizes]
+    text = f"{who}: the binomial noise floor of {', of '.join(floors)} at {err:.1f} % error"
+    if any(v is None or v <= 0 for v in recorded):
+        text += " (unknown for runs that do not record their validation-set size)"
+    return text
+
+
 # ---------------------------------------------------------------- tables
 
 
 @dataclass(frozen=True)
 class Table:
-    """A report table: cells by row and column, plus a caption."""
+    """A report table: cells by row and column, plus a caption (and a line under it: the noise floor of one seed)."""
 
     name: str
     caption: str
@@ -337,6 +369,7 @@ class Table:
     cells: dict[tuple[str, str], Cell]
     extra: dict[tuple[str, str], str]  # columns that are not cells (Δ vs baseline)
     extra_columns: list[str]
+    footer: str = ""  # a line under the table (noise_floor_text)
 
     def frame(self, latex: bool = False) -> pd.DataFrame:
         """The table as strings, rows by columns."""
@@ -353,7 +386,8 @@ class Table:
         head = "| | " + " | ".join(map(str, df.columns)) + " |"
         sep = "|---" * (len(df.columns) + 1) + "|"
         body = ["| " + str(i) + " | " + " | ".join(df.loc[i]) + " |" for i in df.index]
-        return f"**{self.caption}**\n\n" + "\n".join([head, sep, *body]) + "\n"
+        footer = f"\n_{self.footer}_\n" if self.footer else ""
+        return f"**{self.caption}**\n\n" + "\n".join([head, sep, *body]) + "\n" + footer
 
     def latex(self) -> str:
         """A LaTeX tabular with its caption as a comment."""
@@ -365,6 +399,7 @@ class Table:
         lines += [" & ".join([esc(i), *(esc(v) if "$" not in str(v) else str(v).replace("%", r"\%") for v in df.loc[i])]) + r" \\"
                   for i in df.index]
         lines += [r"\bottomrule", r"\end{tabular}"]
+        lines += [f"% {self.footer}"] if self.footer else []
         return "\n".join(lines) + "\n"
 
     def long(self) -> pd.DataFrame:
@@ -418,7 +453,8 @@ def batch_size_table(runs: pd.DataFrame, ref: pd.DataFrame) -> Table:
     caption = _caption("Top-1 val error (%) vs images per GPU", modes, unlike, "ours (paper, Δ = ours − paper)",
                        "ours (our rise over the row's base, the paper's rise over the same batches), the base being the row's largest "
                        "images per GPU with a number; the paper's rises are ResNet-50 on ImageNet, its GN at G=32", cells.values())
-    return Table("table_batch_size", caption, rows, [f"{int(b)}" for b in batches], cells, {}, [])
+    return Table("table_batch_size", caption, rows, [f"{int(b)}" for b in batches], cells, {}, [],
+                 noise_floor_text(cells.values(), runs))
 
 
 def _at_batch(runs: pd.DataFrame, batch: int | None) -> tuple[pd.DataFrame, int]:
@@ -496,7 +532,7 @@ def norm_table(runs: pd.DataFrame, ref: pd.DataFrame, baselines: list[str], batc
                        "ours (paper, Δ = ours − paper); Δ vs baselines are ours − ours",
                        "the error column is ours alone; Δ vs baselines read ours − ours "
                        "(the paper's Δ between the same norms, ResNet-50 on ImageNet)", cells.values())
-    return Table("table_norms", caption, rows, ["error"], cells, extra, base_cols)
+    return Table("table_norms", caption, rows, ["error"], cells, extra, base_cols, noise_floor_text(cells.values(), sub))
 
 
 def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None) -> list[Table]:
@@ -546,7 +582,9 @@ def group_tables(runs: pd.DataFrame, ref: pd.DataFrame, batch: int | None = None
         caption = _caption(what, modes, unlike, "ours (paper, Δ = ours − paper)",
                            "ours (our rise over the row's base, the paper's rise over the same columns), "
                            f"the base being the row's largest number of {half} with a number", cells.values())
-        out.append(Table(name, caption, rows, [str(v) for v in sorted(cols, reverse=True)], cells, {}, []))
+        used = pd.concat(list(cols.values()))
+        out.append(Table(name, caption, rows, [str(v) for v in sorted(cols, reverse=True)], cells, {}, [],
+                         noise_floor_text(cells.values(), used)))
     return out
 
 
@@ -608,9 +646,18 @@ def paper_points(grp: pd.DataFrame, ref: pd.DataFrame, xs: list[Any], ys: list[f
 
 
 def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
-    """Val error vs images per GPU (log2 axis), one line per variant, the paper's numbers dashed in the line's
-    colour: its own levels for a row in the paper's setting, else its rises drawn from our base (the row's
-    largest batch), so the shapes compare."""
+    """Val error vs images per GPU (log2 axis), one line per variant with error bars (the std over seeds) where a point
+    has several, the paper's numbers dashed in the line's colour: its own levels for a row in the paper's setting, else
+    its rises drawn from our base (the row's largest batch), so the shapes compare (error_vs_batch_figure)."""
+    plt = _style()
+    fig = error_vs_batch_figure(runs, ref)
+    paths = _save(fig, out, "fig_error_vs_batch")
+    plt.close(fig)
+    return paths
+
+
+def error_vs_batch_figure(runs: pd.DataFrame, ref: pd.DataFrame) -> Any:
+    """figure_error_vs_batch's figure, not saved (close it with matplotlib.pyplot.close)."""
     plt = _style()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
@@ -639,9 +686,7 @@ def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> l
     _batch_axis(ax, ticks)
     ax.set_ylabel("top-1 val error (%)")
     ax.legend(fontsize=7)
-    paths = _save(fig, out, "fig_error_vs_batch")
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, batch: int | None = None) -> list[Path]:
@@ -663,6 +708,48 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame, out: Path, batch: in
         ax.set_title(f"{what} error, {b} images per GPU", fontsize=10)
     axes[1].legend(fontsize=8)
     paths = _save(fig, out, "fig_curves")
+    plt.close(fig)
+    return paths
+
+
+PANEL_ORDER = {"bn": 0, "gn": 1}  # Figure 5's panels: BN's rows first, then GN's, then the others as they come
+
+
+def val_error_vs_epoch_figure(runs: pd.DataFrame, curves: pd.DataFrame) -> Any:
+    """The paper's Figure 5, not saved (close it with matplotlib.pyplot.close): one panel per norm variant present (a
+    table's row: BN's first, then GN's, then the others), one curve per images per GPU (the lowest seed's run), val
+    error vs epoch, the same colour for a batch size in every panel and one y axis for all."""
+    plt = _style()
+    batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
+    colours = {b: f"C{i % 10}" for i, b in enumerate(batches)}
+    models = runs["model"].nunique()
+    groups = list(runs.groupby(ROW_KEYS, sort=False, dropna=False))
+    groups.sort(key=lambda kg: PANEL_ORDER.get(str(kg[1]["norm"].iloc[0]), len(PANEL_ORDER)))  # stable: the others as they come
+    shown = [(key, [(b, sub.sort_values("seed").iloc[0]) for b, sub in grp.groupby("batch_per_gpu", sort=False)]) for key, grp in groups]
+    picked = curves[curves["run_id"].isin([run["run_id"] for _, row in shown for _, run in row])]
+    cols = min(len(shown), 3) or 1
+    rows = -(-len(shown) // cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), sharey=True, squeeze=False)
+    for ax, ((model, var, setting), row) in zip(axes.flat, shown):
+        for b, run in sorted(row, key=lambda x: -x[0]):
+            c = picked[picked["run_id"] == run["run_id"]].sort_values("epoch")
+            label = f"{int(b)} images/GPU" + ("" if run["status"] == "ok" else f" ({run['status']})")
+            ax.plot(c["epoch"], c["val_err1"], color=colours[b], label=label)
+        ax.set_title(_row_label(model, var, setting, models), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("val error (%)")
+    for ax in list(axes.flat)[len(shown):]:  # the grid's empty places
+        ax.set_visible(False)
+    return fig
+
+
+def figure_val_error_vs_epoch(runs: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[Path]:
+    """The paper's Figure 5 as fig_val_error_vs_epoch.{png,pdf} (val_error_vs_epoch_figure)."""
+    plt = _style()
+    fig = val_error_vs_epoch_figure(runs, curves)
+    paths = _save(fig, out, "fig_val_error_vs_epoch")
     plt.close(fig)
     return paths
 
@@ -799,7 +886,7 @@ def _write_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs,
 
 OUTPUTS_NAME = ".report-outputs.json"  # in the report's folder: which outputs are what which inputs made
 OUTPUTS_VERSION = 3
-FIGURES = ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch")
+FIGURES = ("fig_error_vs_batch", "fig_curves", "fig_delta_vs_batch", "fig_val_error_vs_epoch")
 
 
 def _digest(*parts: Any) -> str:
@@ -990,7 +1077,8 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     ref_dir = reference_dir(reference)
     versions = (pd.__version__, np.__version__)
     asked = baselines or ["bn", "gn"]
-    inputs = _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version())
+    inputs = _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version(),
+                     recipe.recipe_text())
     outputs = _Outputs(out)
 
     def frames() -> tuple[pd.DataFrame, pd.DataFrame, list[Table]]:
@@ -1028,6 +1116,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
         figure_error_vs_batch(runs, ref, out)
         figure_curves(runs, curves, out)
         figure_delta(runs, bases, out)
+        figure_val_error_vs_epoch(runs, curves, out)
 
     # The figures are drawn by a forked child while this process makes the tables and CSVs (one core each).
     drawn = None if outputs.fresh(figures, digest) else background(draw)

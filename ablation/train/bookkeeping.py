@@ -161,16 +161,20 @@ def folder_lock(rd: rundir.RunDir) -> Iterator[None]:
         yield
 
 
-def write_config(rd: rundir.RunDir, cfg: RunConfig, d: Derived) -> None:
+def write_config(rd: rundir.RunDir, cfg: RunConfig, d: Derived, data: DatasetInfo | None = None) -> None:
     """Write config.yaml once, and config.json (its JSON twin, for the aggregator); a restart checks config.yaml
-    describes the same run, and writes the twin where an older version (or a crash between the two) left none."""
+    describes the same run, and writes the twin where an older version (or a crash between the two) left none.
+
+    data: the dataset scanned; its class and val-image counts join the derived values (derived.num_classes,
+    derived.val_images: with train_images, what the report knows ImageNet-1k by)."""
     if rd.config.exists():
         old = yaml.safe_load(rd.config.read_text()) or {}
         if old.get("run_id") != run_id(cfg):
             raise ConfigError(f"{rd.config} describes run {old.get('run_id')}, not {run_id(cfg)}; use another results folder")
         text = rundir.config_json_text(old) if not rd.config_json.exists() and isinstance(old, dict) else None
     else:
-        doc = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), **to_dict(cfg), "derived": asdict(d)}
+        counts = {"num_classes": len(data.classes), "val_images": data.val_images} if data is not None else {}
+        doc = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), **to_dict(cfg), "derived": {**asdict(d), **counts}}
         rundir.write_text(rd.config, yaml.safe_dump(doc, sort_keys=False))
         text = rundir.config_json_text(yaml.safe_load(rd.config.read_text()))  # the values as config.yaml reads back
     if text is not None:

@@ -144,7 +144,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
     d = derive(cfg, info.train_images)
     meta = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), "data_fingerprint": info.fingerprint}
     if env.is_main:
-        write_config(rd, cfg, d)  # another run's folder is refused here, not marked failed
+        write_config(rd, cfg, d, info)  # another run's folder is refused here, not marked failed
         remove_temporaries(rd)
     state, loop, tracker, failed = TrainState(), None, Tracker(), False
 
