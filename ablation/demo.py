@@ -78,6 +78,20 @@ def differences(published: dict, quick: bool = False) -> list[str]:
     return out
 
 
+def _bn_vs_gn_at_2(sweep_dir: Path) -> str:
+    """One line: BN against GN at 2 images per GPU on the same validation images (McNemar, one seed: `ablation compare`)."""
+    from ablation.results import compare
+
+    try:
+        c = compare.compare("norm=bn batch_per_gpu=2", "norm=gn batch_per_gpu=2", results=sweep_dir)
+    except compare.CompareError as e:
+        return f"demo: BN vs GN at 2 images per GPU not compared: {e}"
+    pair = c.pairs[0]
+    return (f"demo: BN vs GN at 2 images per GPU, on the same {c.images.n:,} validation images: {pair.err_a:.2f} % vs {pair.err_b:.2f} % "
+            f"error; {pair.b} images only BN gets right, {pair.c} only GN; McNemar p = {compare.p_text(pair.p)} "
+            f"(ablation compare \"norm=bn batch_per_gpu=2\" \"norm=gn batch_per_gpu=2\" --results {sweep_dir})")
+
+
 def publish(rep_dir: Path, docs: Path, seconds: float, seed: int) -> None:
     """Copy the demo's figure and table into docs/ (the README shows them), with the settings' fingerprint and made_with."""
     from ablation.rundir import atomic_path, write_text
@@ -132,8 +146,10 @@ def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, 
     rep = report.build([sweep_dir], rep_dir, ["bn", "gn"])
     print()
     print(rep.main_table())
+    print(_bn_vs_gn_at_2(sweep_dir))
     seconds = time.monotonic() - t0
-    print(f"demo: figure {rep_dir / 'fig_error_vs_batch.png'}, table {rep_dir / 'table_batch_size.md'} ({seconds:.0f}s)")
+    print(f"demo: figures {rep_dir / 'fig_error_vs_batch.png'} (Figure 1), {rep_dir / 'fig_val_error_vs_epoch.png'} (Figure 5), "
+          f"table {rep_dir / 'table_batch_size.md'} ({seconds:.0f}s)")
     print(_compare_with_published(seed, quick))
     if docs and not quick:
         publish(rep_dir, Path(docs), seconds, seed)

@@ -119,6 +119,9 @@ def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: P
     assert lines[-2].startswith(f"next: ablation status {sweep_dir} ")  # the commands for its folders, which then work
     assert lines[-1].split("#")[0].split() == ["ablation", "report", str(sweep_dir), "--out", str(tmp_path / "demo" / "report-again")]
     assert ablation(["status", str(sweep_dir)], cli_env).stdout.strip().splitlines()[-1] == "4 runs: 4 ok"
+    mcnemar = next(line for line in lines if line.startswith("demo: BN vs GN at 2 images per GPU"))
+    assert "on the same 400 validation images" in mcnemar and "McNemar p = " in mcnemar  # the quick data's 10 x 40 images
+    assert (report / "fig_val_error_vs_epoch.png").stat().st_size > 0  # Figure 5
 
 
 def test_the_readme_figure_comes_from_the_current_demo_settings() -> None:
