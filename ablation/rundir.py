@@ -14,9 +14,13 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       train.log       human-readable log (never parsed)
       tb/             optional (tracking=tensorboard): TensorBoard event files, one per start (ablation.train.tracking)
       wandb/          optional (tracking=wandb): wandb's own files, offline runs for `wandb sync` among them
+      predictions/    per-image results of every evaluation (numpy .npy, read with read_predictions):
+        labels.npy      uint16 [N]: each validation image's true class, in the validation set's order (written once)
+        val.json        images N, classes C, k, the data fingerprints (written once)
+        epoch_NNN.npy   uint16 [N, k]: each image's top-k predicted classes, best first, after epoch NNN
 
 Readers never see half a file and never crash on what a crash leaves:
-  - whole files (config.yaml, config.json, env.json, metrics.jsonl, final.json, manifest.json) are written to a temporary
+  - whole files (config.yaml, config.json, env.json, metrics.jsonl, final.json, predictions/*, manifest.json) are written to a temporary
     file, fsynced, renamed over the old one and the folder fsynced: a reader sees the old or the new content;
   - appended files (steps.jsonl, a sweep's jobs.jsonl) get each batch of whole lines in one write() on an
     O_APPEND descriptor, so a crash, or a reader racing the writer, sees at most one incomplete last line;
@@ -32,15 +36,19 @@ import fcntl
 import json
 import logging
 import os
+import re
 import statistics
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ablation import faults
-from ablation.errors import AblationError
+from ablation.errors import AblationError, one_line
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CONFIG = "config.yaml"
 CONFIG_JSON = "config.json"
@@ -54,6 +62,10 @@ LOCK = ".lock"
 FAILURES = "failures.jsonl"
 TENSORBOARD = "tb"
 WANDB = "wandb"
+PREDICTIONS = "predictions"  # folder of per-image results: LABELS, VAL_META and one predictions_file(epoch) per evaluation
+LABELS = "labels.npy"
+VAL_META = "val.json"
+TOPK = 5  # predicted classes kept per image (fewer when the dataset has fewer classes)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -125,6 +137,12 @@ def write_text(path: str | Path, text: str, *, durable: bool = True) -> None:
     """Atomically write a text file (durable: see atomic_path)."""
     with atomic_path(path, durable=durable) as tmp:
         tmp.write_text(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Atomically write a binary file (durable)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -304,6 +322,151 @@ def paper_metric(val_err1: list[float], last: int = 5) -> float | None:
     return statistics.median(val_err1[-last:]) if val_err1 else None
 
 
+# ---------------------------------------------------------------- per-image results: predictions/
+#
+# Every evaluation writes, per validation image, its top-k predicted classes (uint16, best first, ties as torch.topk
+# breaks them), rows in the validation set's order (the val ImageFolder's samples, whatever the process layout). The
+# labels (uint16 [N]) and val.json ({"images", "classes", "k", "fingerprint", "val_fingerprint"}) once per run.
+# numpy only: the aggregator and `ablation compare` read these without torch.
+
+_EPOCH_FILE = re.compile(r"epoch_(\d{3,})\.npy")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class NoPredictions(AblationError):
+    """A run folder has no per-image results (for that epoch): a run trained before they were recorded, or not evaluated yet."""
+
+
+def predictions_file(epoch: int) -> str:
+    """The name of one evaluation's file in predictions/: epoch_001.npy ... epoch_100.npy (epochs from 1)."""
+    return f"epoch_{epoch:03d}.npy"
+
+
+def predictions_epochs(folder: str | Path) -> list[int]:
+    """The epochs (from 1, ascending) whose per-image results a run folder holds; [] for none (older folders)."""
+    try:
+        with os.scandir(Path(folder) / PREDICTIONS) as it:
+            names = [e.name for e in it]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m[1]) for n in names if (m := _EPOCH_FILE.fullmatch(n)) and n == predictions_file(int(m[1])))
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy file numpy.save writes for an array (no pickles): the same array gives the same bytes."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write the file atomically unless it already holds exactly these bytes (a once-per-run file, checked each time)."""
+    if _read_bytes(path) != data:
+        write_bytes(path, data)
+
+
+def write_predictions(folder: str | Path, epoch: int, topk: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """Write one evaluation's per-image results into folder/predictions/, each file atomically: labels.npy and val.json
+    where missing or different (so once per run), then epoch_NNN.npy (rewritten with the same bytes when a resumed run
+    evaluates the epoch again). topk: uint16 [N, k]; labels: uint16 [N]; both in the validation set's order; meta:
+    val.json's content (images N, classes, k, fingerprints)."""
+    import numpy as np
+
+    n, k = meta["images"], meta["k"]
+    if topk.dtype != np.uint16 or labels.dtype != np.uint16 or topk.shape != (n, k) or labels.shape != (n,):
+        raise ValueError(f"per-image results must be uint16 [{n}, {k}] and labels uint16 [{n}], not {topk.dtype} {tuple(topk.shape)} "
+                         f"and {labels.dtype} {tuple(labels.shape)}")
+    d = Path(folder) / PREDICTIONS
+    _write_if_changed(d / LABELS, npy_bytes(labels))  # before any epoch file: a reader that finds one finds the labels
+    _write_if_changed(d / VAL_META, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(d / predictions_file(epoch), npy_bytes(topk))
+
+
+def prune_predictions(folder: str | Path, done: int) -> None:
+    """Remove the results of the epochs after `done`: a start resuming from a checkpoint of epoch `done` evaluates them
+    again (as metrics.jsonl is rewritten from the checkpointed history, predictions/ holds the epochs it lists)."""
+    for epoch in predictions_epochs(folder):
+        if epoch > done:
+            (Path(folder) / PREDICTIONS / predictions_file(epoch)).unlink(missing_ok=True)
+
+
+def _spans(epochs: list[int]) -> str:
+    """1-3, 5 for [1, 2, 3, 5]."""
+    spans: list[list[int]] = []
+    for e in epochs:
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _no_predictions(folder: Path) -> str:
+    """Why a run folder has no per-image results, in one line."""
+    if not folder.is_dir():
+        return f"{folder}: no such run folder"
+    try:
+        evaluated = bool(read_jsonl(folder / METRICS))
+    except CorruptFile:
+        evaluated = True
+    if not evaluated:
+        return f"{folder}: no per-image results yet (no epoch evaluated); they are written to {PREDICTIONS}/ after each evaluation"
+    return (f"{folder}: no per-image results (run trained before they were recorded in {PREDICTIONS}/); "
+            "retrain it in a new results folder to compare it image by image")
+
+
+def _read_npy(path: Path, shape: tuple[int, ...], classes: int) -> np.ndarray:
+    """A uint16 .npy file of this shape, its values below `classes`; CorruptFile naming the file otherwise."""
+    import io
+
+    import numpy as np
+
+    data = _read_bytes(path)
+    if data is None:
+        raise CorruptFile(f"{path} is missing (the run folder lost it)")
+    if not data.startswith(_NPY_MAGIC):
+        raise CorruptFile(f"{path} is not a numpy .npy file ({len(data)} bytes" + (", empty)" if not data else ", no .npy header)"))
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as e:
+        raise CorruptFile(f"{path} is cut or garbled ({one_line(e)})") from None
+    want = f"uint16 {list(shape)}"
+    if array.dtype != np.uint16 or array.shape != shape:
+        raise CorruptFile(f"{path} holds {array.dtype} {list(array.shape)}, not {want} as {VAL_META} says")
+    if array.size and int(array.max()) >= classes:
+        raise CorruptFile(f"{path} holds class {int(array.max())}, beyond the {classes} classes {VAL_META} says")
+    return array
+
+
+def read_predictions(folder: str | Path, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """(labels uint16 [N], top-k uint16 [N, k], epoch, val.json) of one evaluation of a run: `epoch` (from 1), or the last
+    epoch present (None). NoPredictions (one line) for a folder without them (older runs) or without that epoch;
+    CorruptFile naming the file for a damaged one."""
+    folder = Path(folder)
+    epochs = predictions_epochs(folder)
+    if not epochs:
+        raise NoPredictions(_no_predictions(folder))
+    if epoch is None:
+        epoch = epochs[-1]
+    elif epoch not in epochs:
+        raise NoPredictions(f"{folder}: no per-image results for epoch {epoch} ({PREDICTIONS}/ holds epochs {_spans(epochs)})")
+    d = folder / PREDICTIONS
+    meta = read_json(d / VAL_META)
+    if meta is None:
+        raise CorruptFile(f"{d / VAL_META} is missing (the run folder lost it)")
+    sizes = {key: meta.get(key) for key in ("images", "classes", "k")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()):
+        raise CorruptFile(f"{d / VAL_META} does not give images, classes and k as positive integers ({sizes})")
+    n, classes, k = sizes["images"], sizes["classes"], sizes["k"]
+    labels = _read_npy(d / LABELS, (n,), classes)
+    topk = _read_npy(d / predictions_file(epoch), (n, k), classes)
+    return labels, topk, epoch, meta
+
+
 class RunDir:
     """Paths of one run folder."""
 
@@ -321,6 +484,7 @@ class RunDir:
         self.failures = self.root / FAILURES
         self.tensorboard = self.root / TENSORBOARD
         self.wandb = self.root / WANDB
+        self.predictions = self.root / PREDICTIONS
 
     def final_status(self) -> dict[str, Any] | None:
         """final.json's content, or None while the run has not ended.

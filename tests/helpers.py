@@ -72,12 +72,29 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / rundir.CHECKPOINT, weights_only=False)["model"]
 
 
+def predictions(folder: Path) -> dict[str, bytes]:
+    """The files of a run's predictions/ (per-image results) by name, with their bytes ({} where there is none)."""
+    d = folder / rundir.PREDICTIONS
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())} if d.is_dir() else {}
+
+
+def assert_same_predictions(a: Path, b: Path) -> list[str]:
+    """The two runs' predictions/ hold the same files, byte for byte, one per epoch metrics.jsonl lists; their names."""
+    pa, pb = predictions(a), predictions(b)
+    assert sorted(pa) == sorted(pb)
+    assert [name for name in pa if pa[name] != pb[name]] == []
+    epochs = [r["epoch"] for r in rundir.read_jsonl(a / rundir.METRICS)]
+    assert rundir.predictions_epochs(a) == epochs and (rundir.LABELS in pa) == bool(epochs)
+    return sorted(pa)
+
+
 def assert_same_run(a: Path, b: Path) -> None:
-    """Metrics (less timings), per-step losses and every tensor of the final checkpoint are equal."""
+    """Metrics (less timings), per-step losses, every tensor of the final checkpoint and the per-image results are equal."""
     assert metrics_without_time(a) == metrics_without_time(b)
     assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_predictions(a, b)
 
 
 def norm_spec(name: str, gpus_per_process: int = 1, apply_act: bool = False, **norm: object) -> NormSpec:

@@ -2,9 +2,10 @@
 
 Each chain trains one run folder; every start is killed at a random point until one start runs
 to the end. The kill points: random steps, inside checkpoint writes, inside evaluation, inside the
-metrics.jsonl rewrite (at start and at each epoch end), inside the env.json, config.yaml and final.json
-writes, and right after the folder lock. After every kill the folder must read cleanly through
-`status` and the report's collector (every 5th kill the whole report), with no epoch line twice; at the end of each chain the run must
+metrics.jsonl rewrite (at start and at each epoch end), inside the writes of the per-image results
+(predictions/), inside the env.json, config.yaml and final.json writes, and right after the folder lock.
+After every kill the folder must read cleanly through `status` and the report's collector (every 5th kill
+the whole report), with no epoch line twice; at the end of each chain the run must
 equal an uninterrupted one bit for bit. Starts are forked from this process (torch imported once),
 so 50+ kills take about a minute on 2 cores. The test runs the campaign in a fresh interpreter,
 which never runs autograd itself (autograd refuses to work in a child forked after it did).
@@ -67,11 +68,15 @@ def checkpoint_step(folder: Path) -> int:
 
 def pick_fault(rng: random.Random, folder: Path) -> tuple[str, str]:
     """(kind, ABLATION_FAULT value) for the next start, given where the run stands."""
-    kinds = ["step", "step", "step", "checkpoint", "checkpoint", "eval", "metrics", "env", "final", "setup"]
+    kinds = ["step", "step", "step", "checkpoint", "checkpoint", "eval", "metrics", "predictions", "env", "final", "setup"]
     first = not (folder / rundir.CONFIG).exists()  # config.yaml is written by a run's first start only
     kind = "config" if first and rng.random() < 0.4 else rng.choice(kinds)
     if kind == "step":
         return kind, f"step:{min(TOTAL_STEPS, checkpoint_step(folder) + rng.randint(1, 9))}"
+    if kind == "predictions":  # inside the write of the per-image results of an epoch this start evaluates, or of the labels
+        first = not (folder / rundir.PREDICTIONS / rundir.LABELS).exists()  # written at the run's first evaluation
+        epoch = rng.randint(min(checkpoint_step(folder) // (TOTAL_STEPS // EPOCHS) + 1, EPOCHS), EPOCHS)
+        return kind, f"write:{rundir.LABELS if first and rng.random() < 0.5 else rundir.predictions_file(epoch)}:1"
     n = {"checkpoint": rng.randint(1, 3), "eval": rng.randint(1, 2), "metrics": rng.randint(1, 3)}.get(kind, 1)
     point = {"checkpoint": "write:checkpoint.pt", "eval": "eval", "metrics": "write:metrics.jsonl", "env": "write:env.json",
              "final": "write:final.json", "setup": "setup", "config": "write:config.yaml"}[kind]
@@ -84,6 +89,8 @@ def check_readable(folder: Path, root: Path) -> None:
     assert state in ("new", "stopped", "ok"), state
     epochs = [r["epoch"] for r in rundir.read_jsonl(folder / rundir.METRICS)]
     assert epochs == list(range(1, len(epochs) + 1)) and done == len(epochs)
+    # per-image results: the epochs listed, and at most the next one (killed between its results and its checkpoint)
+    assert rundir.predictions_epochs(folder)[: len(epochs)] == epochs and len(rundir.predictions_epochs(folder)) <= len(epochs) + 1
     runs, _ = collect.collect([root])
     assert len(runs) <= len(list(root.iterdir()))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, metrics_without_time, run_folder, weights
+from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, metrics_without_time, predictions, run_folder, weights
 
 from ablation import config, rundir
 from ablation.faults import FAULT_ENV
@@ -244,6 +244,14 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], 
     for a, b in zip(vm, vs):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert abs(a["val_err1"] - b["val_err1"]) <= 100 / 32  # at most one of 32 val images flips
+    # Per-image results: the same images in the same (the dataset's) order whatever the sharding; the same top-k, but
+    # for at most one image, since the weights agree to 1e-4 (test_predictions: byte for byte when the weights are equal).
+    pm, ps = predictions(multi), predictions(single)
+    assert sorted(pm) == sorted(ps) == ["epoch_001.npy", "epoch_002.npy", "labels.npy", "val.json"]
+    assert (pm["labels.npy"], pm["val.json"]) == (ps["labels.npy"], ps["val.json"])
+    for epoch in (1, 2):
+        tm, ts = rundir.read_predictions(multi, epoch)[1], rundir.read_predictions(single, epoch)[1]
+        assert tm.shape == ts.shape == (32, 4) and (tm != ts).any(1).sum() <= 1
 
 
 def test_bn_stats_are_synced_before_evaluations_and_checkpoints_only_and_no_step_builds_host_tensors(

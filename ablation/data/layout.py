@@ -153,6 +153,14 @@ class DatasetScan:
                 for target, (cls, names) in enumerate(zip(self.info.classes, self.files[split]))
                 for name in names]
 
+    def split_fingerprint(self, split: str) -> str:
+        """sha256 (first 16 hex) over a split's images in sample order, one "<split>/<class>/<file>\t<class index>" line
+        each: what identifies the validation set of per-image results (info.fingerprint covers both splits)."""
+        digest = hashlib.sha256()
+        for target, (cls, names) in enumerate(zip(self.info.classes, self.files[split])):
+            digest.update("".join(f"{split}/{cls}/{name}\t{target}\n" for name in names).encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()[:16]
+
 
 def scan_layout(root: str | Path) -> DatasetScan:
     """check_layout's checks and summary, plus the file lists it walked."""

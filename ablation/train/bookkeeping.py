@@ -293,5 +293,5 @@ def record_failure(rd: rundir.RunDir, cfg: RunConfig, state: TrainState, stage: 
 
 def remove_temporaries(rd: rundir.RunDir) -> None:
     """Delete what a killed atomic write left behind (.<name>.<random>.tmp); the folder is locked, so none is live."""
-    for p in rd.root.glob(".*.tmp"):
+    for p in [*rd.root.glob(".*.tmp"), *rd.predictions.glob(".*.tmp")]:
         p.unlink(missing_ok=True)

@@ -90,6 +90,12 @@ def scan_dataset(root: str, env: DistEnv) -> DatasetScan:
     return box[0]
 
 
+def val_shard(num_images: int, env: DistEnv) -> range:
+    """The validation images this process evaluates: every world_size-th from its rank (the one process standing in
+    for all GPUs evaluates them all). Its j-th is image rank + j * world_size: loop.gather_topk puts them back in order."""
+    return range(env.rank, num_images, env.world_size)
+
+
 def make_loader(ds: Dataset, cfg: RunConfig, env: DistEnv, **kw: Any) -> DataLoader:
     """A DataLoader with the run's worker settings, capped by this process's CPU budget (ablation.cpus.cpu_budget)."""
     # More workers than cores only adds contention; the images do not depend on the worker count.

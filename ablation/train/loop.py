@@ -12,8 +12,9 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,15 +51,25 @@ def all_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+class Evaluation(NamedTuple):
+    """One evaluation: top-1 and top-5 error (%) over the whole validation set, and this process's top-k predictions."""
+
+    err1: float
+    err5: float
+    top: torch.Tensor | None  # [images of this process, k] class indices, best first, on the device (None: no images)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
-             vote: StopVote | None = None, polls: int = 0) -> tuple[float, float] | None:
-    """Top-1 and top-5 error (%) over the whole validation set (each process a shard).
+             vote: StopVote | None = None, polls: int = 0) -> Evaluation | None:
+    """Top-1 and top-5 error (%) over the whole validation set (each process a shard), and the shard's top-k classes
+    per image, in the loader's order (the errors are counted from them).
 
     None when the vote says stop: it is asked before each of the first `polls` batches (those every rank has).
     """
     model.eval()
     counts, images = torch.zeros(2, dtype=torch.float64, device=env.device), 0
+    tops: list[torch.Tensor] = []  # kept on the device: no host sync per batch
     for i, (x, y) in enumerate(loader):
         faults.hit("eval")
         if vote is not None and i < polls and vote.poll():
@@ -67,13 +78,35 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
         x, y = to_device(x, y, env, cfg)
         with autocast(cfg, env):
             out = model(x)
-        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        top = out.topk(min(rundir.TOPK, out.shape[1]), dim=1).indices
+        tops.append(top)
         hit = top == y[:, None]
         counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum()]).double()
         images += len(y)  # a Python int: no tensor built from host values per batch
     model.train()
     c1, c5, n = all_sum(torch.cat([counts, counts.new_tensor([images])]), env).tolist()
-    return 100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n)
+    return Evaluation(100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n), torch.cat(tops) if tops else None)
+
+
+def gather_topk(top: torch.Tensor | None, env: DistEnv, num_images: int, k: int) -> np.ndarray | None:
+    """Every process's top-k rows (evaluate's) as one uint16 [num_images, k] array in the validation set's order, on
+    rank 0 (None elsewhere; a collective). Process r evaluated images r, r + W, r + 2W ... (loaders.val_shard), so
+    with the shards padded to one length and stacked [row, rank], row-major order is image order: one process or
+    N, the same array."""
+    if top is None:
+        top = torch.zeros((0, k), dtype=torch.int64, device=env.device)
+    if env.world_size > 1:
+        rows = -(-num_images // env.world_size)
+        padded = top.new_zeros((rows, k), dtype=torch.int32)
+        padded[: len(top)] = top
+        parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+        dist.all_gather(parts, padded)
+        if not env.is_main:
+            return None
+        top = torch.stack(parts, dim=1).reshape(rows * env.world_size, k)[:num_images]
+    if len(top) != num_images:
+        raise RuntimeError(f"evaluation predicted {len(top)} validation images, not {num_images}")
+    return top.cpu().numpy().astype(np.uint16)
 
 
 def autocast(cfg: RunConfig, env: DistEnv) -> Any:
@@ -108,6 +141,8 @@ class EpochLoop:
         self.accounted = time.monotonic()
         self.images = 0  # images trained in this epoch since this start (run_epoch)
         self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
+        # (labels uint16 [N], val.json) of the per-image results (rundir.write_predictions); the trainer sets them
+        self.val_record: tuple[np.ndarray, dict[str, Any]] | None = None
 
     def account_time(self) -> None:
         """Add the time since the last call to the run's wall and device seconds."""
@@ -206,7 +241,8 @@ class EpochLoop:
         val = evaluate(self.eval_model, val_loader, env, cfg, self.vote, self.eval_polls)
         if val is None:
             return self._stop(acc)
-        val1, val5 = val
+        val1, val5 = val.err1, val.err5
+        self._write_predictions(epoch + 1, val.top)
         self.stage = "train"
         self.account_time()
         row = {
@@ -231,6 +267,16 @@ class EpochLoop:
             f"val err {val1:.2f}% (top-5 {val5:.2f}%)  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
         )
         return True
+
+    def _write_predictions(self, epoch: int, top: torch.Tensor | None) -> None:
+        """Gather the evaluation's per-image top-k and write predictions/epoch_NNN.npy (rank 0), before the epoch's
+        checkpoint: a start killed in between evaluates the epoch again and writes the same bytes."""
+        if self.val_record is None:
+            return
+        labels, meta = self.val_record
+        rows = gather_topk(top, self.env, meta["images"], meta["k"])
+        if rows is not None:
+            rundir.write_predictions(self.rd.root, epoch, rows, labels, meta)
 
     def _flush(self, epoch: int, lr: float, bar: Any) -> bool:
         """Check the buffered losses for divergence, log them; return whether a timed checkpoint is due."""

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +51,7 @@ from ablation.train.bookkeeping import (
 )
 from ablation.train.coordination import FailureGuard, eval_polls
 from ablation.train.distributed import DistEnv, setup, teardown
-from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset
+from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset, val_shard
 from ablation.train.loop import Diverged, EpochLoop
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
@@ -168,6 +169,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         if env.is_main:
             write_env(rd, environment(env, cfg), info, state)
             rundir.write_jsonl(rd.metrics, state.history)
+            rundir.prune_predictions(rd.root, state.epoch)  # the epochs after the checkpoint are evaluated again
             if cfg.log_steps:
                 rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
         tracker = open_tracker(cfg, rd, meta["run_id"], state.history, env.is_main)  # live curves, rank 0 (tracking=)
@@ -183,7 +185,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
                      "fewer of them (measure both with `ablation data bench`)")
         sampler = GlobalBatchSampler(len(train_ds), d, cfg, env.rank, env.world_size)
         train_loader = make_loader(EpochIndexed(train_ds), cfg, env, batch_sampler=sampler)
-        val_idx = list(range(env.rank, len(val_ds), env.world_size))
+        val_idx = list(val_shard(len(val_ds), env))
         val_loader = make_loader(torch.utils.data.Subset(val_ds, val_idx), cfg, env, batch_size=cfg.data.eval_batch)
 
         what = "resuming at" if resumed else "starting"
@@ -196,6 +198,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
         loop = EpochLoop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
         loop.eval_model = eval_model
+        loop.val_record = val_record(scan, val_ds)
         loop.tracker = tracker
         t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
@@ -229,6 +232,19 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         log.info(f"{meta['run_id']}: done in {time.monotonic() - t0:.0f}s: val error {final['val_err1']:.2f}% "
                  f"(median of last {final['metric_epochs']} epochs)")
     return final
+
+
+def val_record(scan: DatasetScan, val_ds: SeededImageFolder) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """(labels, val.json) of the run's per-image results (rundir.write_predictions): the validation set's classes in its
+    order, its size, the top-k kept, the dataset's fingerprint and the validation set's own; None (with a warning)
+    where uint16 cannot hold the class indices."""
+    classes = len(scan.info.classes)
+    if classes > 1 << 16:
+        log.warning(f"{classes} classes: per-image results ({rundir.PREDICTIONS}/) hold class indices as uint16 and are not written")
+        return None
+    meta = {"images": len(val_ds), "classes": classes, "k": min(rundir.TOPK, classes), "fingerprint": scan.info.fingerprint,
+            "val_fingerprint": scan.split_fingerprint("val")}
+    return np.asarray(val_ds.targets, dtype=np.uint16), meta
 
 
 def decoded_cache(cfg: RunConfig) -> DecodedCache | None:
