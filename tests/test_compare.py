@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from helpers import ablation, curve, med, write_run
 
-from ablation import cli
+from ablation import cli, rundir
 from ablation.results import compare, report
 from ablation.results import statistics as st
 
@@ -32,14 +32,14 @@ def write_predictions(folder: Path, by_epoch: dict[int, np.ndarray], fingerprint
     """predictions/ as the trainer writes it: labels, one top-5 file per epoch (top-1 right where `correct` says), val.json."""
     n = len(next(iter(by_epoch.values())))
     labels = (np.arange(n) % CLASSES).astype(np.uint16)
-    pred = folder / compare.PREDICTIONS
+    pred = folder / rundir.PREDICTIONS
     pred.mkdir()
-    np.save(pred / compare.LABELS, labels)
+    np.save(pred / rundir.LABELS, labels)
     for epoch, ok in by_epoch.items():
         first = np.where(ok, labels, (labels + 1) % CLASSES)
         topk = np.stack([first, *[(labels + j) % CLASSES for j in range(2, 6)]], axis=1).astype(np.uint16)
         np.save(pred / f"epoch_{epoch:03d}.npy", topk)
-    (pred / compare.VAL).write_text(json.dumps({"images": n, "classes": CLASSES, "k": 5, "fingerprint": fingerprint}))
+    (pred / rundir.VAL_META).write_text(json.dumps({"images": n, "classes": CLASSES, "k": 5, "fingerprint": fingerprint}))
 
 
 def binom_p(b: int, c: int) -> float:

@@ -312,11 +312,9 @@ def survey(roots: Iterable[str | Path]) -> Survey:
     """The survey of the run folders and sweeps under the roots (a stat of each run folder's files; nothing read)."""
     roots = [Path(r) for r in roots]
     folders = find_run_folders(roots)
-    predictions = [runfiles.stat_of(os.path.join(f, PREDICTIONS)) for f in folders]
+    predictions = [runfiles.stat_of(os.path.join(f, rundir.PREDICTIONS)) for f in folders]
     return Survey(folders, [runfiles.identity(str(f)) for f in folders], sweep_links(roots), predictions)
 
-
-PREDICTIONS = "predictions"  # a run folder's per-image results (rundir's contract), which the significance table reads
 
 
 def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:

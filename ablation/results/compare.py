@@ -8,17 +8,14 @@ Each side must be runs of one setting, every one finished, each with its per-ima
 images both sides got right or wrong pair up, and give the exact McNemar test and a paired bootstrap interval; two or
 more seeds a side give the seed-level difference with Welch's t interval.
 
-The per-image files are read here (_prediction_epochs, _val_info, _load_predictions), with numpy alone, in the
-layout the trainer writes: predictions/labels.npy (uint16 [N], the true classes), predictions/epoch_NNN.npy (uint16
-[N, k], the top-k classes, best first, one file per evaluated epoch), predictions/val.json ({images, classes, k,
-fingerprint}). These readers stand in for ablation.rundir's and can be swapped for them.
+The per-image files (predictions/, the run-folder contract: docs/run-folder.md) are read through ablation.rundir's
+readers; two runs' images pair where their validation sets' fingerprints (val.json's val_fingerprint) are equal.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,13 +26,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ablation import rundir
 from ablation.errors import AblationError
 from ablation.results import collect, runfiles, statistics
 
-PREDICTIONS = "predictions"
-LABELS = "labels.npy"
-VAL = "val.json"
-_EPOCH_FILE = re.compile(r"epoch_(\d{3,})\.npy")
 DRAWS = 10_000
 SIGNIFICANCE_TABLE = "table_significance"
 # Selector keys that name a runs.csv column; any other key is a config key (norm.name, optim.lr, ...).
@@ -47,43 +41,35 @@ class CompareError(AblationError):
     """A comparison that cannot be made as asked: one line, exit 2."""
 
 
-# ---------------------------------------------------------------- per-image results (to be swapped for rundir's readers)
+# ---------------------------------------------------------------- per-image results (rundir's readers)
 
 
 def _prediction_epochs(folder: str | Path) -> list[int]:
     """The epochs whose per-image results a run folder holds, in order."""
-    try:
-        names = [p.name for p in (Path(folder) / PREDICTIONS).iterdir()]
-    except OSError:
-        return []
-    return sorted(int(m[1]) for m in map(_EPOCH_FILE.fullmatch, names) if m)
+    return rundir.predictions_epochs(folder)
 
 
 def _val_info(folder: str | Path) -> dict[str, Any] | None:
-    """predictions/val.json ({images, classes, k, fingerprint}), or None where there is none."""
+    """predictions/val.json ({images, classes, k, fingerprint, val_fingerprint}), or None where there is none; the set the
+    images pair on is `val_fingerprint` (the validation images and labels alone), else the older `fingerprint`."""
+    path = Path(folder) / rundir.PREDICTIONS / rundir.VAL_META
     try:
-        doc = json.loads((Path(folder) / PREDICTIONS / VAL).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise CompareError(f"{Path(folder) / PREDICTIONS / VAL} is unreadable ({type(e).__name__})") from None
-    if not isinstance(doc, dict):
-        raise CompareError(f"{Path(folder) / PREDICTIONS / VAL} is not a JSON object")
+        doc = rundir.read_json(path)
+    except rundir.CorruptFile as e:
+        raise CompareError(str(e)) from None
+    if doc is not None and not isinstance(doc, dict):
+        raise CompareError(f"{path} is not a JSON object")
+    if doc is not None and doc.get("val_fingerprint"):
+        doc = {**doc, "fingerprint": doc["val_fingerprint"]}
     return doc
 
 
 def _load_predictions(folder: str | Path, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """(labels [N], top-k classes [N, k]) of a run folder's per-image results at an epoch."""
-    pred = Path(folder) / PREDICTIONS
     try:
-        labels = np.load(pred / LABELS, allow_pickle=False)
-        topk = np.load(pred / f"epoch_{epoch:03d}.npy", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise CompareError(f"{pred}: per-image results of epoch {epoch} are unreadable ({type(e).__name__}: {e})") from None
-    if topk.ndim == 1:
-        topk = topk[:, None]
-    if labels.ndim != 1 or topk.ndim != 2 or len(topk) != len(labels):
-        raise CompareError(f"{pred}: epoch {epoch}'s predictions {topk.shape} do not match labels {labels.shape}")
+        labels, topk, _, _ = rundir.read_predictions(folder, epoch)
+    except (rundir.CorruptFile, rundir.NoPredictions) as e:
+        raise CompareError(str(e)) from None
     return labels, topk
 
 
@@ -286,7 +272,7 @@ def check_predictions(sides: list[Side], epoch: int | None) -> Images:
     missing = [r for _, r in runs if _val_info(r["_folder"]) is None or not _prediction_epochs(r["_folder"])]
     if missing:
         names = ", ".join(str(r["_folder"]) for r in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise CompareError(f"no per-image results ({PREDICTIONS}/) in {names}: trained before ablation recorded them, so these runs "
+        raise CompareError(f"no per-image results ({rundir.PREDICTIONS}/) in {names}: trained before ablation recorded them, so these runs "
                            "cannot be compared image by image")
     infos = {id(r): _val_info(r["_folder"]) for _, r in runs}
     prints = {s.name: sorted({str(infos[id(r)].get("fingerprint")) for r in s.runs}) for s in sides}  # type: ignore[union-attr]
