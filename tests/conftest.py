@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import subprocess
@@ -48,6 +49,10 @@ def cli_env() -> dict[str, str]:
     return subprocess_env()
 
 
+_LOGGER = logging.getLogger("ablation")
+_PRISTINE_LOGGER = (_LOGGER.level, _LOGGER.propagate, list(_LOGGER.handlers))
+
+
 @pytest.fixture(autouse=True)
 def _restore_the_ablation_logger():
     """Give every test the `ablation` logger as it found it: an in-process trainer run turns its propagation
@@ -55,7 +60,9 @@ def _restore_the_ablation_logger():
     import logging
 
     logger = logging.getLogger("ablation")
-    saved = (logger.level, logger.propagate, list(logger.handlers))
+    # As the session found it, not as the test found it: a module- or session-scoped fixture that trained in-process
+    # (set up before this fixture) would otherwise have its logger state kept for every later test of the process.
+    saved = _PRISTINE_LOGGER
     yield
     for handler in [h for h in logger.handlers if h not in saved[2]]:
         logger.removeHandler(handler)

@@ -447,10 +447,14 @@ def can_fork() -> bool:
 
 def background(work: Callable[[], Any]) -> Callable[[], bool]:
     """Run work in a forked child while this process goes on; returns a function that waits for it and tells whether it
-    succeeded. Where this process may not fork, work runs here, now (its exception then propagates as it would)."""
+    succeeded. Where this process may not fork, work runs here when waited for (so in the same order as the child's
+    results are taken), and its exception propagates from there."""
     if not can_fork():
-        work()
-        return lambda: True
+        def run_here() -> bool:
+            work()
+            return True
+
+        return run_here
     pid = os.fork()
     if pid == 0:  # the child: never returns to the caller's code
         code = 1
