@@ -102,3 +102,9 @@ def require_slurm() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but {why}: .ci/run must start the cluster before pytest", pytrace=False)
     pytest.skip(why, allow_module_level=True)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first (a stable sort): with -n auto, the longest ones start while the quick ones fill the gaps,
+    so the last worker does not end on a two-minute test that began late."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -120,6 +120,9 @@ def _progress(total: int, initial: int, desc: str, env: DistEnv) -> Any:
     """A progress bar on a terminal (rank 0), nothing in logs."""
     from tqdm import tqdm
 
+    # No monitor thread: it would make this process multi-threaded for good, and a fork after that (the local
+    # executor's children, the report's readers in a notebook that trained) is unsafe, so those run without one.
+    tqdm.monitor_interval = 0
     return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not (env.is_main and sys.stderr.isatty()))
 
 
