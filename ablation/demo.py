@@ -68,7 +68,7 @@ def differences(published: dict, quick: bool = False) -> list[str]:
     if published.get("fingerprint") != fingerprint(quick):
         out.append("the demo's settings")
     if theirs.get("code") != here["code"]:
-        out.append("the code" + (f" ({here['code']}, published {theirs['code']})" if theirs.get("code") else " (not recorded there)"))
+        out.append("the code" + (f" ({here['code']}, published {theirs['code']})" if theirs.get("code") else " (not recorded with it)"))
     for name in NUMERIC_PACKAGES:
         mine, pub = here["packages"].get(name), theirs.get("packages", {}).get(name)
         if mine != pub:
@@ -88,7 +88,7 @@ def _bn_vs_gn_at_2(sweep_dir: Path) -> str:
         return f"demo: BN vs GN at 2 images per GPU not compared: {e}"
     pair = c.pairs[0]
     return (f"demo: BN vs GN at 2 images per GPU, on the same {c.images.n:,} validation images: {pair.err_a:.2f} % vs {pair.err_b:.2f} % "
-            f"error; {pair.b} images only BN gets right, {pair.c} only GN; McNemar p = {compare.p_text(pair.p)} "
+            f"error; {pair.b} images only BN gets right, {pair.c} only GN; McNemar p {compare.p_is(pair.p)} "
             f"(ablation compare \"norm=bn batch_per_gpu=2\" \"norm=gn batch_per_gpu=2\" --results {sweep_dir})")
 
 
@@ -117,7 +117,7 @@ def _compare_with_published(seed: int, quick: bool) -> str:
     diff = differences(published) + ([f"seed {seed} (published {published.get('seed')})"] if seed != published.get("seed") else [])
     if not diff:
         return "demo: same settings, code, libraries and CPU kernels as the published table (docs/demo.md): the same digits are expected"
-    return f"demo: the published table (docs/demo.md) was made with other {'; '.join(diff)}: expect the effect, not its digits"
+    return f"demo: this machine differs from the published table's (docs/demo.md) in {'; '.join(diff)}: expect the effect, not its digits"
 
 
 def run(out: str | Path, quick: bool = False, seed: int = 0, parallel: int = 2, docs: str | Path | None = None) -> Path:

@@ -120,7 +120,7 @@ def test_demo_quick_trains_the_sweep_and_writes_the_figure_and_table(tmp_path: P
     assert lines[-1].split("#")[0].split() == ["ablation", "report", str(sweep_dir), "--out", str(tmp_path / "demo" / "report-again")]
     assert ablation(["status", str(sweep_dir)], cli_env).stdout.strip().splitlines()[-1] == "4 runs: 4 ok"
     mcnemar = next(line for line in lines if line.startswith("demo: BN vs GN at 2 images per GPU"))
-    assert "on the same 400 validation images" in mcnemar and "McNemar p = " in mcnemar  # the quick data's 10 x 40 images
+    assert "on the same 400 validation images" in mcnemar and "McNemar p " in mcnemar  # the quick data's 10 x 40 images
     assert (report / "fig_val_error_vs_epoch.png").stat().st_size > 0  # Figure 5
 
 
@@ -166,7 +166,7 @@ def test_the_demo_says_whether_the_published_digits_are_expected_here(monkeypatc
     other["made_with"]["code"] = "0123456789abcdef"
     published.write_text(json.dumps(other))
     line = demo._compare_with_published(1, quick=False)
-    assert line.startswith("demo: the published table (docs/demo.md) was made with other ")
+    assert line.startswith("demo: this machine differs from the published table's (docs/demo.md) in ")
     assert line.endswith("expect the effect, not its digits")
     for part in (f"the code ({demo.code_version()}, published 0123456789abcdef)", f"torch {here['made_with']['packages']['torch']} "
                  "(published 2.13.0)", "CPU kernels", "(published AVX2)", "seed 1 (published 0)"):

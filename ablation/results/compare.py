@@ -360,10 +360,10 @@ class Comparison:
         """One line in plain words: how much lower or higher A's error is, its interval and test, and whether that is significant."""
         if self.seeds is not None:
             d, lo, hi = self.seeds.diff, self.seeds.lo, self.seeds.hi
-            test = f"Welch t-test over seeds, p = {p_text(self.seeds.p)}"
+            test = f"Welch t-test over seeds, p {p_is(self.seeds.p)}"
         else:
             d, lo, hi = self.boot
-            test = f"bootstrap over images{f', McNemar p = {p_text(self.pairs[0].p)}' if len(self.pairs) == 1 else ''}"
+            test = f"bootstrap over images{f', McNemar p {p_is(self.pairs[0].p)}' if len(self.pairs) == 1 else ''}"
         how = f"{abs(d):.2f} points {'lower' if d < 0 else 'higher'} than B's" if d else "the same as B's"
         text = f"A's error is {how} (A − B = {d:+.2f}, 95 % interval {lo:+.2f} to {hi:+.2f}; {test}): "
         if not self.significant():
@@ -395,7 +395,7 @@ class Comparison:
             s = self.seeds
             out += ["", f"per seed (top-1 error at epoch {im.epoch}):", f"  A: {self.summary_a.text()}", f"  B: {self.summary_b.text()}",
                     f"  A − B: {s.diff:+.2f} points, 95 % interval {s.lo:+.2f} to {s.hi:+.2f} (Welch t"
-                    f"{'' if math.isnan(s.df) else f', {s.df:.1f} degrees of freedom'}, p = {p_text(s.p)})",
+                    f"{'' if math.isnan(s.df) else f', {s.df:.1f} degrees of freedom'}, p {p_is(s.p)})",
                     f"  A beats B in {self.share:.0%} of the {len(self.a.runs) * len(self.b.runs)} seed pairs (a tie counts half)"]
         return [*out, "", self.conclusion()]
 
@@ -426,10 +426,18 @@ def _finite(v: float) -> float | None:
     return None if math.isnan(v) else v
 
 
+def p_is(p: float) -> str:
+    """'= 0.021' or '< 1e-300': a p-value after its name."""
+    text = p_text(p)
+    return text if text.startswith("<") else f"= {text}"
+
+
 def p_text(p: float) -> str:
-    """A p-value as read: 0.021, 0.0004, 3.1e-12; '—' where there is none."""
+    """A p-value as read: 0.021, 0.0004, 3.1e-12, '< 1e-300' (below what a float holds); '—' where there is none."""
     if p is None or math.isnan(p):
         return "—"
+    if p < 1e-300:
+        return "< 1e-300"
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
