@@ -115,15 +115,15 @@ def _profile(args: argparse.Namespace):
     return Profile(name="default", executor=args.executor or "local", stand_in=True, processes_per_job=1, array_parallelism=1), None
 
 
-PAPER_MODELS = ("resnet50", "resnet101")  # the paper's networks: at its image size, days of GPU time a run
-
-
 def _refuse_training_here(sweep, args: argparse.Namespace, profile_file: str | None) -> None:
-    """A sweep of the paper's networks at its image size is not trained on this machine by default: it needs a profile
-    (a cluster) or --executor local said out loud (a GPU node the user is on)."""
+    """A sweep of the paper's networks at its image size (days of GPU time a run) is not trained on this machine by
+    default: it needs a profile (a cluster) or --executor local said out loud (a GPU node the user is on)."""
     if profile_file or args.executor:
         return
-    big = [r for r in sweep.runs if r.config.model.name in PAPER_MODELS and r.config.data.image_size >= 224]
+    from ablation.results.recipe import paper_recipe  # the paper's networks and image size, held once (yaml only)
+
+    models, size = paper_recipe()["models"], paper_recipe()["fields"]["data.image_size"]
+    big = [r for r in sweep.runs if r.config.model.name in models and r.config.data.image_size >= size]
     if big:
         from ablation.errors import ConfigError
 
@@ -200,7 +200,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _list_presets() -> int:
     """Print the sweep presets and cluster profiles found here (./sweeps, ./slurm/profiles) and beside the package."""
     from ablation.config import ConfigError, load_yaml
-    from ablation.sweep.cluster import default_profile
+    from ablation.sweep.cluster import default_profile, user_config_path
 
     here = Path.cwd()
     repo = Path(__file__).resolve().parents[1]
@@ -230,15 +230,8 @@ def _list_presets() -> int:
     path, source = default_profile()
     print(f"default profile: {path} (from {source})" if path else
           "default profile: built-in (this machine, one process per run); set $ABLATION_PROFILE or 'profile:' in "
-          f"{_user_config()} to change it")
+          f"{user_config_path()} to change it")
     return EXIT_OK
-
-
-def _user_config() -> str:
-    """The user config file's path, as text."""
-    from ablation.sweep.cluster import user_config_path
-
-    return str(user_config_path())
 
 
 def _check_data(cfgs: list) -> None:

@@ -985,6 +985,11 @@ class _Outputs:
 # ---------------------------------------------------------------- the report
 
 
+def all_tables(runs: pd.DataFrame, ref: pd.DataFrame, bases: list[str]) -> list[Table]:
+    """The report's tables, in order: by batch size (the main one), by norm, then the group tables."""
+    return [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
+
+
 class Report:
     """What `ablation report` produced: its files, and the tables behind them.
 
@@ -1086,7 +1091,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
         lap("frames")
         ref = load_reference(ref_dir)
         bases = resolve_baselines(asked, runs["variant"])
-        return runs, curves, [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
+        return runs, curves, all_tables(runs, ref, bases)
 
     if outputs.unchanged(inputs):
         for warning in outputs.warnings:
@@ -1120,7 +1125,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
 
     # The figures are drawn by a forked child while this process makes the tables and CSVs (one core each).
     drawn = None if outputs.fresh(figures, digest) else background(draw)
-    tables = [batch_size_table(runs, ref), norm_table(runs, ref, bases), *group_tables(runs, ref)]
+    tables = all_tables(runs, ref, bases)
     table_files = []
     for table in tables:
         for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):

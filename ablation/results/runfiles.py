@@ -36,8 +36,8 @@ _RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))  # a metri
 Identity = tuple[Any, ...]
 
 
-def _stat(path: str) -> tuple[int, int, int] | None:
-    """(size, mtime_ns, inode) of a file, or None where there is none."""
+def stat_of(path: str) -> tuple[int, int, int] | None:
+    """(size, mtime_ns, inode) of a file or folder, or None where there is none."""
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -45,18 +45,13 @@ def _stat(path: str) -> tuple[int, int, int] | None:
     return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def stat_of(path: str) -> tuple[int, int, int] | None:
-    """(size, mtime_ns, inode) of a file or folder, or None where there is none."""
-    return _stat(path)
-
-
 def identity(folder: str) -> Identity:
     """The identities of the files a folder's entry is read from: its config (config.json, else config.yaml), metrics, final status."""
-    config = _stat(os.path.join(folder, rundir.CONFIG_JSON))
+    config = stat_of(os.path.join(folder, rundir.CONFIG_JSON))
     name = rundir.CONFIG_JSON if config is not None else rundir.CONFIG
     if config is None:
-        config = _stat(os.path.join(folder, rundir.CONFIG))
-    return (name, config, _stat(os.path.join(folder, rundir.METRICS)), _stat(os.path.join(folder, rundir.FINAL)))
+        config = stat_of(os.path.join(folder, rundir.CONFIG))
+    return (name, config, stat_of(os.path.join(folder, rundir.METRICS)), stat_of(os.path.join(folder, rundir.FINAL)))
 
 
 def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
