@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import warm
 import yaml
 
 from ablation import config, rundir
@@ -43,10 +44,15 @@ def ablation(args: list[str], env: dict[str, str], *, cwd: Path | None = None, l
              timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m ablation ARGS` (or under a launcher such as torchrun) and capture its output.
 
+    `ablation train` runs in a process forked from a server that imported torch once (warm.py), as a process of
+    its own all the same: the ~3 s of imports it would spend first are most of a tiny run's time.
     check: raise AssertionError, with the command and its output, when it exits non-zero.
     """
     cmd = (launcher or [sys.executable, "-m"]) + ["ablation", *args]
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if launcher is None and args[:1] == ["train"] and warm.available():
+        proc = warm.run(cmd, args, env, cwd=cwd, timeout=timeout)
+    else:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc

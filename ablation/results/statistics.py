@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 LEVEL = 0.95  # every interval here is a 95 % one
 
@@ -22,6 +21,8 @@ def mcnemar(a_correct: np.ndarray, b_correct: np.ndarray) -> tuple[int, int, flo
     a, b_ = _booleans(a_correct, b_correct)
     b = int(np.count_nonzero(a & ~b_))
     c = int(np.count_nonzero(~a & b_))
+    from scipy import stats  # here, not at the top: a second of import that a report without tests never needs
+
     p = 1.0 if b + c == 0 else float(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
     return b, c, min(1.0, p)
 
@@ -90,6 +91,8 @@ def seed_difference(a_values: list[float] | np.ndarray, b_values: list[float] | 
     diff = float(a.mean() - b.mean())
     if a.std() == 0 and b.std() == 0:
         return SeedDifference(diff, diff, diff, 0.0 if diff else 1.0, math.nan)
+    from scipy import stats
+
     res = stats.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(LEVEL)
     return SeedDifference(diff, float(ci.low), float(ci.high), float(res.pvalue), float(res.df))
