@@ -24,20 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from ablation import rundir
+from ablation.data import imagenet
 from ablation.data.members import Member
 from ablation.errors import DataError
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"
-VAL_TAR = "ILSVRC2012_img_val.tar"
-DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
+TRAIN_TAR, VAL_TAR, DEVKIT = imagenet.TRAIN_TAR, imagenet.VAL_TAR, imagenet.DEVKIT
 OFFICIAL_FILES = (TRAIN_TAR, VAL_TAR, DEVKIT)
 SHARD = re.compile(r"^(train|val)-(\d{6})\.tar$")
 INDEX_NAME = "ablation-index.json.gz"
 FORMAT = 1
 OFFICIAL, SHARDS = "ilsvrc2012-archives", "tar-shards"  # DatasetInfo.layout of the two kinds
-
-# A validation-label reader: (devkit path, val member names) -> name -> wnid (ablation.data.imagenet provides it).
-ValLabels = Callable[[Path, list[str]], dict[str, str]]
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ def check_archives(root: str | Path) -> None:
     root = Path(root).expanduser()
     if archive_kind(root) == SHARDS:
         for split in ("train", "val"):
-            if not _shards(root, split):
+            if not shard_names(root, split):
                 raise DataError(f"tar-shard folder {root} has no {split}-NNNNNN.tar shard; write both splits with "
                                 f"`ablation data shard TREE --out {root}`")
         return
@@ -77,7 +73,7 @@ def check_archives(root: str | Path) -> None:
                         f"({', '.join(OFFICIAL_FILES)}) in it")
 
 
-def _shards(root: Path, split: str) -> list[str]:
+def shard_names(root: Path, split: str) -> list[str]:
     """A split's shard file names, in order."""
     return sorted(n for n in os.listdir(root) if (m := SHARD.match(n)) and m.group(1) == split)
 
@@ -164,10 +160,10 @@ def _index_train_tar(path: Path) -> dict[str, list[tuple[str, int, int, str]]]:
     return classes
 
 
-def _index_val_tar(path: Path, devkit: Path, val_labels: ValLabels) -> dict[str, list[tuple[str, int, int, str]]]:
-    """ILSVRC2012_img_val.tar, labelled by the devkit: wnid -> [(file name, offset, size, member name)]."""
+def _index_val_tar(path: Path, devkit: Path) -> dict[str, list[tuple[str, int, int, str]]]:
+    """ILSVRC2012_img_val.tar, labelled by the devkit (by wnid): wnid -> [(file name, offset, size, member name)]."""
     rows = _index_flat(path, 0)
-    labels = val_labels(devkit, [Path(n).name for n, _, _ in rows])
+    labels = imagenet.read_devkit(devkit).val_labels
     classes: dict[str, list[tuple[str, int, int, str]]] = {}
     for name, off, sz in rows:
         base = Path(name).name
@@ -179,7 +175,7 @@ def _index_val_tar(path: Path, devkit: Path, val_labels: ValLabels) -> dict[str,
 
 def _index_shards(root: Path, split: str) -> tuple[list[Path], dict[str, list[tuple[str, int, int, str, int]]]]:
     """A split's shards: (their paths, wnid -> [(name relative to the class, offset, size, member name, shard)])."""
-    paths = [root / n for n in _shards(root, split)]
+    paths = [root / n for n in shard_names(root, split)]
     classes: dict[str, list[tuple[str, int, int, str, int]]] = {}
     for k, path in enumerate(paths):
         for name, off, sz in _index_flat(path, 0):
@@ -191,7 +187,7 @@ def _index_shards(root: Path, split: str) -> tuple[list[Path], dict[str, list[tu
     return paths, classes
 
 
-def build_index(root: str | Path, val_labels: ValLabels | None = None) -> dict[str, Any]:
+def build_index(root: str | Path) -> dict[str, Any]:
     """The index document of an archive folder (JSON-ready): its kind, archives' identities and every member."""
     root = Path(root).expanduser().resolve()
     kind = archive_kind(root)
@@ -202,12 +198,10 @@ def build_index(root: str | Path, val_labels: ValLabels | None = None) -> dict[s
     archives: list[dict[str, Any]] = []
     splits: dict[str, dict[str, list[list[Any]]]] = {}
     if kind == OFFICIAL:
-        if val_labels is None:
-            from ablation.data.imagenet import val_wnids as val_labels  # the devkit's reader (not needed for shards)
         for name in OFFICIAL_FILES:
             archives.append(_identity(root / name))
         train = _index_train_tar(root / TRAIN_TAR)
-        val = _index_val_tar(root / VAL_TAR, root / DEVKIT, val_labels)
+        val = _index_val_tar(root / VAL_TAR, root / DEVKIT)
         splits = {"train": {w: [[n, 0, o, s, m] for n, o, s, m in rows] for w, rows in train.items()},
                   "val": {w: [[n, 1, o, s, m] for n, o, s, m in rows] for w, rows in val.items()}}
     else:
@@ -219,9 +213,9 @@ def build_index(root: str | Path, val_labels: ValLabels | None = None) -> dict[s
     return {"format": FORMAT, "kind": kind, "archives": archives, "splits": splits}
 
 
-def write_index(root: str | Path, cache: str | Path | None = None, val_labels: ValLabels | None = None) -> tuple[Path, dict[str, Any]]:
+def write_index(root: str | Path, cache: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Build root's index and write it atomically beside the archives (cache None) or into cache; (its path, the document)."""
-    doc = build_index(root, val_labels)
+    doc = build_index(root)
     path = index_path(root, cache)
     try:
         rundir.write_bytes(path, gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), mtime=0))
