@@ -30,8 +30,13 @@ Source = str | Member  # a sample's bytes: a file path or an archive member
 _handles: dict[str, int] = {}
 
 
-def _forget_handles() -> None:
-    """In a forked child: close the parent's descriptors (their copies) so each process opens its own."""
+def open_archives() -> list[str]:
+    """The archives this process holds a descriptor of."""
+    return sorted(_handles)
+
+
+def close_handles() -> None:
+    """Close this process's archive descriptors (a forked child runs it first: it opens its own)."""
     for fd in _handles.values():
         try:
             os.close(fd)
@@ -41,7 +46,7 @@ def _forget_handles() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_handles)
+    os.register_at_fork(after_in_child=close_handles)
 
 
 def _handle(archive: str) -> int:

@@ -1,0 +1,198 @@
+"""Reading ImageNet in place (issue 18, points 2 and 3): the archive index, tar shards, reads by offset, and a run on the
+archives that equals the run on the extracted tree bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import RUN, ablation, ablation_ok, metrics_without_time, predictions, run_folder, weights
+
+from ablation.data import archives, members, miniature
+from ablation.data.layout import check_splits, load_rgb, scan_layout
+from ablation.data.members import Member, read_source
+from ablation.data.shards import write_shards
+from ablation.errors import DataError
+
+# 4 classes x 8 train images = 32 (2 steps of RUN's global batch 16 per epoch), 2 val images per class;
+# the miniature's train set holds a CMYK JPEG and a PNG named .JPEG, and its devkit's ID order is not the wnid order.
+SPEC = miniature.MiniSpec(classes=4, train_per_class=8, val_per_class=2, size=32)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """The same images as an extracted tree, as the official archives (indexed) and as tar shards of the tree."""
+    base = tmp_path_factory.mktemp("inplace")
+    miniature.write_miniature(base / "tree", "imagefolder", SPEC)
+    miniature.write_miniature(base / "official", "official", SPEC)
+    archives.write_index(base / "official")
+    write_shards(base / "tree", base / "shards", shard_bytes=20_000)  # several shards per split
+    return {"tree": base / "tree", "official": base / "official", "shards": base / "shards"}
+
+
+def _copy(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest, copy_function=shutil.copy2)  # copy2 keeps the mtimes the index records
+    return dest
+
+
+@pytest.mark.parametrize("kind", ["official", "shards"])
+def test_an_archive_folder_scans_to_its_tree_classes_order_labels_and_bytes(kind: str, sources: dict[str, Path]) -> None:
+    tree, arch = scan_layout(sources["tree"]), scan_layout(sources[kind])
+    assert arch.info.layout == {"official": archives.OFFICIAL, "shards": archives.SHARDS}[kind]
+    assert (arch.info.classes, arch.info.train_images, arch.info.val_images) == (tree.info.classes, 32, 8)
+    assert arch.info.fingerprint == tree.info.fingerprint  # content-free: names and classes, whichever layout holds them
+    assert arch.files == tree.files and arch.split_fingerprint("val") == tree.split_fingerprint("val")
+    for split in ("train", "val"):
+        got, want = arch.samples(split), tree.samples(split)
+        assert [t for _, t in got] == [t for _, t in want]
+        assert all(isinstance(m, Member) for m, _ in got)
+        assert [read_source(m) for m, _ in got] == [Path(p).read_bytes() for p, _ in want]
+    # the validation labels come from the devkit by wnid: image k's class is the wnid the miniature gave it
+    val_wnids = miniature.val_wnids(SPEC)
+    labels = {m.name: arch.info.classes[t] for m, t in arch.samples("val")}
+    if kind == "official":
+        assert labels == {f"ILSVRC2012_val_{k:08d}.JPEG": w for k, w in enumerate(val_wnids, start=1)}
+
+
+def test_tar_shards_are_deterministic_named_by_class_in_sample_order(sources: dict[str, Path], tmp_path: Path) -> None:
+    shards = sorted(p.name for p in sources["shards"].glob("*.tar"))
+    assert len([s for s in shards if s.startswith("train-")]) > 1 and "val-000000.tar" in shards
+    again = tmp_path / "again"
+    write_shards(sources["tree"], again, shard_bytes=20_000)
+    for name in shards:  # the same tree writes the same bytes
+        assert (again / name).read_bytes() == (sources["shards"] / name).read_bytes()
+    names = []
+    for name in sorted(n for n in shards if n.startswith("train-")):
+        with tarfile.open(again / name) as tar:
+            names += [m.name for m in tar]
+            assert {m.mtime for m in tar} == {0}
+    tree = scan_layout(sources["tree"])
+    assert names == [f"{c}/{f}" for c, files in zip(tree.info.classes, tree.files["train"]) for f in files]
+    # sharded again in one shard a split, the finer sharding's other shards go: the folder reads as the tree still
+    write_shards(sources["tree"], again)
+    assert sorted(p.name for p in again.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
+    assert scan_layout(again).files == tree.files
+
+
+def test_in_place_runs_equal_the_extracted_run_bit_for_bit(sources: dict[str, Path], tmp_path: Path, cli_env: dict[str, str]) -> None:
+    folders = {}
+    for kind in ("tree", "official", "shards"):
+        workers = ["data.workers=2"] if kind != "tree" else []  # loader workers open their own archive handles
+        proc = ablation_ok(["train", *RUN, *workers, f"data.root={sources[kind]}", "--results", str(tmp_path / kind)], cli_env)
+        folders[kind] = run_folder(proc)
+    tree = folders["tree"]
+    for kind in ("official", "shards"):
+        folder = folders[kind]
+        assert folder.name == tree.name  # data.root is not hashed: the same images, the same run id
+        assert metrics_without_time(folder) == metrics_without_time(tree)
+        w, ref = weights(folder), weights(tree)
+        assert w.keys() == ref.keys() and all(w[k].equal(ref[k]) for k in ref)
+        assert predictions(folder) == predictions(tree) and predictions(tree)
+        env, tree_env = (json.loads((f / "env.json").read_text())["data"] for f in (folder, tree))
+        assert env["layout"] == {"official": archives.OFFICIAL, "shards": archives.SHARDS}[kind] and tree_env["layout"] == "imagefolder"
+        assert env["fingerprint"] == tree_env["fingerprint"]
+
+
+def test_a_changed_archive_is_detected_and_the_user_told_to_reindex(sources: dict[str, Path], tmp_path: Path,
+                                                                    cli_env: dict[str, str]) -> None:
+    root = _copy(sources["official"], tmp_path / "official")
+    assert scan_layout(root).info.layout == archives.OFFICIAL  # copied with its mtimes: the index still holds
+    val = root / archives.VAL_TAR
+    st = val.stat()
+    os.utime(val, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # replaced by another download, same size
+    proc = ablation(["data", "check", str(root)], cli_env)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"archive {val} changed since index" in proc.stderr and f"ablation data index {root}" in proc.stderr
+    ok = ablation_ok(["data", "index", str(root)], cli_env)
+    assert "4 classes, 32 train / 8 val images" in ok.stdout
+    assert "ilsvrc2012-archives, read in place" in ablation_ok(["data", "check", str(root)], cli_env).stdout
+    val.unlink()
+    with pytest.raises(DataError, match=f"archive folder {root} lacks {archives.VAL_TAR}"):
+        check_splits(root)  # what a sweep checks before it submits
+
+
+def test_the_index_is_built_on_first_use_or_read_from_a_cache_folder(sources: dict[str, Path], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch, cli_env: dict[str, str]) -> None:
+    root = _copy(sources["shards"], tmp_path / "shards")
+    (root / archives.INDEX_NAME).unlink()
+    cache = tmp_path / "cache"
+    proc = ablation_ok(["data", "index", str(root), "--cache", str(cache)], cli_env)
+    written = archives.index_path(root, cache)
+    assert written.is_file() and not (root / archives.INDEX_NAME).exists() and f"ABLATION_INDEX_CACHE={cache}" in proc.stdout
+    monkeypatch.setenv("ABLATION_INDEX_CACHE", str(cache))
+    assert archives.find_index(root) == written and scan_layout(root).info.train_images == 32
+    monkeypatch.setenv("ABLATION_INDEX_CACHE", str(tmp_path / "empty-cache"))
+    heard: list[str] = []
+    assert scan_layout(root, heard.append).info.train_images == 32  # no index found: built beside the shards
+    assert (root / archives.INDEX_NAME).is_file() and heard and str(root / archives.INDEX_NAME) in heard[0]
+
+
+def test_a_truncated_archive_is_one_line_naming_it(sources: dict[str, Path], tmp_path: Path, cli_env: dict[str, str]) -> None:
+    root = _copy(sources["official"], tmp_path / "official")
+    (root / archives.INDEX_NAME).unlink()
+    train = root / archives.TRAIN_TAR
+    with open(train, "r+b") as f:
+        f.truncate(train.stat().st_size // 2)  # the download stopped half-way
+    proc = ablation(["data", "index", str(root)], cli_env)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1
+    assert str(train) in proc.stderr and "truncated" in proc.stderr and "download it again" in proc.stderr
+    # an index entry past the end of its archive (read by offset): one line, not a short image
+    short = Member(str(train), train.stat().st_size - 10, 100, "n01440764.tar/n01440764_7.JPEG")
+    with pytest.raises(DataError, match=r"ends inside member n01440764.tar/n01440764_7.JPEG .* truncated"):
+        read_source(short)
+
+
+def test_a_corrupt_member_is_one_line_naming_the_archive_and_member(sources: dict[str, Path], tmp_path: Path) -> None:
+    root = _copy(sources["shards"], tmp_path / "shards")
+    scan = scan_layout(root)
+    victim, _ = scan.samples("train")[3]
+    path = Path(victim.archive)
+    st = path.stat()
+    with open(path, "r+b") as f:  # the member's bytes overwritten in place: same size, and the mtime put back
+        f.seek(victim.offset)
+        f.write(b"\0" * victim.size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(DataError, match=f"cannot read image {path}:{victim.name}: .*archive is damaged") as err:
+        load_rgb(scan_layout(root).samples("train")[3][0])
+    assert "\n" not in str(err.value)
+
+
+def test_a_validation_file_the_devkit_does_not_label_is_one_line(tmp_path: Path) -> None:
+    root = tmp_path / "official"
+    tree = miniature.write_miniature(root, "official", SPEC)
+    val = sorted((rel.split("/")[-1], data) for rel, data in tree.items() if rel.startswith("val/"))
+    val.append(("ILSVRC2012_val_00000099.JPEG", val[0][1]))  # one file more than the ground truth lists
+    (root / archives.VAL_TAR).write_bytes(miniature.tar_bytes(val))
+    with pytest.raises(DataError, match=r"has no label for ILSVRC2012_img_val.tar:ILSVRC2012_val_00000099.JPEG; use the devkit"):
+        archives.write_index(root)
+    assert not (root / archives.INDEX_NAME).exists()  # nothing half-written
+
+
+def test_a_loader_worker_opens_its_own_handles(sources: dict[str, Path]) -> None:
+    m, _ = scan_layout(sources["shards"]).samples("train")[0]
+    data = read_source(m)
+    assert m.archive in members.open_archives()  # this process's descriptor, opened on first use
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no inherited handle; its own, opened when it reads
+        try:
+            inherited = m.archive in members.open_archives()
+            ok = read_source(m) == data and m.archive in members.open_archives()
+            os.write(w, b"%d%d" % (inherited, ok))
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    assert os.read(r, 2) == b"01"
+    os.close(r)
+
+
+def test_data_bench_reads_an_archive_folder(sources: dict[str, Path], cli_env: dict[str, str]) -> None:
+    proc = ablation_ok(["data", "bench", str(sources["official"]), "data.image_size=16", "--images", "8"], cli_env)
+    assert "8 training images of" in proc.stdout and "read only (archive members)" in proc.stdout
+    tree = ablation_ok(["data", "bench", str(sources["tree"]), "data.image_size=16", "--images", "8"], cli_env)
+    assert "read only (files)" in tree.stdout
