@@ -7,6 +7,7 @@ file list, in torchvision's order; image files are read to RGB, or fail with one
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ablation.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val")
+DATASET_JSON = "dataset.json"  # what `ablation data prepare` writes beside train/ and val/ (ablation.data.prepare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -35,6 +37,7 @@ class DatasetInfo:
     train_images: int
     val_images: int
     fingerprint: str  # sha256 (first 16 hex) over class names and relative file names
+    subset: str | None = None  # a prepared subset's name (DATASET_JSON's subset), so that a report never takes it for ImageNet-1k
 
 
 def _is_image(name: str) -> bool:
@@ -175,8 +178,19 @@ def scan_layout(root: str | Path) -> DatasetScan:
     _check_same_classes(root, train, val)
     digest.update(("[classes]\n" + "\n".join(train) + "\n").encode("utf-8", "surrogateescape"))
     info = DatasetInfo(root=str(root), classes=tuple(train), train_images=sum(map(len, train_files)),
-                       val_images=sum(map(len, val_files)), fingerprint=digest.hexdigest()[:16])
+                       val_images=sum(map(len, val_files)), fingerprint=digest.hexdigest()[:16], subset=prepared_subset(root))
     return DatasetScan(info, {"train": tuple(train_files), "val": tuple(val_files)})
+
+
+def prepared_subset(root: Path) -> str | None:
+    """The subset name in root/dataset.json where `ablation data prepare` wrote a subset there; None otherwise
+    (no file, a full copy, or a file that does not parse: the counts alone then say what the data are)."""
+    try:
+        doc = json.loads((root / DATASET_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    sub = doc.get("subset") if isinstance(doc, dict) else None
+    return str(sub.get("name") or "a subset") if isinstance(sub, dict) else None
 
 
 def check_layout(root: str | Path) -> DatasetInfo:

@@ -28,10 +28,9 @@ from PIL import Image
 from ablation import faults, rundir
 from ablation.cpus import usable_cores
 from ablation.data import imagenet as inet
-from ablation.data.layout import SPLITS, scan_layout
+from ablation.data.layout import DATASET_JSON, SPLITS, scan_layout
 from ablation.errors import DataError, DiskFullError
 
-DATASET_JSON = "dataset.json"
 STATE = ".prepare"  # DEST/.prepare/: plan.json, done/<unit>.json, partial/<split>/<wnid>/<file>
 FORMAT_VERSION = 1
 FORMATS = ("tree",)  # what `--format` writes (an ImageFolder tree)
@@ -482,22 +481,26 @@ def _run(units: list[Unit], state: Path, workers: int, progress: bool) -> list[d
     return records
 
 
-def _publish_classes(dest: Path, partial: Path, plan: Plan, subset: Subset) -> None:
-    """Move each class folder from partial/ into dest/<split>/ (a rename each; a Hugging Face subset trimmed first)."""
+def _trim(partial: Path, subset: Subset) -> None:
+    """Keep the first per_class (val_per_class) files of each class by name: a Hugging Face subset, whose shards hold any
+    class's files, is written whole and cut here."""
+    for split, keep in (("train", subset.per_class), ("val", subset.val_per_class)):
+        if keep is not None and (partial / split).is_dir():
+            for wnid in _class_dirs(partial / split):
+                for name in sorted(os.listdir(partial / split / wnid))[keep:]:
+                    os.unlink(partial / split / wnid / name)
+
+
+def _publish_classes(dest: Path, partial: Path) -> None:
+    """Move each class folder from partial/ into dest/<split>/, a rename each (those moved before a kill are there)."""
     for split in SPLITS:
         (dest / split).mkdir(exist_ok=True)
-        src_split = partial / split
-        if not src_split.is_dir():
-            continue
-        keep = subset.per_class if split == "train" else subset.val_per_class
-        for wnid in _class_dirs(src_split):
-            if plan.trim and keep is not None:
-                for name in sorted(os.listdir(src_split / wnid))[keep:]:
-                    os.unlink(src_split / wnid / name)
-            os.replace(src_split / wnid, dest / split / wnid)
+        if (partial / split).is_dir():
+            for wnid in _class_dirs(partial / split):
+                os.replace(partial / split / wnid, dest / split / wnid)
 
 
-def _check_counts(dest: Path, per_split: dict[str, dict[str, int]], source: str, opts: Options) -> None:
+def _check_counts(per_split: dict[str, dict[str, int]], source: str, opts: Options) -> None:
     """Every class in both splits; with verify, ImageNet-1k's counts (or the subset's classes)."""
     train, val = per_split["train"], per_split["val"]
     for a, b, name in ((train, val, "val"), (val, train, "train")):
@@ -525,15 +528,25 @@ def _check_counts(dest: Path, per_split: dict[str, dict[str, int]], source: str,
                         f"(or pass --no-verify for a subset or miniature)")
 
 
-def _counts(root: Path) -> dict[str, dict[str, int]]:
-    """split -> wnid -> image count of a prepared tree."""
-    return {split: {w: len(os.listdir(root / split / w)) for w in _class_dirs(root / split)} for split in SPLITS}
+def _counts(*roots: Path) -> dict[str, dict[str, int]]:
+    """split -> wnid -> image count over the class folders of the given roots (dest and partial: a resumed move)."""
+    counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+    for root in roots:
+        for split in SPLITS:
+            if (root / split).is_dir():
+                for w in _class_dirs(root / split):
+                    counts[split][w] = counts[split].get(w, 0) + len(os.listdir(root / split / w))
+    return counts
 
 
 def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dict[str, Any]:
     """Prepare the ImageNet source at src into the ImageFolder tree dest; return dataset.json's content."""
     if opts.fmt not in FORMATS:
         raise DataError(f"--format {opts.fmt}: use one of {', '.join(FORMATS)}")
+    for flag, n in (("--classes", opts.subset.classes), ("--per-class", opts.subset.per_class),
+                    ("--val-per-class", opts.subset.val_per_class), ("--workers", opts.workers)):
+        if n is not None and n < (0 if flag == "--workers" else 1):
+            raise DataError(f"{flag} {n}: give a positive number" + (" (or 0: the CPU budget)" if flag == "--workers" else ""))
     source = inet.detect_source(src)
     dest = Path(dest).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
@@ -550,9 +563,10 @@ def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dic
     check_space(dest, int(left * SPACE_MARGIN))
     workers = opts.workers or usable_cores()[0]
     records = _run(plan.units, state, workers, opts.progress)
-    _publish_classes(dest, partial, plan, opts.subset)
-    per_split = _counts(dest)
-    _check_counts(dest, per_split, str(source.root), opts)
+    if plan.trim:
+        _trim(partial, opts.subset)
+    _check_counts(_counts(dest, partial), str(source.root), opts)  # before a class moves: a failed check leaves no tree
+    _publish_classes(dest, partial)
     info = scan_layout(dest).info
     odd = {rel: kind for rec in records for rel, kind in rec["odd"].items() if (dest / rel).exists()}
     subset = opts.subset
@@ -591,3 +605,41 @@ def subset_name(subset: Subset) -> str:
 def read_dataset_json(root: str | Path) -> dict[str, Any] | None:
     """DEST/dataset.json of a prepared tree, None where there is none."""
     return rundir.read_json(Path(root) / DATASET_JSON)
+
+
+def summary_line(dest: str | Path, doc: dict[str, Any]) -> str:
+    """What prepare printed at the end: where, how many, from what, the fingerprint, the odd files."""
+    sub = doc.get("subset")
+    what = sub["name"] if sub else ("ImageNet-1k, counts and md5s verified" if doc.get("imagenet_1k") else "not verified (--no-verify)")
+    odd = doc.get("odd_files") or {}
+    kinds = sorted(set(odd.values()))
+    return (f"{dest}: {doc['classes']} classes, {doc['train_images']:,} train / {doc['val_images']:,} val images from "
+            f"{inet.KIND_NAMES[doc['source']['kind']]}; {what}; fingerprint {doc['fingerprint']}"
+            + (f"; {len(odd)} image(s) not RGB JPEG ({', '.join(kinds)}: decoded to RGB, listed in {DATASET_JSON})" if odd else ""))
+
+
+def describe(root: str | Path) -> str:
+    """`ablation data check`: an ImageFolder tree's summary (and how it was prepared), or what an ImageNet download is
+    and the command that prepares it; DataError for an unfinished prepare or a folder that is neither."""
+    from ablation.data.layout import check_layout
+
+    root = Path(root).expanduser()
+    if (root / STATE).is_dir() and not (root / DATASET_JSON).exists():
+        plan = rundir.read_json(root / STATE / "plan.json") or {}
+        raise DataError(f"{root} is an unfinished prepare (no {DATASET_JSON} yet); finish it: ablation data prepare imagenet "
+                        f"{plan.get('source', 'SRC')} --out {root} (the same options as before)")
+    source = inet.detect_source(root) if root.is_dir() else None
+    if source is not None and source.kind != "imagefolder":
+        return (f"{source.describe()} (not an ImageFolder tree yet); prepare it: ablation data prepare imagenet {root} "
+                f"--out DEST, then train with data.root=DEST")
+    info = check_layout(root)
+    line = (f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, "
+            f"fingerprint {info.fingerprint}")
+    doc = read_dataset_json(root)
+    if doc:
+        sub = doc.get("subset")
+        line += f"; prepared from {inet.KIND_NAMES.get(doc.get('source', {}).get('kind'), 'a source')}"
+        line += f", a subset: {sub['name']}" if sub else (", ImageNet-1k (verified)" if doc.get("imagenet_1k") else ", not verified")
+        if doc.get("fingerprint") != info.fingerprint:
+            line += f"; its files changed since (dataset.json's fingerprint {doc.get('fingerprint')})"
+    return line
