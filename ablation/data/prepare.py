@@ -19,6 +19,8 @@ import shutil
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -272,9 +274,10 @@ def _tar_index(path: Path) -> list[tarfile.TarInfo]:
         raise _damaged(str(path), exc) from exc
 
 
-def _val_units(val_labels: dict[str, str], chosen: set[str], k: int | None, members: list[tuple[int, int, str]],
+def _val_units(val_labels: dict[str, str], chosen: set[str] | None, k: int | None, members: list[tuple[int, int, str]],
                path: str, where: str) -> list[Unit]:
-    """Units of validation images (offset, size, name) in chunks; every file needs a label, chosen classes only."""
+    """Units of validation images (offset, size, name) in chunks; every file needs a label. chosen: a subset's classes
+    (None: every class, so that a class the train split lacks still shows up, and is reported, in val)."""
     missing = [name for _, _, name in members if name not in val_labels]
     if missing:
         raise DataError(f"validation image {missing[0]} in {path} has no label in {where}"
@@ -284,7 +287,7 @@ def _val_units(val_labels: dict[str, str], chosen: set[str], k: int | None, memb
     rows = []
     for offset, size, name in sorted(members, key=lambda r: r[2]):
         wnid = val_labels[name]
-        if wnid in chosen and (k is None or per.get(wnid, 0) < k):
+        if (chosen is None or wnid in chosen) and (k is None or per.get(wnid, 0) < k):
             per[wnid] = per.get(wnid, 0) + 1
             rows.append((offset, size, "val", wnid, name))
     chunks = [tuple(rows[i:i + _VAL_CHUNK]) for i in range(0, len(rows), _VAL_CHUNK)]
@@ -311,7 +314,8 @@ def _plan_official(src: inet.Source, subset: Subset) -> Plan:
                   wnid=w, keep=subset.per_class) for w in chosen]
     val_path = src.files["val"]
     members = [(m.offset_data, m.size, m.name.rsplit("/", 1)[-1]) for m in _tar_index(val_path) if m.isfile()]
-    units += _val_units(devkit.val_labels, set(chosen), subset.val_per_class, members, str(val_path), str(src.files["devkit"]))
+    units += _val_units(devkit.val_labels, set(chosen) if subset.classes else None, subset.val_per_class, members, str(val_path),
+                        str(src.files["devkit"]))
     return Plan(chosen, words, units)
 
 
@@ -337,7 +341,8 @@ def _plan_kaggle(src: inet.Source, subset: Subset) -> Plan:
     units = [_files_units(data / "train", w, "train", subset.per_class) for w in chosen]
     val = data / "val"
     members = [(0, e.stat().st_size, e.name) for e in os.scandir(val) if e.is_file()]
-    for u in _val_units(labels, set(chosen), subset.val_per_class, members, str(val), str(src.files["csv"])):
+    chosen_val = set(chosen) if subset.classes else None
+    for u in _val_units(labels, chosen_val, subset.val_per_class, members, str(val), str(src.files["csv"])):
         items = tuple((str(val / name), split, wnid, name) for _, _, split, wnid, name in u.items)
         units.append(Unit(u.name, "files", str(val), u.size, items, "val"))
     return Plan(chosen, words, units)
@@ -347,7 +352,8 @@ def _plan_imagefolder(src: inet.Source, subset: Subset) -> Plan:
     """An ImageFolder tree already (a copy, or a subset of it): one unit per class folder and split."""
     chosen = _pick_classes(_class_dirs(src.files["train"]), subset)
     units = [_files_units(src.files[split], w, split, subset.per_class if split == "train" else subset.val_per_class)
-             for split in SPLITS for w in chosen if (src.files[split] / w).is_dir()]
+             for split in SPLITS for w in (chosen if subset.classes else _class_dirs(src.files[split]))
+             if (src.files[split] / w).is_dir()]
     return Plan(chosen, {}, units)
 
 
@@ -460,17 +466,27 @@ def _run(units: list[Unit], state: Path, workers: int, progress: bool) -> list[d
     records, todo = [], []
     for u in units:
         rec = rundir.read_json(done_dir / f"{u.name}.json")
-        (records.append(rec) if rec is not None else todo.append(u))
+        if rec is None:
+            todo.append(u)
+        else:  # done by an earlier, interrupted prepare: all its images count as resumed
+            records.append({**rec, "skipped": rec["written"] + rec["skipped"], "written": 0})
     bar = _progress(sum(u.size for u in units), progress)
     bar.update(sum(u.size for u in units if u not in todo))
     jobs = [(u, str(state)) for u in sorted(todo, key=lambda u: -u.size)]  # big units first: the pool ends together
     try:
         if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
-            # fork, not spawn: the children read archives and write files (numpy-free, torch-free), like synth's pool
-            with multiprocessing.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-                for rec in pool.imap_unordered(run_unit, jobs):
-                    records.append(rec)
-                    bar.update(rec["size"])
+            # fork, not spawn: the children read archives and write files (torch-free), like synth's pool. An executor,
+            # not a Pool: a worker killed (OOM killer) breaks it with an error instead of hanging on its lost unit.
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+                try:
+                    for fut in as_completed([pool.submit(run_unit, job) for job in jobs]):
+                        rec = fut.result()
+                        records.append(rec)
+                        bar.update(rec["size"])
+                except BrokenProcessPool as exc:
+                    raise DataError(f"an extraction process died (killed, or out of memory) while preparing {state.parent}; "
+                                    f"run the same command again: it resumes where it stopped") from exc
         else:
             for job in jobs:
                 rec = run_unit(job)
