@@ -153,6 +153,8 @@ def test_verify_checks_the_md5s_and_the_counts(sources, tmp_path) -> None:
     src = sources["official"]
     doc = prep.prepare(src, tmp_path / "ok", prep.Options(workers=1, expected=_expected(src)))
     assert doc["verified"] and doc["imagenet_1k"] and doc["source"]["md5"][inet.VAL_TAR] == inet.md5_of(src / inet.VAL_TAR)
+    sub = prep.prepare(src, tmp_path / "sub", prep.Options(workers=1, expected=_expected(src), subset=prep.Subset(classes=2)))
+    assert sub["verified"] and not sub["imagenet_1k"] and (sub["classes"], sub["train_images"], sub["val_images"]) == (2, 6, 4)
     with pytest.raises(DataError) as e:
         prep.prepare(src, tmp_path / "md5", prep.Options(workers=1, expected=_expected(src, **{inet.VAL_TAR: "0" * 32})))
     assert str(e.value).startswith(f"{src / inet.VAL_TAR}: md5 {inet.md5_of(src / inet.VAL_TAR)} is not the published {'0' * 32}; ")

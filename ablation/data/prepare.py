@@ -531,7 +531,7 @@ def _check_counts(per_split: dict[str, dict[str, int]], source: str, opts: Optio
     problems = []
     if len(train) != (sub.classes or e.classes):
         problems.append(f"{len(train)} classes, not {sub.classes or e.classes}")
-    if sub.per_class is None and sum(train.values()) != e.train_images:
+    if sub.classes is None and sub.per_class is None and sum(train.values()) != e.train_images:
         problems.append(f"{sum(train.values()):,} train images, not {e.train_images:,}")
     if sub.classes is None and sub.val_per_class is None and sum(val.values()) != e.val_images:
         problems.append(f"{sum(val.values()):,} val images, not {e.val_images:,}")
