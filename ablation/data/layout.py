@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ablation.data.members import Member, Source, read_source
 from ablation.errors import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val")
+DATASET_JSON = "dataset.json"  # what `ablation data prepare` writes beside train/ and val/ (ablation.data.prepare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +43,7 @@ class DatasetInfo:
     val_images: int
     fingerprint: str  # sha256 (first 16 hex) over class names and relative file names
     layout: str = "imagefolder"  # or archives.OFFICIAL / archives.SHARDS: read in place (the same fingerprint as the tree)
+    subset: str | None = None  # a prepared subset's name (DATASET_JSON's subset), so that a report never takes it for ImageNet-1k
 
 
 def _is_image(name: str) -> bool:
@@ -191,7 +194,7 @@ def scan_layout(root: str | Path, log: Any = None) -> DatasetScan:
     _check_same_classes(root, train, val)
     digest.update(("[classes]\n" + "\n".join(train) + "\n").encode("utf-8", "surrogateescape"))
     info = DatasetInfo(root=str(root), classes=tuple(train), train_images=sum(map(len, train_files)),
-                       val_images=sum(map(len, val_files)), fingerprint=digest.hexdigest()[:16])
+                       val_images=sum(map(len, val_files)), fingerprint=digest.hexdigest()[:16], subset=prepared_subset(root))
     return DatasetScan(info, {"train": tuple(train_files), "val": tuple(val_files)})
 
 
@@ -223,8 +226,20 @@ def scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
     _check_same_classes(Path(index.root), classes["train"], classes["val"])
     digest.update(("[classes]\n" + "\n".join(classes["train"]) + "\n").encode("utf-8", "surrogateescape"))
     info = DatasetInfo(root=index.root, classes=tuple(classes["train"]), train_images=sum(map(len, files["train"])),
-                       val_images=sum(map(len, files["val"])), fingerprint=digest.hexdigest()[:16], layout=index.kind)
+                       val_images=sum(map(len, files["val"])), fingerprint=digest.hexdigest()[:16], layout=index.kind,
+                       subset=prepared_subset(Path(index.root)))
     return DatasetScan(info, files, members)
+
+
+def prepared_subset(root: Path) -> str | None:
+    """The subset name in root/dataset.json where `ablation data prepare` wrote a subset there; None otherwise
+    (no file, a full copy, or a file that does not parse: the counts alone then say what the data are)."""
+    try:
+        doc = json.loads((root / DATASET_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    sub = doc.get("subset") if isinstance(doc, dict) else None
+    return str(sub.get("name") or "a subset") if isinstance(sub, dict) else None
 
 
 def check_layout(root: str | Path) -> DatasetInfo:
