@@ -85,6 +85,9 @@ def test_tar_shards_are_deterministic_named_by_class_in_sample_order(sources: di
     write_shards(sources["tree"], again)
     assert sorted(p.name for p in again.glob("*.tar")) == ["train-000000.tar", "val-000000.tar"]
     assert scan_layout(again).files == tree.files
+    (again / "train").mkdir()
+    (again / "val").mkdir()
+    assert archives.archive_kind(again) is None  # a tree extracted beside its archives reads as the tree it is
 
 
 def test_in_place_runs_equal_the_extracted_run_bit_for_bit(sources: dict[str, Path], tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -210,3 +213,27 @@ def test_data_bench_reads_an_archive_folder(sources: dict[str, Path], capsys: py
     picked, tree = bench.pick_images(sources["official"], 6), bench.pick_images(sources["tree"], 6)
     assert picked.info.classes == tree.info.classes and picked.files == tree.files  # the same images, from the archives
     assert [read_source(m) for m, _ in picked.samples("train")] == [Path(p).read_bytes() for p, _ in tree.samples("train")]
+
+
+def test_prepare_format_tar_writes_the_prepared_tree_as_indexed_shards(sources: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from ablation.data import prepare
+
+    kaggle = tmp_path / "kaggle"
+    miniature.write_miniature(kaggle, "kaggle", SPEC)
+    args = ["data", "prepare", "imagenet", str(kaggle), "--no-verify", "--classes", "2", "--format"]
+    code, _, err = cli([*args, "tar", "--out", str(tmp_path / "shards")], capsys)
+    assert code == 0, err
+    code, _, err = cli([*args, "tree", "--out", str(tmp_path / "tree")], capsys)
+    assert code == 0, err
+    shards, tree = scan_layout(tmp_path / "shards"), scan_layout(tmp_path / "tree")
+    assert shards.info.layout == archives.SHARDS and not (tmp_path / "shards" / prepare.STAGING).exists()
+    assert shards.files == tree.files and shards.info.fingerprint == tree.info.fingerprint
+    assert shards.info.subset == tree.info.subset == "ImageNet-2 (all train / all val images per class)"  # never taken for ImageNet-1k
+    assert [read_source(m) for m, _ in shards.samples("val")] == [Path(p).read_bytes() for p, _ in tree.samples("val")]
+    doc = json.loads((tmp_path / "shards" / "dataset.json").read_text())
+    assert doc["format"] == "tar" and doc["shards"] == ["train-000000.tar", "val-000000.tar"]
+    assert doc["fingerprint"] == tree.info.fingerprint
+    assert cli([*args, "tar", "--out", str(tmp_path / "shards")], capsys)[0] == 0  # done already: nothing to redo
+    code, _, err = cli([*args, "tree", "--out", str(tmp_path / "shards")], capsys)  # another format into it: refused
+    assert code != 0 and "already holds a prepared dataset" in err

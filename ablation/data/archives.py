@@ -47,8 +47,13 @@ class ArchiveIndex:
 
 
 def archive_kind(root: str | Path) -> str | None:
-    """OFFICIAL or SHARDS when root is a folder of archives the harness reads in place, else None (cheap: a listing)."""
+    """OFFICIAL or SHARDS when root is a folder of archives the harness reads in place, else None (cheap: a listing).
+
+    A folder that also holds train/ and val/ folders is an ImageFolder tree (extracted beside its archives): read as one.
+    """
     root = Path(root).expanduser()
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return None
     if (root / TRAIN_TAR).is_file() or (root / VAL_TAR).is_file():
         return OFFICIAL
     try:
