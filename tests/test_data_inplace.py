@@ -237,3 +237,21 @@ def test_prepare_format_tar_writes_the_prepared_tree_as_indexed_shards(sources: 
     assert cli([*args, "tar", "--out", str(tmp_path / "shards")], capsys)[0] == 0  # done already: nothing to redo
     code, _, err = cli([*args, "tree", "--out", str(tmp_path / "shards")], capsys)  # another format into it: refused
     assert code != 0 and "already holds a prepared dataset" in err
+
+
+@pytest.mark.parametrize("missing", ["train class", "val file"])
+def test_a_member_missing_from_an_official_archive_is_one_line(missing: str, tmp_path: Path) -> None:
+    root = tmp_path / "official"
+    tree = miniature.write_miniature(root, "official", SPEC)
+    if missing == "train class":  # the outer tar without the last class's inner tar
+        with tarfile.open(root / archives.TRAIN_TAR) as tar:
+            inner = [(m.name, tar.extractfile(m).read()) for m in tar][:-1]
+        (root / archives.TRAIN_TAR).write_bytes(miniature.tar_bytes(inner))
+        expect = rf"{archives.TRAIN_TAR} lacks the per-class tar of 1 of the devkit's 4 classes \({miniature.wnids(SPEC)[-1]}.tar\)"
+    else:  # the val tar without image 3, which the devkit labels
+        val = sorted((rel.split("/")[-1], data) for rel, data in tree.items() if rel.startswith("val/"))
+        (root / archives.VAL_TAR).write_bytes(miniature.tar_bytes([v for v in val if v[0] != "ILSVRC2012_val_00000003.JPEG"]))
+        expect = rf"{archives.VAL_TAR} lacks 1 of the 8 validation files {archives.DEVKIT} labels \(ILSVRC2012_val_00000003.JPEG\)"
+    with pytest.raises(DataError, match=expect + ".*download it again"):
+        archives.write_index(root)
+    assert not (root / archives.INDEX_NAME).exists()

@@ -165,10 +165,19 @@ def _index_train_tar(path: Path) -> dict[str, list[tuple[str, int, int, str]]]:
     return classes
 
 
-def _index_val_tar(path: Path, devkit: Path) -> dict[str, list[tuple[str, int, int, str]]]:
+def _few(names: list[str], limit: int = 3) -> str:
+    """First few names, and how many more."""
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _index_val_tar(path: Path, devkit: Path, kit: imagenet.Devkit) -> dict[str, list[tuple[str, int, int, str]]]:
     """ILSVRC2012_img_val.tar, labelled by the devkit (by wnid): wnid -> [(file name, offset, size, member name)]."""
     rows = _index_flat(path, 0)
-    labels = imagenet.read_devkit(devkit).val_labels
+    labels = kit.val_labels
+    missing = sorted(set(labels) - {Path(n).name for n, _, _ in rows})
+    if missing:
+        raise DataError(f"{path} lacks {len(missing)} of the {len(labels)} validation files {devkit.name} labels ({_few(missing)}); "
+                        "it is incomplete: download it again")
     classes: dict[str, list[tuple[str, int, int, str]]] = {}
     for name, off, sz in rows:
         base = Path(name).name
@@ -205,8 +214,13 @@ def build_index(root: str | Path) -> dict[str, Any]:
     if kind == OFFICIAL:
         for name in OFFICIAL_FILES:
             archives.append(_identity(root / name))
+        kit = imagenet.read_devkit(root / DEVKIT)
         train = _index_train_tar(root / TRAIN_TAR)
-        val = _index_val_tar(root / VAL_TAR, root / DEVKIT)
+        missing = sorted({s.wnid for s in kit.classes} - set(train))
+        if missing:
+            raise DataError(f"{root / TRAIN_TAR} lacks the per-class tar of {len(missing)} of the devkit's {len(kit.classes)} classes "
+                            f"({_few([w + '.tar' for w in missing])}); it is incomplete: download it again")
+        val = _index_val_tar(root / VAL_TAR, root / DEVKIT, kit)
         splits = {"train": {w: [[n, 0, o, s, m] for n, o, s, m in rows] for w, rows in train.items()},
                   "val": {w: [[n, 1, o, s, m] for n, o, s, m in rows] for w, rows in val.items()}}
     else:
