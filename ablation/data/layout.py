@@ -200,6 +200,11 @@ def scan_layout(root: str | Path, log: Any = None) -> DatasetScan:
 
 def scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
     """The scan of an archive folder: its tree's classes, names, order and fingerprint, with each file's member."""
+    with archives.paused_gc():
+        return _scan_archives(index)
+
+
+def _scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
     digest = hashlib.sha256()
     classes: dict[str, list[str]] = {}
     files: dict[str, tuple[tuple[str, ...], ...]] = {}
