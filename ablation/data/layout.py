@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,8 +120,8 @@ def _few(names: list[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_same_classes(root: Path, train: list[str], val: list[str]) -> None:
-    """Raise DataError naming a few classes found in only one split."""
+def _check_same_classes(root: Path, train: list[str], val: list[str], archive_folder: bool = False) -> None:
+    """Raise DataError naming a few classes found in only one split (of a tree, or of an archive folder's index)."""
     if train == val:
         return
     only_train = sorted(set(train) - set(val))
@@ -131,6 +131,9 @@ def _check_same_classes(root: Path, train: list[str], val: list[str]) -> None:
         parts.append(f"missing in val: {_few(only_train)}")
     if only_val:
         parts.append(f"missing in train: {_few(only_val)}")
+    if archive_folder:
+        raise DataError(f"the train and val archives of {root} hold different classes ({'; '.join(parts)}); "
+                        "put the archives of one dataset there (both splits), then run `ablation data index` again")
     raise DataError(f"class folders differ between {root}/train and {root}/val ({'; '.join(parts)}); "
                     f"give both splits the same class folders")
 
@@ -178,7 +181,7 @@ class DatasetScan:
         return digest.hexdigest()[:16]
 
 
-def scan_layout(root: str | Path, log: Any = None) -> DatasetScan:
+def scan_layout(root: str | Path, log: Callable[[str], None] | None = None) -> DatasetScan:
     """check_layout's checks and summary, plus the file lists it walked (or read from an archive folder's index;
     log(message) hears when that index had to be built first)."""
     root = Path(root).expanduser()
@@ -205,6 +208,7 @@ def scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
 
 
 def _scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
+    """scan_archives's work, with the garbage collector paused."""
     digest = hashlib.sha256()
     classes: dict[str, list[str]] = {}
     files: dict[str, tuple[tuple[str, ...], ...]] = {}
@@ -228,7 +232,7 @@ def _scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
             names_of.append(ordered)
             members_of.append(tuple(rows[f] for f in ordered))
         files[split], members[split] = tuple(names_of), tuple(members_of)
-    _check_same_classes(Path(index.root), classes["train"], classes["val"])
+    _check_same_classes(Path(index.root), classes["train"], classes["val"], archive_folder=True)
     digest.update(("[classes]\n" + "\n".join(classes["train"]) + "\n").encode("utf-8", "surrogateescape"))
     info = DatasetInfo(root=index.root, classes=tuple(classes["train"]), train_images=sum(map(len, files["train"])),
                        val_images=sum(map(len, files["val"])), fingerprint=digest.hexdigest()[:16], layout=index.kind,
