@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import RUN, ablation_ok, metrics_without_time, predictions, run_folder, weights
+from helpers import RUN, ablation_ok, metrics_without_time, predictions, run_folder, split_cfg, weights
 
 from ablation.cli import main
 from ablation.data import archives, members, miniature
@@ -65,6 +65,24 @@ def test_an_archive_folder_scans_to_its_tree_classes_order_labels_and_bytes(kind
     labels = {m.name: arch.info.classes[t] for m, t in arch.samples("val")}
     if kind == "official":
         assert labels == {f"ILSVRC2012_val_{k:08d}.JPEG": w for k, w in enumerate(val_wnids, start=1)}
+
+
+@pytest.mark.parametrize("pipeline", ["split", "device-decode"])
+def test_the_pipelines_that_read_bytes_give_the_trees_samples_from_archives(pipeline: str, sources: dict[str, Path]) -> None:
+    import torch
+
+    from ablation.data.pipelines import SeededImageFolder, pipeline_transforms
+
+    train_tf, val_tf = pipeline_transforms(split_cfg(pipeline=pipeline))
+    for split, tf in (("train", train_tf), ("val", val_tf)):
+        tree = SeededImageFolder(sources["tree"], split, tf, seed=3)
+        arch = SeededImageFolder(sources["official"], split, tf, seed=3)  # scanned from its index
+        assert len(arch) == len(tree) and arch.targets == tree.targets
+        for i in range(len(tree)):  # the CMYK JPEG and the PNG named .JPEG among them
+            (a, ya), (b, yb) = arch[i], tree[i]
+            assert ya == yb
+            a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))
+            assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else all(map(torch.equal, x, y)) for x, y in zip(a, b))
 
 
 def test_tar_shards_are_deterministic_named_by_class_in_sample_order(sources: dict[str, Path], tmp_path: Path) -> None:
@@ -255,3 +273,16 @@ def test_a_member_missing_from_an_official_archive_is_one_line(missing: str, tmp
     with pytest.raises(DataError, match=expect + ".*download it again"):
         archives.write_index(root)
     assert not (root / archives.INDEX_NAME).exists()
+
+
+def test_a_class_missing_from_one_split_of_the_shards_is_one_line(sources: dict[str, Path], tmp_path: Path) -> None:
+    jpeg = next((sources["tree"] / "train").rglob("*.JPEG")).read_bytes()
+    root = tmp_path / "shards"
+    root.mkdir()
+    (root / "train-000000.tar").write_bytes(miniature.tar_bytes([("n01/a.JPEG", jpeg), ("n02/b.JPEG", jpeg)]))
+    (root / "val-000000.tar").write_bytes(miniature.tar_bytes([("n01/c.JPEG", jpeg)]))
+    with pytest.raises(DataError, match=rf"the train and val archives of {root} hold different classes \(missing in val: n02\)"):
+        scan_layout(root)
+    (root / "val-000000.tar").write_bytes(miniature.tar_bytes([("c.JPEG", jpeg)]))  # not <class>/<file>
+    with pytest.raises(DataError, match=r"val-000000.tar holds c.JPEG, not <class>/<file>"):
+        archives.write_index(root)
