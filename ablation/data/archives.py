@@ -320,7 +320,9 @@ def ensure_index(root: str | Path, log: Callable[[str], None] | None = None) -> 
     if find_index(root) is None:
         root = Path(root).expanduser()
         cache = None if os.access(root, os.W_OK) else default_cache()
+        if log:
+            log(f"indexing the archives of {root} once (a pass over their tar headers: minutes for ImageNet-1k)")
         path, _ = write_index(root, cache)
         if log:
-            log(f"indexed the archives of {root} once: {path}")
+            log(f"indexed the archives of {root}: {path}")
     return load_index(root)
