@@ -3,6 +3,7 @@ recorded as such; each bad input gives its one line; a prepare killed half-way r
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -290,13 +291,16 @@ def test_a_full_disk_stops_with_one_line_leaves_nothing_looking_complete_and_res
     monkeypatch.delenv("ABLATION_FAULT")
     from ablation import faults
 
-    faults._counts.clear()
+    faults.reset()  # the kill test's child (forked from this process) counts its writes from zero
     doc = prep.prepare(sources["hf"], out, NO_VERIFY)
     assert _tree(out) == mini.expected_tree(SPEC) and doc["resumed_images"] == 4
 
 
 def _prepare_killed_at(src: Path, out: Path, write: int) -> None:
     """In a forked child: prepare with one worker, SIGKILLed at its `write`-th image (data written, rename not done)."""
+    from ablation import faults
+
+    faults.reset()
     os.environ["ABLATION_FAULT"] = f"prepare:write:{write}:kill"
     prep.prepare(src, out, NO_VERIFY)
 
@@ -320,6 +324,36 @@ def test_a_prepare_killed_half_way_resumes_without_redoing_or_half_files(sources
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the images written before the kill were not written again
 
 
+def test_too_little_free_space_is_refused_up_front(sources, tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(prep.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(DataError) as e:
+        prep.prepare(sources["kaggle"], tmp_path / "out", NO_VERIFY)
+    assert _one_line(e).startswith(f"{tmp_path / 'out'} has 0.0 GB free, prepare needs about 0.0 GB more; free space or pick another --out")
+    assert not list((tmp_path / "out").rglob("*.JPEG"))
+
+
+def test_a_pool_worker_that_dies_is_one_line_and_the_prepare_resumes(sources, tmp_path, monkeypatch) -> None:
+    from ablation import faults
+
+    faults.reset()
+    monkeypatch.setenv("ABLATION_FAULT", "prepare:write:2:kill")  # each forked worker's 2nd image: both workers die
+    with pytest.raises(DataError) as e:
+        prep.prepare(sources["official"], tmp_path / "out", prep.Options(verify=False, workers=2))
+    assert "an extraction process died" in _one_line(e) and "run the same command again: it resumes" in str(e.value)
+    monkeypatch.delenv("ABLATION_FAULT")
+    doc = prep.prepare(sources["official"], tmp_path / "out", prep.Options(verify=False, workers=2))
+    assert _tree(tmp_path / "out") == mini.expected_tree(SPEC) and doc["resumed_images"] >= 1
+
+
+def test_parquet_revisions_are_named_as_unsupported(tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-00000-of-00294.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="parquet files: the newer Hugging Face imagenet-1k revisions"):
+        inet.detect_source(tmp_path)
+
+
 def test_the_command_line_says_one_line_and_exits_2_on_bad_input(sources, tmp_path) -> None:
     from conftest import subprocess_env
 
@@ -327,3 +361,14 @@ def test_the_command_line_says_one_line_and_exits_2_on_bad_input(sources, tmp_pa
                        env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {tmp_path} holds no ImageNet source")
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_the_format_option_offers_what_prepare_writes() -> None:
+    from ablation.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["data", "prepare", "imagenet", "SRC", "--out", "DEST"])
+    assert (args.format, args.no_verify, args.classes, args.per_class, args.workers) == ("tree", False, None, None, 0)
+    for name in ("data", "prepare", "imagenet"):  # down to `ablation data prepare imagenet`
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    assert tuple(next(a for a in parser._actions if a.dest == "format").choices) == prep.FORMATS

@@ -477,16 +477,17 @@ def _run(units: list[Unit], state: Path, workers: int, progress: bool) -> list[d
         if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
             # fork, not spawn: the children read archives and write files (torch-free), like synth's pool. An executor,
             # not a Pool: a worker killed (OOM killer) breaks it with an error instead of hanging on its lost unit.
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                try:
-                    for fut in as_completed([pool.submit(run_unit, job) for job in jobs]):
-                        rec = fut.result()
-                        records.append(rec)
-                        bar.update(rec["size"])
-                except BrokenProcessPool as exc:
-                    raise DataError(f"an extraction process died (killed, or out of memory) while preparing {state.parent}; "
-                                    f"run the same command again: it resumes where it stopped") from exc
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("fork"))
+            try:
+                for fut in as_completed([pool.submit(run_unit, job) for job in jobs]):
+                    rec = fut.result()
+                    records.append(rec)
+                    bar.update(rec["size"])
+            except BrokenProcessPool as exc:
+                raise DataError(f"an extraction process died (killed, or out of memory) while preparing {state.parent}; "
+                                f"run the same command again: it resumes where it stopped") from exc
+            finally:  # a failed unit stops the others' queue: the error is reported now, not after every other unit ran
+                pool.shutdown(wait=True, cancel_futures=True)
         else:
             for job in jobs:
                 rec = run_unit(job)
@@ -557,6 +558,17 @@ def _counts(*roots: Path) -> dict[str, dict[str, int]]:
 
 def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dict[str, Any]:
     """Prepare the ImageNet source at src into the ImageFolder tree dest; return dataset.json's content."""
+    try:
+        return _prepare(src, dest, opts)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a marker or dataset.json itself: the same resumable stop
+            raise DiskFullError(f"disk full under {dest} ({exc.filename or 'a marker'}): prepare stopped, no {DATASET_JSON} "
+                                f"written; free space (or pick another --out) and run the same command again: it resumes") from exc
+        raise
+
+
+def _prepare(src: str | Path, dest: str | Path, opts: Options) -> dict[str, Any]:
+    """prepare's body."""
     if opts.fmt not in FORMATS:
         raise DataError(f"--format {opts.fmt}: use one of {', '.join(FORMATS)}")
     for flag, n in (("--classes", opts.subset.classes), ("--per-class", opts.subset.per_class),
@@ -572,6 +584,9 @@ def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dic
     state = dest / STATE
     partial = state / "partial"
     _remove_temporaries(partial)
+    if opts.verify and source.kind == "official" and opts.progress:
+        size = sum(p.stat().st_size for p in source.files.values())
+        print(f"prepare: checking the archives' md5s ({size / 1e9:.1f} GB; --no-verify skips it)", file=sys.stderr, flush=True)
     md5s = verify_md5(source, opts.expected.md5, state) if opts.verify and source.kind == "official" else {}
     plan = _PLANNERS[source.kind](source, opts.subset)
     done = {p.stem for p in (state / "done").glob("*.json")}
