@@ -124,11 +124,17 @@ def test_the_odd_files_decode_to_the_same_rgb_in_every_pipeline(prepared) -> Non
         assert np.array_equal(pixels.numpy(), reference)
 
 
-def test_data_check_recognises_each_download_and_says_what_to_run(sources) -> None:
+def test_data_check_recognises_each_download_and_says_what_to_run(sources, tmp_path) -> None:
     for layout in ("official", "kaggle", "hf"):
         line = prep.describe(sources[layout])
         assert inet.KIND_NAMES[layout] in line and f"ablation data prepare imagenet {sources[layout]} --out DEST" in line
     assert prep.describe(sources["imagefolder"]).endswith(f"fingerprint {check_layout(sources['imagefolder']).fingerprint}")
+    with pytest.raises(DataError, match="holds no ImageNet source this harness knows"):
+        prep.describe(sources["imagefolder"] / "train")
+    half = tmp_path / "half"
+    shutil.copytree(sources["imagefolder"] / "train", half / "train")
+    with pytest.raises(DataError, match=r"val split folder .*/half/val does not exist; put one sub-folder per class"):
+        prep.describe(half)
 
 
 def test_a_prepared_tree_again_is_a_no_op_and_check_says_how_it_was_made(prepared, sources) -> None:

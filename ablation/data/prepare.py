@@ -659,7 +659,12 @@ def describe(root: str | Path) -> str:
         plan = rundir.read_json(root / STATE / "plan.json") or {}
         raise DataError(f"{root} is an unfinished prepare (no {DATASET_JSON} yet); finish it: ablation data prepare imagenet "
                         f"{plan.get('source', 'SRC')} --out {root} (the same options as before)")
-    source = inet.detect_source(root) if root.is_dir() else None
+    try:
+        source = inet.detect_source(root) if root.is_dir() else None
+    except DataError:
+        if not ((root / "train").exists() or (root / "val").exists()):
+            raise
+        source = None  # half an ImageFolder tree: the layout check says what is missing
     if source is not None and source.kind != "imagefolder":
         return (f"{source.describe()} (not an ImageFolder tree yet); prepare it: ablation data prepare imagenet {root} "
                 f"--out DEST, then train with data.root=DEST")
