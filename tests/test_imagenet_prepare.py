@@ -190,7 +190,7 @@ def test_a_subset_is_deterministic_and_recorded_so_the_report_never_takes_it_for
     imagenet_counts = {"num_classes": 1000, "train_images": 1_281_000, "val_images": 50_000}
     assert dataset_differences(imagenet_counts) == []
     assert dataset_differences({**imagenet_counts, "dataset_subset": info.subset}) == [
-        "a subset of ImageNet-1k (ImageNet-2 (2 train / 1 val images per class)), not ImageNet-1k"]
+        "a subset of ImageNet-1k, not ImageNet-1k: ImageNet-2 (2 train / 1 val images per class)"]
 
 
 def test_the_trainer_records_the_subset_in_derived(sources, tmp_path) -> None:

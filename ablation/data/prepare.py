@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -30,7 +31,7 @@ from PIL import Image
 from ablation import faults, rundir
 from ablation.cpus import usable_cores
 from ablation.data import imagenet as inet
-from ablation.data.layout import DATASET_JSON, SPLITS, scan_layout
+from ablation.data.layout import DATASET_JSON, IMG_EXTENSIONS, SPLITS, scan_layout
 from ablation.errors import DataError, DiskFullError
 
 STATE = ".prepare"  # DEST/.prepare/: plan.json, done/<unit>.json, partial/<split>/<wnid>/<file>
@@ -90,7 +91,8 @@ class Unit:
     kind: str  # innertar | members | targz | files
     path: str
     size: int
-    items: tuple[Any, ...] = ()  # members: (offset, size, split, wnid, name); files: (source path, split, wnid, name)
+    items: tuple[Any, ...] = ()  # members: (offset, size, split, wnid, name) each; files: (source path, split, wnid, name)
+    # each; innertar: (offset, size) of the inner tar in the outer one
     split: str = "train"
     wnid: str = ""
     keep: int | None = None  # innertar: the first `keep` files by name
@@ -172,15 +174,8 @@ def _unit_images(unit: Unit) -> Iterator[tuple[str, str, str, bytes]]:
                     parsed = inet.hf_member(m.name) if m.isfile() else None
                     if parsed is not None and (not keep or parsed[1] in keep):
                         yield unit.split, parsed[1], parsed[0], _read_member(tar, m, unit.path)
-    except (tarfile.TarError, EOFError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt .tar.gz
         raise _damaged(unit.path, exc) from exc
-
-
-def zlib_error() -> type[Exception]:
-    """zlib's error class (a corrupt .gz member raises it), imported where it is needed."""
-    import zlib
-
-    return zlib.error
 
 
 def classify(data: bytes, where: str) -> str | None:
@@ -321,7 +316,7 @@ def _plan_official(src: inet.Source, subset: Subset) -> Plan:
 
 def _files_units(split_dir: Path, wnid: str, split: str, keep: int | None) -> Unit:
     """One class folder's images (the first `keep` by name) as a unit of copies."""
-    names = sorted(e.name for e in os.scandir(split_dir / wnid) if e.is_file() and e.name.lower().endswith((".jpeg", ".jpg", ".png")))
+    names = sorted(e.name for e in os.scandir(split_dir / wnid) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
     names = names[:keep]
     items = tuple((str(split_dir / wnid / n), split, wnid, n) for n in names)
     return Unit(f"{split}-{wnid}", "files", str(split_dir / wnid), sum(os.path.getsize(i[0]) for i in items), items, split, wnid)
@@ -340,7 +335,7 @@ def _plan_kaggle(src: inet.Source, subset: Subset) -> Plan:
     chosen = _pick_classes(_class_dirs(data / "train"), subset)
     units = [_files_units(data / "train", w, "train", subset.per_class) for w in chosen]
     val = data / "val"
-    members = [(0, e.stat().st_size, e.name) for e in os.scandir(val) if e.is_file()]
+    members = [(0, e.stat().st_size, e.name) for e in os.scandir(val) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
     chosen_val = set(chosen) if subset.classes else None
     for u in _val_units(labels, chosen_val, subset.val_per_class, members, str(val), str(src.files["csv"])):
         items = tuple((str(val / name), split, wnid, name) for _, _, split, wnid, name in u.items)
@@ -362,7 +357,7 @@ def _hf_val_wnids(path: Path) -> list[str]:
     try:
         with tarfile.open(path, mode="r|*") as tar:
             return sorted({p[1] for m in tar if (p := inet.hf_member(m.name)) is not None})
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise _damaged(str(path), exc) from exc
 
 
