@@ -139,7 +139,9 @@ def test_data_check_recognises_each_download_and_says_what_to_run(sources, tmp_p
 
 def test_a_prepared_tree_again_is_a_no_op_and_check_says_how_it_was_made(prepared, sources) -> None:
     root, doc = prepared["hf"]
+    (root / prep.STATE / "partial").mkdir(parents=True)  # as a kill between dataset.json and the clean-up leaves it
     assert prep.prepare(sources["hf"], root, NO_VERIFY) == doc
+    assert not (root / prep.STATE).exists()
     assert "prepared from the Hugging Face imagenet-1k tars, not verified" in prep.describe(root)
     with pytest.raises(DataError, match="from another source or subset; pick another --out"):
         prep.prepare(sources["kaggle"], root, NO_VERIFY)

@@ -247,6 +247,7 @@ class Plan:
     words: dict[str, str]
     units: list[Unit]
     trim: bool = False  # targz units write whole classes: keep the first per_class files by name afterwards
+    written_share: float = 1.0  # the share of the units' bytes that is written (a Hugging Face shard's chosen classes)
 
 
 def _pick_classes(wnids: list[str], subset: Subset) -> list[str]:
@@ -364,11 +365,13 @@ def _hf_val_wnids(path: Path) -> list[str]:
 def _plan_hf(src: inet.Source, subset: Subset) -> Plan:
     """The Hugging Face tars: one unit per shard, labels from the member names. A subset's classes come from the
     validation tar's names; a shard holds any classes' files, so --per-class trims the class folders afterwards."""
-    chosen = _pick_classes(_hf_val_wnids(src.files["val"]), subset) if subset.classes else []
+    every = _hf_val_wnids(src.files["val"]) if subset.classes else []
+    chosen = _pick_classes(every, subset) if subset.classes else []
     keep = tuple(chosen)
     units = [Unit(f"train-{p.name.split('.')[0]}", "targz", str(p), p.stat().st_size, wnids=keep) for p in src.train_tars]
     units.append(Unit("val", "targz", str(src.files["val"]), src.files["val"].stat().st_size, split="val", wnids=keep))
-    return Plan(chosen, {}, units, trim=subset.per_class is not None or subset.val_per_class is not None)
+    return Plan(chosen, {}, units, trim=subset.per_class is not None or subset.val_per_class is not None,
+                written_share=len(chosen) / len(every) if every else 1.0)
 
 
 _PLANNERS: dict[str, Callable[[inet.Source, Subset], Plan]] = {
@@ -419,6 +422,7 @@ def _claim(dest: Path, doc: dict[str, Any]) -> bool:
     done = rundir.read_json(dest / DATASET_JSON) if (dest / DATASET_JSON).exists() else None
     if done is not None:
         if done.get("prepared_with") == doc:
+            shutil.rmtree(state, ignore_errors=True)  # killed between dataset.json and the clean-up: finish that
             return True
         raise DataError(f"{dest} already holds a prepared dataset ({dest / DATASET_JSON}) from another source or subset; "
                         f"pick another --out or delete {dest}")
@@ -586,7 +590,7 @@ def _prepare(src: str | Path, dest: str | Path, opts: Options) -> dict[str, Any]
     plan = _PLANNERS[source.kind](source, opts.subset)
     done = {p.stem for p in (state / "done").glob("*.json")}
     left = sum(u.size for u in plan.units if u.name not in done)
-    check_space(dest, int(left * SPACE_MARGIN))
+    check_space(dest, int(left * plan.written_share * SPACE_MARGIN))
     workers = opts.workers or usable_cores()[0]
     records = _run(plan.units, state, workers, opts.progress)
     if plan.trim:
