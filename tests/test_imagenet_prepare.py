@@ -228,8 +228,17 @@ def test_a_truncated_archive_names_the_member_and_says_download_again(sources, t
     train.write_bytes(data[: len(data) - 12000])  # the last class's inner tar cut short
     with pytest.raises(DataError) as e:
         prep.prepare(src, tmp_path / "out", NO_VERIFY)
-    msg = _one_line(e)
-    assert f"{train}" in msg and "truncated or corrupt: download it again" in msg
+    assert _one_line(e).startswith(f"cannot read {train}: unexpected end of data; the archive is truncated or corrupt: download it again")
+    with tarfile.open(sources["official"] / inet.TRAIN_TAR) as tar:
+        inner = tar.getmember("n01443537.tar")
+    damaged = bytearray(data)
+    damaged[inner.offset_data + 600: inner.offset_data + 1200] = b"\xff" * 600  # inside the inner tar: its first image cut
+    damaged[inner.offset_data: inner.offset_data + 512] = b"\xff" * 512  # and its first header garbled
+    train.write_bytes(bytes(damaged))
+    with pytest.raises(DataError) as e:
+        prep.prepare(src, tmp_path / "out2", NO_VERIFY)
+    assert _one_line(e).startswith(f"cannot read member n01443537.tar of {train}: ")
+    assert "the archive is truncated or corrupt: download it again" in str(e.value)
     assert not (tmp_path / "out" / prep.DATASET_JSON).exists()
 
 
@@ -244,7 +253,13 @@ def test_a_corrupt_member_names_the_file(sources, tmp_path) -> None:
     with pytest.raises(DataError) as e:
         prep.prepare(src, tmp_path / "out", NO_VERIFY)
     assert _one_line(e).startswith(f"{val}: {inet.val_name(3)} is not a readable image (")
-    assert "the archive is corrupt: download it again" in str(e.value)
+    assert "it is damaged: download it again" in str(e.value)
+    kaggle = _copy(sources["kaggle"], tmp_path)
+    bad = kaggle / inet.KAGGLE_DATA / "train" / "n01484850" / mini.train_name("n01484850", 2)
+    bad.write_bytes(b"<html>404</html>")  # a download that saved an error page
+    with pytest.raises(DataError) as e:
+        prep.prepare(kaggle, tmp_path / "out-kaggle", NO_VERIFY)
+    assert _one_line(e).startswith(f"{bad} is not a readable image (")
 
 
 def test_a_devkit_of_another_year_is_named_as_such(sources, tmp_path) -> None:

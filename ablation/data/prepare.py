@@ -175,7 +175,7 @@ def _unit_images(unit: Unit) -> Iterator[tuple[str, str, str, bytes]]:
                     if parsed is not None and (not keep or parsed[1] in keep):
                         yield unit.split, parsed[1], parsed[0], _read_member(tar, m, unit.path)
     except (tarfile.TarError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt .tar.gz
-        raise _damaged(unit.path, exc) from exc
+        raise _damaged(unit.path, exc, f"{unit.wnid}.tar" if unit.kind == "innertar" else None) from exc
 
 
 def classify(data: bytes, where: str) -> str | None:
@@ -185,7 +185,7 @@ def classify(data: bytes, where: str) -> str | None:
         with Image.open(io.BytesIO(data)) as img:
             fmt, mode = img.format, img.mode
     except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where} is not a readable image ({' '.join(str(exc).split())}); the archive is corrupt: "
+        raise DataError(f"{where} is not a readable image ({' '.join(str(exc).split())}); it is damaged: "
                         f"download it again") from exc
     if fmt == "JPEG" and mode in ("RGB", "L"):
         return None
@@ -218,7 +218,7 @@ def run_unit(args: tuple[Unit, str]) -> dict[str, Any]:
     made: set[str] = set()
     for split, wnid, name, data in _unit_images(unit):
         rel = f"{split}/{wnid}/{name}"
-        kind = classify(data, f"{unit.path}: {name}")
+        kind = classify(data, os.path.join(unit.path, name) if unit.kind == "files" else f"{unit.path}: {name}")
         if kind:
             odd[rel] = kind
         if f"{split}/{wnid}" not in made:
