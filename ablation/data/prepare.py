@@ -1,12 +1,13 @@
 """`ablation data prepare imagenet SRC --out DEST`: an ImageNet source (imagenet.detect_source) -> the ImageFolder tree.
 
-Torch-free. The work is cut into units (a class's inner tar, a run of validation members, a Hugging Face shard, a
-class folder) run in a process pool sized by the CPU budget (cpus.usable_cores). Each image is written under
-DEST/.prepare/partial/<split>/<wnid>/ through a temporary name and a rename, and a unit leaves a marker in
-DEST/.prepare/done/ when all its images are written, so a prepare killed half-way and started again skips the
-finished units and, in the unit it was in, the images already there; no file is ever left half-written under
-its own name. Class folders move into DEST/<split>/ once every unit is done, and DEST/dataset.json is written
-last: a DEST without dataset.json is not a prepared dataset.
+Uses no torch (the layout module it shares with the trainer imports torchvision, for ImageFolder's image extensions:
+the pool's children are forked before anything of torch runs). The work is cut into units (a class's inner tar, a run
+of validation members, a Hugging Face shard, a class folder) run in a process pool sized by the CPU budget
+(cpus.usable_cores). Each image is written under DEST/.prepare/partial/<split>/<wnid>/ through a temporary name and a
+rename, and a unit leaves a marker in DEST/.prepare/done/ when all its images are written, so a prepare killed
+half-way and started again skips the finished units and, in the unit it was in, the images already there; no file is
+ever left half-written under its own name. Class folders move into DEST/<split>/ once every unit is done, and
+DEST/dataset.json is written last: a DEST without dataset.json is not a prepared dataset.
 """
 
 from __future__ import annotations
