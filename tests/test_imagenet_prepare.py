@@ -395,3 +395,10 @@ def test_the_format_option_offers_what_prepare_writes() -> None:
     for name in ("data", "prepare", "imagenet"):  # down to `ablation data prepare imagenet`
         parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
     assert tuple(next(a for a in parser._actions if a.dest == "format").choices) == prep.FORMATS
+
+
+def test_the_source_facts_and_miniatures_do_not_import_torch() -> None:
+    from conftest import subprocess_env
+
+    code = "import sys, ablation.data.imagenet, ablation.data.miniature; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], env=subprocess_env(), timeout=60).returncode == 0

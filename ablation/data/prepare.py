@@ -412,7 +412,8 @@ def check_space(dest: Path, need: int) -> None:
 
 
 def _plan_doc(src: inet.Source, opts: Options) -> dict[str, Any]:
-    """What identifies this prepare (a restart must ask for the same): source, kind, subset, format, verify."""
+    """What identifies this prepare (a restart must ask for the same): source, kind, subset, format (not --no-verify:
+    a check skipped or passed leaves the same files)."""
     return {"format_version": FORMAT_VERSION, "source": str(src.root.resolve()), "kind": src.kind,
             "subset": asdict(opts.subset), "format": opts.fmt}
 
