@@ -402,3 +402,22 @@ def test_the_source_facts_and_miniatures_do_not_import_torch() -> None:
 
     code = "import sys, ablation.data.imagenet, ablation.data.miniature; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], env=subprocess_env(), timeout=60).returncode == 0
+
+
+def test_the_pool_is_sized_by_the_cpu_budget(sources, tmp_path, monkeypatch) -> None:
+    from ablation.cpus import CPUS_ENV
+
+    sizes = []
+    real = prep.ProcessPoolExecutor
+
+    def recording(n, **kw):
+        sizes.append(n)
+        return real(n, **kw)
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", recording)
+    monkeypatch.setenv(CPUS_ENV, "1")  # the local executor's share: one core, so no pool
+    prep.prepare(sources["kaggle"], tmp_path / "one", prep.Options(verify=False))
+    monkeypatch.setenv(CPUS_ENV, "2")
+    prep.prepare(sources["kaggle"], tmp_path / "two", prep.Options(verify=False))
+    assert sizes == [min(2, len(os.sched_getaffinity(0)))] or (sizes == [] and len(os.sched_getaffinity(0)) == 1)
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "two") == mini.expected_tree(SPEC)
