@@ -397,24 +397,25 @@ def test_the_format_option_offers_what_prepare_writes() -> None:
     assert tuple(next(a for a in parser._actions if a.dest == "format").choices) == prep.FORMATS
 
 
-def test_the_source_facts_and_miniatures_do_not_import_torch() -> None:
+def test_the_source_facts_miniatures_and_extraction_do_not_import_torch() -> None:
     from conftest import subprocess_env
 
-    code = "import sys, ablation.data.imagenet, ablation.data.miniature; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, ablation.data.imagenet, ablation.data.miniature, ablation.data.extract; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=subprocess_env(), timeout=60).returncode == 0
 
 
 def test_the_pool_is_sized_by_the_cpu_budget(sources, tmp_path, monkeypatch) -> None:
     from ablation.cpus import CPUS_ENV
+    from ablation.data import extract
 
     sizes = []
-    real = prep.ProcessPoolExecutor
+    real = extract.ProcessPoolExecutor
 
     def recording(n, **kw):
         sizes.append(n)
         return real(n, **kw)
 
-    monkeypatch.setattr(prep, "ProcessPoolExecutor", recording)
+    monkeypatch.setattr(extract, "ProcessPoolExecutor", recording)
     monkeypatch.setenv(CPUS_ENV, "1")  # the local executor's share: one core, so no pool
     prep.prepare(sources["kaggle"], tmp_path / "one", prep.Options(verify=False))
     monkeypatch.setenv(CPUS_ENV, "2")
