@@ -3,6 +3,7 @@ recorded as such; each bad input gives its one line; a prepare killed half-way r
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -123,16 +124,24 @@ def test_the_odd_files_decode_to_the_same_rgb_in_every_pipeline(prepared) -> Non
         assert np.array_equal(pixels.numpy(), reference)
 
 
-def test_data_check_recognises_each_download_and_says_what_to_run(sources) -> None:
+def test_data_check_recognises_each_download_and_says_what_to_run(sources, tmp_path) -> None:
     for layout in ("official", "kaggle", "hf"):
         line = prep.describe(sources[layout])
         assert inet.KIND_NAMES[layout] in line and f"ablation data prepare imagenet {sources[layout]} --out DEST" in line
     assert prep.describe(sources["imagefolder"]).endswith(f"fingerprint {check_layout(sources['imagefolder']).fingerprint}")
+    with pytest.raises(DataError, match="holds no ImageNet source this harness knows"):
+        prep.describe(sources["imagefolder"] / "train")
+    half = tmp_path / "half"
+    shutil.copytree(sources["imagefolder"] / "train", half / "train")
+    with pytest.raises(DataError, match=r"val split folder .*/half/val does not exist; put one sub-folder per class"):
+        prep.describe(half)
 
 
 def test_a_prepared_tree_again_is_a_no_op_and_check_says_how_it_was_made(prepared, sources) -> None:
     root, doc = prepared["hf"]
+    (root / prep.STATE / "partial").mkdir(parents=True)  # as a kill between dataset.json and the clean-up leaves it
     assert prep.prepare(sources["hf"], root, NO_VERIFY) == doc
+    assert not (root / prep.STATE).exists()
     assert "prepared from the Hugging Face imagenet-1k tars, not verified" in prep.describe(root)
     with pytest.raises(DataError, match="from another source or subset; pick another --out"):
         prep.prepare(sources["kaggle"], root, NO_VERIFY)
@@ -183,7 +192,7 @@ def test_a_subset_is_deterministic_and_recorded_so_the_report_never_takes_it_for
     imagenet_counts = {"num_classes": 1000, "train_images": 1_281_000, "val_images": 50_000}
     assert dataset_differences(imagenet_counts) == []
     assert dataset_differences({**imagenet_counts, "dataset_subset": info.subset}) == [
-        "a subset of ImageNet-1k (ImageNet-2 (2 train / 1 val images per class)), not ImageNet-1k"]
+        "a subset of ImageNet-1k, not ImageNet-1k: ImageNet-2 (2 train / 1 val images per class)"]
 
 
 def test_the_trainer_records_the_subset_in_derived(sources, tmp_path) -> None:
@@ -219,8 +228,17 @@ def test_a_truncated_archive_names_the_member_and_says_download_again(sources, t
     train.write_bytes(data[: len(data) - 12000])  # the last class's inner tar cut short
     with pytest.raises(DataError) as e:
         prep.prepare(src, tmp_path / "out", NO_VERIFY)
-    msg = _one_line(e)
-    assert f"{train}" in msg and "truncated or corrupt: download it again" in msg
+    assert _one_line(e).startswith(f"cannot read {train}: unexpected end of data; the archive is truncated or corrupt: download it again")
+    with tarfile.open(sources["official"] / inet.TRAIN_TAR) as tar:
+        inner = tar.getmember("n01443537.tar")
+    damaged = bytearray(data)
+    damaged[inner.offset_data + 600: inner.offset_data + 1200] = b"\xff" * 600  # inside the inner tar: its first image cut
+    damaged[inner.offset_data: inner.offset_data + 512] = b"\xff" * 512  # and its first header garbled
+    train.write_bytes(bytes(damaged))
+    with pytest.raises(DataError) as e:
+        prep.prepare(src, tmp_path / "out2", NO_VERIFY)
+    assert _one_line(e).startswith(f"cannot read member n01443537.tar of {train}: ")
+    assert "the archive is truncated or corrupt: download it again" in str(e.value)
     assert not (tmp_path / "out" / prep.DATASET_JSON).exists()
 
 
@@ -235,7 +253,13 @@ def test_a_corrupt_member_names_the_file(sources, tmp_path) -> None:
     with pytest.raises(DataError) as e:
         prep.prepare(src, tmp_path / "out", NO_VERIFY)
     assert _one_line(e).startswith(f"{val}: {inet.val_name(3)} is not a readable image (")
-    assert "the archive is corrupt: download it again" in str(e.value)
+    assert "it is damaged: download it again" in str(e.value)
+    kaggle = _copy(sources["kaggle"], tmp_path)
+    bad = kaggle / inet.KAGGLE_DATA / "train" / "n01484850" / mini.train_name("n01484850", 2)
+    bad.write_bytes(b"<html>404</html>")  # a download that saved an error page
+    with pytest.raises(DataError) as e:
+        prep.prepare(kaggle, tmp_path / "out-kaggle", NO_VERIFY)
+    assert _one_line(e).startswith(f"{bad} is not a readable image (")
 
 
 def test_a_devkit_of_another_year_is_named_as_such(sources, tmp_path) -> None:
@@ -290,13 +314,16 @@ def test_a_full_disk_stops_with_one_line_leaves_nothing_looking_complete_and_res
     monkeypatch.delenv("ABLATION_FAULT")
     from ablation import faults
 
-    faults._counts.clear()
+    faults.reset()  # the kill test's child (forked from this process) counts its writes from zero
     doc = prep.prepare(sources["hf"], out, NO_VERIFY)
     assert _tree(out) == mini.expected_tree(SPEC) and doc["resumed_images"] == 4
 
 
 def _prepare_killed_at(src: Path, out: Path, write: int) -> None:
     """In a forked child: prepare with one worker, SIGKILLed at its `write`-th image (data written, rename not done)."""
+    from ablation import faults
+
+    faults.reset()
     os.environ["ABLATION_FAULT"] = f"prepare:write:{write}:kill"
     prep.prepare(src, out, NO_VERIFY)
 
@@ -320,6 +347,36 @@ def test_a_prepare_killed_half_way_resumes_without_redoing_or_half_files(sources
     assert {p: p.stat().st_mtime_ns for p in before} == before  # the images written before the kill were not written again
 
 
+def test_too_little_free_space_is_refused_up_front(sources, tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(prep.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 1000, free=1000))
+    with pytest.raises(DataError) as e:
+        prep.prepare(sources["kaggle"], tmp_path / "out", NO_VERIFY)
+    assert _one_line(e).startswith(f"{tmp_path / 'out'} has 0.0 GB free, prepare needs about 0.0 GB more; free space or pick another --out")
+    assert not list((tmp_path / "out").rglob("*.JPEG"))
+
+
+def test_a_pool_worker_that_dies_is_one_line_and_the_prepare_resumes(sources, tmp_path, monkeypatch) -> None:
+    from ablation import faults
+
+    faults.reset()
+    monkeypatch.setenv("ABLATION_FAULT", "prepare:write:2:kill")  # each forked worker's 2nd image: both workers die
+    with pytest.raises(DataError) as e:
+        prep.prepare(sources["official"], tmp_path / "out", prep.Options(verify=False, workers=2))
+    assert "an extraction process died" in _one_line(e) and "run the same command again: it resumes" in str(e.value)
+    monkeypatch.delenv("ABLATION_FAULT")
+    doc = prep.prepare(sources["official"], tmp_path / "out", prep.Options(verify=False, workers=2))
+    assert _tree(tmp_path / "out") == mini.expected_tree(SPEC) and doc["resumed_images"] >= 1
+
+
+def test_parquet_revisions_are_named_as_unsupported(tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-00000-of-00294.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError, match="parquet files: the newer Hugging Face imagenet-1k revisions"):
+        inet.detect_source(tmp_path)
+
+
 def test_the_command_line_says_one_line_and_exits_2_on_bad_input(sources, tmp_path) -> None:
     from conftest import subprocess_env
 
@@ -327,3 +384,41 @@ def test_the_command_line_says_one_line_and_exits_2_on_bad_input(sources, tmp_pa
                        env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith(f"error: {tmp_path} holds no ImageNet source")
     assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_the_format_option_offers_what_prepare_writes() -> None:
+    from ablation.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["data", "prepare", "imagenet", "SRC", "--out", "DEST"])
+    assert (args.format, args.no_verify, args.classes, args.per_class, args.workers) == ("tree", False, None, None, 0)
+    for name in ("data", "prepare", "imagenet"):  # down to `ablation data prepare imagenet`
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    assert tuple(next(a for a in parser._actions if a.dest == "format").choices) == prep.FORMATS
+
+
+def test_the_source_facts_miniatures_and_extraction_do_not_import_torch() -> None:
+    from conftest import subprocess_env
+
+    code = "import sys, ablation.data.imagenet, ablation.data.miniature, ablation.data.extract; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env=subprocess_env(), timeout=60).returncode == 0
+
+
+def test_the_pool_is_sized_by_the_cpu_budget(sources, tmp_path, monkeypatch) -> None:
+    from ablation.cpus import CPUS_ENV
+    from ablation.data import extract
+
+    sizes = []
+    real = extract.ProcessPoolExecutor
+
+    def recording(n, **kw):
+        sizes.append(n)
+        return real(n, **kw)
+
+    monkeypatch.setattr(extract, "ProcessPoolExecutor", recording)
+    monkeypatch.setenv(CPUS_ENV, "1")  # the local executor's share: one core, so no pool
+    prep.prepare(sources["kaggle"], tmp_path / "one", prep.Options(verify=False))
+    monkeypatch.setenv(CPUS_ENV, "2")
+    prep.prepare(sources["kaggle"], tmp_path / "two", prep.Options(verify=False))
+    assert sizes == [min(2, len(os.sched_getaffinity(0)))] or (sizes == [] and len(os.sched_getaffinity(0)) == 1)
+    assert _tree(tmp_path / "one") == _tree(tmp_path / "two") == mini.expected_tree(SPEC)

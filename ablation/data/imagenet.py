@@ -148,6 +148,9 @@ def detect_source(root: str | Path) -> Source:
             return source
     if (root / "train").is_dir() and (root / "val").is_dir():
         return Source("imagefolder", root, {"train": root / "train", "val": root / "val"})
+    if any(root.glob("*.parquet")) or any(root.glob("data/*.parquet")):
+        raise DataError(f"{root} holds parquet files: the newer Hugging Face imagenet-1k revisions, which this harness does not "
+                        f"read; download the older revision's data/*.tar.gz, or the official archives")
     raise DataError(f"{root} holds no ImageNet source this harness knows: expected the official archives ({TRAIN_TAR}, "
                     f"{VAL_TAR}, {DEVKIT}), Kaggle's {KAGGLE_DATA}/ with {KAGGLE_VAL_CSV}, the Hugging Face "
                     f"{HF_TRAIN_GLOB} and {HF_VAL}, or an ImageFolder tree (train/, val/)")

@@ -1,43 +1,39 @@
 """`ablation data prepare imagenet SRC --out DEST`: an ImageNet source (imagenet.detect_source) -> the ImageFolder tree.
 
-Torch-free. The work is cut into units (a class's inner tar, a run of validation members, a Hugging Face shard, a
-class folder) run in a process pool sized by the CPU budget (cpus.usable_cores). Each image is written under
-DEST/.prepare/partial/<split>/<wnid>/ through a temporary name and a rename, and a unit leaves a marker in
-DEST/.prepare/done/ when all its images are written, so a prepare killed half-way and started again skips the
-finished units and, in the unit it was in, the images already there; no file is ever left half-written under
-its own name. Class folders move into DEST/<split>/ once every unit is done, and DEST/dataset.json is written
-last: a DEST without dataset.json is not a prepared dataset.
+Uses no torch (the layout module it shares with the trainer imports torchvision, for ImageFolder's image extensions:
+the pool's children are forked before anything of torch runs). Here: the checks up front (md5s, free space, what DEST
+holds), the plan of each source (its classes, validation labels and units of work), and the end (counts, class folders
+moved into place, dataset.json). The units run in extract.py, in a process pool sized by the CPU budget
+(cpus.usable_cores), each image written under DEST/.prepare/partial/ through a temporary name and a rename, a marker
+per finished unit: a prepare killed half-way and started again skips the finished units and the images already
+written. Class folders move into DEST/<split>/ once every unit is done, and DEST/dataset.json is written last: a DEST
+without dataset.json is not a prepared dataset.
 """
 
 from __future__ import annotations
 
 import errno
-import io
-import multiprocessing
 import os
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from PIL import Image
-
-from ablation import faults, rundir
+from ablation import rundir
 from ablation.cpus import usable_cores
 from ablation.data import imagenet as inet
-from ablation.data.layout import DATASET_JSON, SPLITS, scan_layout
+from ablation.data.extract import Unit, damaged_error, remove_temporaries, run_units
+from ablation.data.layout import DATASET_JSON, IMG_EXTENSIONS, SPLITS, scan_layout
 from ablation.errors import DataError, DiskFullError
 
 STATE = ".prepare"  # DEST/.prepare/: plan.json, done/<unit>.json, partial/<split>/<wnid>/<file>
 FORMAT_VERSION = 1
 FORMATS = ("tree", "tar")  # what `--format` writes: an ImageFolder tree, or indexed tar shards of it (ablation.data.shards)
 STAGING = ".tree"  # DEST/.tree/: the tree --format tar prepares first, then shards and removes
-_TMP = ".tmp"
 _VAL_CHUNK = 500  # validation members per unit of the official val tar: units small enough to spread over the pool
 SPACE_MARGIN = 1.05  # file-system blocks and folders on top of the images' bytes
 
@@ -79,168 +75,6 @@ class Options:
 
 
 # ---------------------------------------------------------------------------------------------
-# Units of work: each yields (split, wnid, file name, bytes) for the images it writes.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One unit of work: its kind, the archive or folder it reads, what it reads there, its size for the progress bar."""
-
-    name: str  # unique, a file name: the marker DEST/.prepare/done/<name>.json
-    kind: str  # innertar | members | targz | files
-    path: str
-    size: int
-    items: tuple[Any, ...] = ()  # members: (offset, size, split, wnid, name); files: (source path, split, wnid, name)
-    split: str = "train"
-    wnid: str = ""
-    keep: int | None = None  # innertar: the first `keep` files by name
-    wnids: tuple[str, ...] = ()  # targz: the classes kept (empty: all)
-
-
-class _Window(io.RawIOBase):
-    """A read-only, seekable view of `size` bytes at `offset` of a file: an inner tar read in place."""
-
-    def __init__(self, f: BinaryIO, offset: int, size: int):
-        self.f, self.offset, self.size, self.pos = f, offset, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = max(0, min(self.size, {0: pos, 1: self.pos + pos, 2: self.size + pos}[whence]))
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = min(len(b), self.size - self.pos)
-        if n <= 0:
-            return 0
-        self.f.seek(self.offset + self.pos)
-        data = self.f.read(n)
-        b[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def _damaged(path: str, exc: BaseException, member: str | None = None) -> DataError:
-    """The one-line error for an archive that cannot be read (cut short or corrupt)."""
-    where = f"member {member} of {path}" if member else path
-    reason = " ".join(str(exc).split()) or type(exc).__name__
-    return DataError(f"cannot read {where}: {reason}; the archive is truncated or corrupt: download it again "
-                     f"(or check it against its md5 without --no-verify)")
-
-
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> bytes:
-    """A tar member's bytes, all of them, or the damaged-archive error."""
-    f = tar.extractfile(member)
-    data = f.read() if f is not None else b""
-    if len(data) != member.size:
-        raise _damaged(path, EOFError(f"{len(data)} of {member.size} bytes"), member.name)
-    return data
-
-
-def _unit_images(unit: Unit) -> Iterator[tuple[str, str, str, bytes]]:
-    """(split, wnid, file name, bytes) of every image a unit writes."""
-    try:
-        if unit.kind == "files":
-            for src, split, wnid, name in unit.items:
-                yield split, wnid, name, Path(src).read_bytes()
-        elif unit.kind == "members":
-            with open(unit.path, "rb") as f:
-                for offset, size, split, wnid, name in unit.items:
-                    f.seek(offset)
-                    data = f.read(size)
-                    if len(data) != size:
-                        raise _damaged(unit.path, EOFError(f"{len(data)} of {size} bytes"), name)
-                    yield split, wnid, name, data
-        elif unit.kind == "innertar":
-            offset, size = unit.items
-            label = f"{unit.path}:{unit.wnid}.tar"
-            with open(unit.path, "rb") as f, tarfile.open(fileobj=io.BufferedReader(_Window(f, offset, size)), mode="r:") as tar:
-                members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-                for m in members[: unit.keep]:
-                    yield unit.split, unit.wnid, m.name.rsplit("/", 1)[-1], _read_member(tar, m, label)
-        else:  # targz: a Hugging Face shard, streamed
-            keep = set(unit.wnids)
-            with tarfile.open(unit.path, mode="r|*") as tar:
-                for m in tar:
-                    parsed = inet.hf_member(m.name) if m.isfile() else None
-                    if parsed is not None and (not keep or parsed[1] in keep):
-                        yield unit.split, parsed[1], parsed[0], _read_member(tar, m, unit.path)
-    except (tarfile.TarError, EOFError, zlib_error()) as exc:
-        raise _damaged(unit.path, exc) from exc
-
-
-def zlib_error() -> type[Exception]:
-    """zlib's error class (a corrupt .gz member raises it), imported where it is needed."""
-    import zlib
-
-    return zlib.error
-
-
-def classify(data: bytes, where: str) -> str | None:
-    """None for a JPEG in RGB or grayscale (what its name says); else what it is ('CMYK JPEG', 'PNG');
-    DataError for bytes that are no image (a corrupt member). Reads the header only."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt, mode = img.format, img.mode
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"{where} is not a readable image ({' '.join(str(exc).split())}); the archive is corrupt: "
-                        f"download it again") from exc
-    if fmt == "JPEG" and mode in ("RGB", "L"):
-        return None
-    return f"{mode} {fmt}" if fmt == "JPEG" else str(fmt)
-
-
-def _write_image(partial: Path, rel: str, data: bytes) -> None:
-    """Write one image under its temporary name, then rename it: a name in partial/ is always a whole file."""
-    path = partial / rel
-    tmp = path.with_name(path.name + _TMP)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            faults.hit("prepare:write")  # tests kill or fill the disk here: the data written, the rename not yet done
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"disk full writing {path}: prepare stopped, no half-written file left and no {DATASET_JSON} "
-                                f"written; free space (or pick another --out) and run the same command again: it resumes") from exc
-        raise
-
-
-def run_unit(args: tuple[Unit, str]) -> dict[str, Any]:
-    """Write a unit's images under DEST/.prepare/partial, skipping those already there; mark it done. Returns its record."""
-    unit, state = args
-    partial = Path(state) / "partial"
-    written = skipped = 0
-    odd: dict[str, str] = {}
-    made: set[str] = set()
-    for split, wnid, name, data in _unit_images(unit):
-        rel = f"{split}/{wnid}/{name}"
-        kind = classify(data, f"{unit.path}: {name}")
-        if kind:
-            odd[rel] = kind
-        if f"{split}/{wnid}" not in made:
-            (partial / split / wnid).mkdir(parents=True, exist_ok=True)
-            made.add(f"{split}/{wnid}")
-        if (partial / rel).exists():
-            skipped += 1
-            continue
-        _write_image(partial, rel, data)
-        written += 1
-    record = {"unit": unit.name, "written": written, "skipped": skipped, "odd": odd}
-    rundir.write_json(Path(state) / "done" / f"{unit.name}.json", record)
-    return {**record, "size": unit.size}
-
-
-# ---------------------------------------------------------------------------------------------
 # Planning: the source's classes, validation labels and units.
 # ---------------------------------------------------------------------------------------------
 
@@ -253,6 +87,7 @@ class Plan:
     words: dict[str, str]
     units: list[Unit]
     trim: bool = False  # targz units write whole classes: keep the first per_class files by name afterwards
+    written_share: float = 1.0  # the share of the units' bytes that is written (a Hugging Face shard's chosen classes)
 
 
 def _pick_classes(wnids: list[str], subset: Subset) -> list[str]:
@@ -272,7 +107,7 @@ def _tar_index(path: Path) -> list[tarfile.TarInfo]:
         with tarfile.open(path, "r:") as tar:
             return tar.getmembers()
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise _damaged(str(path), exc) from exc
+        raise damaged_error(str(path), exc) from exc
 
 
 def _val_units(val_labels: dict[str, str], chosen: set[str] | None, k: int | None, members: list[tuple[int, int, str]],
@@ -322,7 +157,7 @@ def _plan_official(src: inet.Source, subset: Subset) -> Plan:
 
 def _files_units(split_dir: Path, wnid: str, split: str, keep: int | None) -> Unit:
     """One class folder's images (the first `keep` by name) as a unit of copies."""
-    names = sorted(e.name for e in os.scandir(split_dir / wnid) if e.is_file() and e.name.lower().endswith((".jpeg", ".jpg", ".png")))
+    names = sorted(e.name for e in os.scandir(split_dir / wnid) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
     names = names[:keep]
     items = tuple((str(split_dir / wnid / n), split, wnid, n) for n in names)
     return Unit(f"{split}-{wnid}", "files", str(split_dir / wnid), sum(os.path.getsize(i[0]) for i in items), items, split, wnid)
@@ -341,7 +176,7 @@ def _plan_kaggle(src: inet.Source, subset: Subset) -> Plan:
     chosen = _pick_classes(_class_dirs(data / "train"), subset)
     units = [_files_units(data / "train", w, "train", subset.per_class) for w in chosen]
     val = data / "val"
-    members = [(0, e.stat().st_size, e.name) for e in os.scandir(val) if e.is_file()]
+    members = [(0, e.stat().st_size, e.name) for e in os.scandir(val) if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS)]
     chosen_val = set(chosen) if subset.classes else None
     for u in _val_units(labels, chosen_val, subset.val_per_class, members, str(val), str(src.files["csv"])):
         items = tuple((str(val / name), split, wnid, name) for _, _, split, wnid, name in u.items)
@@ -363,18 +198,20 @@ def _hf_val_wnids(path: Path) -> list[str]:
     try:
         with tarfile.open(path, mode="r|*") as tar:
             return sorted({p[1] for m in tar if (p := inet.hf_member(m.name)) is not None})
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
-        raise _damaged(str(path), exc) from exc
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise damaged_error(str(path), exc) from exc
 
 
 def _plan_hf(src: inet.Source, subset: Subset) -> Plan:
     """The Hugging Face tars: one unit per shard, labels from the member names. A subset's classes come from the
     validation tar's names; a shard holds any classes' files, so --per-class trims the class folders afterwards."""
-    chosen = _pick_classes(_hf_val_wnids(src.files["val"]), subset) if subset.classes else []
+    every = _hf_val_wnids(src.files["val"]) if subset.classes else []
+    chosen = _pick_classes(every, subset) if subset.classes else []
     keep = tuple(chosen)
     units = [Unit(f"train-{p.name.split('.')[0]}", "targz", str(p), p.stat().st_size, wnids=keep) for p in src.train_tars]
     units.append(Unit("val", "targz", str(src.files["val"]), src.files["val"].stat().st_size, split="val", wnids=keep))
-    return Plan(chosen, {}, units, trim=subset.per_class is not None or subset.val_per_class is not None)
+    return Plan(chosen, {}, units, trim=subset.per_class is not None or subset.val_per_class is not None,
+                written_share=len(chosen) / len(every) if every else 1.0)
 
 
 _PLANNERS: dict[str, Callable[[inet.Source, Subset], Plan]] = {
@@ -414,7 +251,8 @@ def check_space(dest: Path, need: int) -> None:
 
 
 def _plan_doc(src: inet.Source, opts: Options) -> dict[str, Any]:
-    """What identifies this prepare (a restart must ask for the same): source, kind, subset, format, verify."""
+    """What identifies this prepare (a restart must ask for the same): source, kind, subset, format (not --no-verify:
+    a check skipped or passed leaves the same files)."""
     return {"format_version": FORMAT_VERSION, "source": str(src.root.resolve()), "kind": src.kind,
             "subset": asdict(opts.subset), "format": opts.fmt}
 
@@ -425,6 +263,7 @@ def _claim(dest: Path, doc: dict[str, Any]) -> bool:
     done = rundir.read_json(dest / DATASET_JSON) if (dest / DATASET_JSON).exists() else None
     if done is not None:
         if done.get("prepared_with") == doc:
+            shutil.rmtree(state, ignore_errors=True)  # killed between dataset.json and the clean-up: finish that
             return True
         raise DataError(f"{dest} already holds a prepared dataset ({dest / DATASET_JSON}) from another source or subset; "
                         f"pick another --out or delete {dest}")
@@ -441,61 +280,9 @@ def _claim(dest: Path, doc: dict[str, Any]) -> bool:
     return False
 
 
-def _remove_temporaries(partial: Path) -> None:
-    """Delete the temporary files a killed prepare left (their images are written again)."""
-    for folder, _, files in os.walk(partial):
-        for name in files:
-            if name.endswith(_TMP):
-                os.unlink(os.path.join(folder, name))
-
-
 # ---------------------------------------------------------------------------------------------
 # Running and finishing.
 # ---------------------------------------------------------------------------------------------
-
-
-def _progress(total: int, show: bool) -> Any:
-    """One progress bar over the source bytes read (a terminal only)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True, disable=not show)
-
-
-def _run(units: list[Unit], state: Path, workers: int, progress: bool) -> list[dict[str, Any]]:
-    """Run the units not done yet, in a pool of `workers` processes (in this one for 1); the records of all."""
-    done_dir = state / "done"
-    records, todo = [], []
-    for u in units:
-        rec = rundir.read_json(done_dir / f"{u.name}.json")
-        if rec is None:
-            todo.append(u)
-        else:  # done by an earlier, interrupted prepare: all its images count as resumed
-            records.append({**rec, "skipped": rec["written"] + rec["skipped"], "written": 0})
-    bar = _progress(sum(u.size for u in units), progress)
-    bar.update(sum(u.size for u in units if u not in todo))
-    jobs = [(u, str(state)) for u in sorted(todo, key=lambda u: -u.size)]  # big units first: the pool ends together
-    try:
-        if workers > 1 and len(jobs) > 1 and sys.platform.startswith("linux"):
-            # fork, not spawn: the children read archives and write files (torch-free), like synth's pool. An executor,
-            # not a Pool: a worker killed (OOM killer) breaks it with an error instead of hanging on its lost unit.
-            ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-                try:
-                    for fut in as_completed([pool.submit(run_unit, job) for job in jobs]):
-                        rec = fut.result()
-                        records.append(rec)
-                        bar.update(rec["size"])
-                except BrokenProcessPool as exc:
-                    raise DataError(f"an extraction process died (killed, or out of memory) while preparing {state.parent}; "
-                                    f"run the same command again: it resumes where it stopped") from exc
-        else:
-            for job in jobs:
-                rec = run_unit(job)
-                records.append(rec)
-                bar.update(rec["size"])
-    finally:
-        bar.close()
-    return records
 
 
 def _trim(partial: Path, subset: Subset) -> None:
@@ -558,6 +345,17 @@ def _counts(*roots: Path) -> dict[str, dict[str, int]]:
 
 def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dict[str, Any]:
     """Prepare the ImageNet source at src into the ImageFolder tree dest; return dataset.json's content."""
+    try:
+        return _prepare(src, dest, opts)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # a marker or dataset.json itself: the same resumable stop
+            raise DiskFullError(f"disk full under {dest} ({exc.filename or 'a marker'}): prepare stopped, no {DATASET_JSON} "
+                                f"written; free space (or pick another --out) and run the same command again: it resumes") from exc
+        raise
+
+
+def _prepare(src: str | Path, dest: str | Path, opts: Options) -> dict[str, Any]:
+    """prepare's body."""
     if opts.fmt not in FORMATS:
         raise DataError(f"--format {opts.fmt}: use one of {', '.join(FORMATS)}")
     if opts.fmt == "tar":
@@ -574,14 +372,17 @@ def prepare(src: str | Path, dest: str | Path, opts: Options = Options()) -> dic
         return rundir.read_json(dest / DATASET_JSON) or {}
     state = dest / STATE
     partial = state / "partial"
-    _remove_temporaries(partial)
+    remove_temporaries(partial)
+    if opts.verify and source.kind == "official" and opts.progress:
+        size = sum(p.stat().st_size for p in source.files.values())
+        print(f"prepare: checking the archives' md5s ({size / 1e9:.1f} GB; --no-verify skips it)", file=sys.stderr, flush=True)
     md5s = verify_md5(source, opts.expected.md5, state) if opts.verify and source.kind == "official" else {}
     plan = _PLANNERS[source.kind](source, opts.subset)
     done = {p.stem for p in (state / "done").glob("*.json")}
     left = sum(u.size for u in plan.units if u.name not in done)
-    check_space(dest, int(left * SPACE_MARGIN))
+    check_space(dest, int(left * plan.written_share * SPACE_MARGIN))
     workers = opts.workers or usable_cores()[0]
-    records = _run(plan.units, state, workers, opts.progress)
+    records = run_units(plan.units, state, workers, opts.progress)
     if plan.trim:
         _trim(partial, opts.subset)
     _check_counts(_counts(dest, partial), str(source.root), opts)  # before a class moves: a failed check leaves no tree
@@ -628,7 +429,7 @@ def _prepare_tar(src: str | Path, dest: Path, opts: Options) -> dict[str, Any]:
     if dest.exists() and not (dest / STAGING).exists() and any(os.scandir(dest)):
         raise DataError(f"{dest} is not empty and is no prepare's; pick an empty or new --out (nothing is ever overwritten)")
     staging = dest / STAGING
-    tree_doc = prepare(src, staging, Options(opts.verify, opts.subset, opts.workers, opts.progress, "tree", opts.expected))
+    tree_doc = prepare(src, staging, replace(opts, fmt="tree"))
     write_shards(staging, dest)
     result = {**tree_doc, "format": "tar", "prepared_with": doc,
               "shards": sorted(p.name for p in dest.glob("*.tar"))}
@@ -671,7 +472,12 @@ def describe(root: str | Path) -> str:
         plan = rundir.read_json(root / STATE / "plan.json") or {}
         raise DataError(f"{root} is an unfinished prepare (no {DATASET_JSON} yet); finish it: ablation data prepare imagenet "
                         f"{plan.get('source', 'SRC')} --out {root} (the same options as before)")
-    source = inet.detect_source(root) if root.is_dir() else None
+    try:
+        source = inet.detect_source(root) if root.is_dir() else None
+    except DataError:
+        if not ((root / "train").exists() or (root / "val").exists()):
+            raise
+        source = None  # half an ImageFolder tree: the layout check says what is missing
     if source is not None and source.kind != "imagefolder":
         return (f"{source.describe()} (not an ImageFolder tree yet); prepare it: ablation data prepare imagenet {root} "
                 f"--out DEST, then train with data.root=DEST")

@@ -112,7 +112,7 @@ def dataset_differences(derived: Any) -> list[str]:
     want = paper_recipe()["dataset"]
     derived = derived if isinstance(derived, dict) else {}
     if derived.get("dataset_subset"):  # dataset.json of `ablation data prepare --classes/--per-class`: whatever the counts
-        return [f"a subset of ImageNet-1k ({derived['dataset_subset']}), not ImageNet-1k"]
+        return [f"a subset of ImageNet-1k, not ImageNet-1k: {derived['dataset_subset']}"]
     off, unknown = {}, []
     for key, count in (("num_classes", "class"), ("train_images", "train-image"), ("val_images", "val-image")):
         n = derived.get(key)
