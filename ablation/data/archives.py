@@ -306,8 +306,8 @@ def _load(root: Path, path: Path, doc: dict[str, Any]) -> ArchiveIndex:
             raise DataError(f"archive {p}, which index {path} lists, is missing; restore it, or run "
                             f"`ablation data index {root}` again") from None
         if (now["size"], now["mtime_ns"]) != (a["size"], a["mtime_ns"]):
-            raise DataError(f"archive {p} changed since index {path} was built (size {a['size']} -> {now['size']} bytes, or its "
-                            f"modification time); run `ablation data index {root}` again")
+            what = f"size {a['size']} -> {now['size']} bytes" if now["size"] != a["size"] else "modification time"
+            raise DataError(f"archive {p} changed since index {path} was built ({what}); run `ablation data index {root}` again")
         members.append(str(p))
     new = tuple.__new__  # Member(...) through its generated Python __new__ costs twice as much, 1.3 M times
     splits = {split: {wnid: [(n, new(Member, (members[a], o, s, m))) for n, a, o, s, m in rows] for wnid, rows in classes.items()}
