@@ -253,6 +253,9 @@ def test_prepare_format_tar_writes_the_prepared_tree_as_indexed_shards(sources: 
     assert doc["format"] == "tar" and doc["shards"] == ["train-000000.tar", "val-000000.tar"]
     assert doc["fingerprint"] == tree.info.fingerprint
     assert cli([*args, "tar", "--out", str(tmp_path / "shards")], capsys)[0] == 0  # done already: nothing to redo
+    resharded = tmp_path / "resharded"  # `ablation data shard` of the prepared subset keeps its record: still a subset
+    assert cli(["data", "shard", str(tmp_path / "tree"), "--out", str(resharded)], capsys)[0] == 0
+    assert scan_layout(resharded).info.subset == tree.info.subset and scan_layout(resharded).files == tree.files
     code, _, err = cli([*args, "tree", "--out", str(tmp_path / "shards")], capsys)  # another format into it: refused
     assert code != 0 and "already holds a prepared dataset" in err
 
@@ -286,3 +289,23 @@ def test_a_class_missing_from_one_split_of_the_shards_is_one_line(sources: dict[
     (root / "val-000000.tar").write_bytes(miniature.tar_bytes([("c.JPEG", jpeg)]))  # not <class>/<file>
     with pytest.raises(DataError, match=r"val-000000.tar holds c.JPEG, not <class>/<file>"):
         archives.write_index(root)
+
+
+def test_prepare_format_tar_stopped_while_sharding_finishes_when_run_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ablation import faults
+    from ablation.data import prepare
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    miniature.write_miniature(src, "imagefolder", SPEC)
+    opts = prepare.Options(verify=False, workers=1, fmt="tar")
+    monkeypatch.setenv(faults.FAULT_ENV, "write:val-000000.tar:1:raise")  # the val shard written, not yet renamed
+    faults.reset()
+    with pytest.raises(RuntimeError):
+        prepare.prepare(src, out, opts)
+    assert (out / "train-000000.tar").is_file() and not (out / "val-000000.tar").exists() and not (out / "dataset.json").exists()
+    monkeypatch.delenv(faults.FAULT_ENV)
+    faults.reset()
+    doc = prepare.prepare(src, out, opts)  # the same command again: it finishes
+    assert doc["format"] == "tar" and (out / "dataset.json").is_file() and not (out / prepare.STAGING).exists()
+    assert scan_layout(out).files == scan_layout(src).files
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

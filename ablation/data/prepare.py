@@ -430,7 +430,7 @@ def _prepare_tar(src: str | Path, dest: Path, opts: Options) -> dict[str, Any]:
         raise DataError(f"{dest} is not empty and is no prepare's; pick an empty or new --out (nothing is ever overwritten)")
     staging = dest / STAGING
     tree_doc = prepare(src, staging, replace(opts, fmt="tree"))
-    write_shards(staging, dest)
+    write_shards(staging, dest, record=False)  # dataset.json comes last, below: until then the prepare is unfinished
     result = {**tree_doc, "format": "tar", "prepared_with": doc,
               "shards": sorted(p.name for p in dest.glob("*.tar"))}
     rundir.write_json(dest / DATASET_JSON, result)  # last: a dest with dataset.json is complete

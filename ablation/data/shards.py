@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ablation import rundir
 from ablation.data import archives
-from ablation.data.layout import SPLITS, scan_layout
+from ablation.data.layout import DATASET_JSON, SPLITS, scan_layout
 from ablation.errors import DataError
 
 SHARD_BYTES = 1 << 30  # 1 GiB: ~140 shards for ImageNet's train set, large enough for a parallel file system's stripes
@@ -42,8 +42,11 @@ def _groups(files: list[tuple[str, str, int]], shard_bytes: int) -> list[list[tu
 
 
 def write_shards(tree: str | Path, dest: str | Path, shard_bytes: int = SHARD_BYTES,
-                 progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Write the tar shards of an ImageFolder tree into dest, then its index; return the shard paths."""
+                 progress: Callable[[str], None] | None = None, record: bool = True) -> list[Path]:
+    """Write the tar shards of an ImageFolder tree into dest, then its index; return the shard paths.
+
+    record: copy the tree's dataset.json (a prepared tree's record) beside them; prepare --format tar writes its own.
+    """
     if shard_bytes < 1:
         raise DataError(f"shard size must be positive, got {shard_bytes} bytes")
     tree, dest = Path(tree).expanduser(), Path(dest).expanduser()
@@ -70,5 +73,7 @@ def write_shards(tree: str | Path, dest: str | Path, shard_bytes: int = SHARD_BY
                 progress(f"{path.name}: {len(group)} images")
         for stale in archives.shard_names(dest, split)[len(groups):]:  # an earlier, finer sharding's tail
             (dest / stale).unlink()
+    if record and (tree / DATASET_JSON).is_file():  # a prepared tree's record (its subset, above all) describes the shards too
+        rundir.write_bytes(dest / DATASET_JSON, (tree / DATASET_JSON).read_bytes())
     archives.write_index(dest)
     return written
