@@ -67,12 +67,52 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Check an ImageFolder dataset's layout and print its summary."""
-    from ablation.data.layout import check_layout
+    """Check a dataset folder: an ImageFolder tree's layout and summary; an ImageNet source: what it is and what to run."""
+    from ablation.data.archives import archive_kind
+    from ablation.data.layout import scan_layout
+    from ablation.data.prepare import describe
 
-    info = check_layout(args.root)
-    print(f"{info.root}: {len(info.classes)} classes, {info.train_images} train / {info.val_images} val images, "
-          f"fingerprint {info.fingerprint}")
+    if archive_kind(args.root):  # a folder of archives read in place (the official downloads or tar shards)
+        info = scan_layout(args.root, lambda line: print(line, file=sys.stderr)).info
+        print(f"{info.root} ({info.layout}, read in place): {len(info.classes)} classes, {info.train_images} train / "
+              f"{info.val_images} val images, fingerprint {info.fingerprint}")
+        return EXIT_OK
+    print(describe(args.root))
+    return EXIT_OK
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Write the ImageFolder tree the harness reads from an ImageNet download (official archives, Kaggle, Hugging Face)."""
+    from ablation.data import prepare
+
+    subset = prepare.Subset(args.classes, args.per_class, args.val_per_class)
+    opts = prepare.Options(verify=not args.no_verify, subset=subset, workers=args.workers, progress=sys.stderr.isatty(), fmt=args.format)
+    doc = prepare.prepare(args.src, args.out, opts)
+    print(prepare.summary_line(args.out, doc))
+    return EXIT_OK
+
+
+def cmd_data_index(args: argparse.Namespace) -> int:
+    """Index an archive folder's member offsets once, so that runs read the images in place."""
+    from ablation.data import archives
+    from ablation.data.layout import scan_archives
+
+    path, _ = archives.write_index(args.root, args.cache)
+    info = scan_archives(archives.load_index(args.root, path)).info  # checks it as a run would read it
+    print(f"indexed {info.root} ({info.layout}): {len(info.classes)} classes, {info.train_images} train / {info.val_images} val "
+          f"images, fingerprint {info.fingerprint}: {path}")
+    if args.cache is not None and Path(args.cache).expanduser().resolve() != archives.default_cache().resolve():
+        print(f"runs look for it in {archives.default_cache()}: set ABLATION_INDEX_CACHE={args.cache} where they run")
+    return EXIT_OK
+
+
+def cmd_data_shard(args: argparse.Namespace) -> int:
+    """Write the tar shards of an ImageFolder tree, indexed, to read in place."""
+    from ablation.data.shards import write_shards
+
+    progress = (lambda line: print(line, file=sys.stderr)) if sys.stderr.isatty() else None
+    paths = write_shards(args.tree, args.out, int(args.shard_mb * 2**20), progress=progress)
+    print(f"wrote {len(paths)} shard(s) and their index to {args.out}; train on it with data.root={args.out}")
     return EXIT_OK
 
 
@@ -442,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list", action="store_true", help="list every config key with its default and meaning")
     c.set_defaults(func=cmd_config)
 
-    d = sub.add_parser("data", help="datasets: synthesize or check")
+    d = sub.add_parser("data", help="datasets: synthesize, check, prepare, index or shard archives, bench")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     s = dsub.add_parser("synth", help="write a deterministic synthetic ImageFolder dataset of JPEG files")
     s.add_argument("root", help="folder to write train/<class>/*.JPEG and val/<class>/*.JPEG into (kept when already there)")
@@ -452,13 +492,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     s.add_argument("--seed", type=int, default=0, help="seed of the images: the same seed writes the same bytes (default 0)")
     s.set_defaults(func=cmd_data_synth)
-    k = dsub.add_parser("check", help="check a dataset's ImageFolder layout")
-    k.add_argument("root", help="dataset folder holding train/ and val/ in ImageFolder layout")
+    k = dsub.add_parser("check", help="check a dataset's ImageFolder layout or archive folder (or say what an ImageNet download is "
+                        "and what to run)")
+    k.add_argument("root", help="dataset folder: train/ and val/ in ImageFolder layout, a folder of archives read in place "
+                                "(ablation data index), or an ImageNet download (Kaggle, Hugging Face)")
     k.set_defaults(func=cmd_data_check)
+    dp = dsub.add_parser("prepare", help="write the ImageFolder tree the harness reads from a downloaded dataset")
+    psub = dp.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    pi = psub.add_parser("imagenet", help="ImageNet-1k from the official ILSVRC2012 archives, Kaggle's tree or the Hugging Face tars")
+    pi.add_argument("src", help="folder holding the download: the three ILSVRC2012 archives, Kaggle's ILSVRC/ and LOC_*.csv, "
+                                "or the Hugging Face data/*.tar.gz (or an ImageFolder tree, to copy or subset it)")
+    pi.add_argument("--out", required=True, help="folder to write train/<wnid>/, val/<wnid>/ and dataset.json into (new or empty; "
+                                                 "an unfinished prepare there resumes)")
+    pi.add_argument("--format", choices=("tree", "tar"), default="tree",
+                    help="what to write: tree, an ImageFolder tree; tar, indexed tar shards of it, read in place (default tree)")
+    pi.add_argument("--no-verify", action="store_true",
+                    help="skip the checks of ImageNet-1k's counts and the archives' md5s (a copy you trust, a miniature)")
+    pi.add_argument("--classes", type=int, help="keep N classes, evenly spaced over the sorted wnids (default: all)")
+    pi.add_argument("--per-class", type=int, help="keep the first M training images of each class by file name (default: all)")
+    pi.add_argument("--val-per-class", type=int, help="keep the first K validation images of each class by file name (default: all)")
+    pi.add_argument("--workers", type=int, default=0, help="extraction processes (default 0: one per core of this process's CPU budget)")
+    pi.set_defaults(func=cmd_data_prepare)
+
+    x = dsub.add_parser("index", help="index the member offsets of a folder of ImageNet archives (or tar shards) once, "
+                        "so that runs read the images in place, without extraction")
+    x.add_argument("root", help="folder holding ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz, "
+                   "or train-NNNNNN.tar / val-NNNNNN.tar shards")
+    x.add_argument("--cache", default=None, help="write the index into this folder instead of beside the archives (default: beside "
+                   "them; use it where ROOT is read-only, with ABLATION_INDEX_CACHE=DIR where runs read it)")
+    x.set_defaults(func=cmd_data_index)
+    h = dsub.add_parser("shard", help="write an ImageFolder tree as indexed tar shards (a few large files), read in place")
+    h.add_argument("tree", help="ImageFolder tree holding train/<class>/ and val/<class>/")
+    h.add_argument("--out", required=True, help="folder for train-NNNNNN.tar, val-NNNNNN.tar and their index (required)")
+    h.add_argument("--shard-mb", type=float, default=1024, help="about how many MiB per shard (default 1024)")
+    h.set_defaults(func=cmd_data_shard)
 
     b = dsub.add_parser("bench", intermixed=True,
                         help="time the training data pipeline's CPU side on your data: images/s per core, cores needed to feed the GPUs")
-    b.add_argument("root", help="dataset folder (train/<class>/*.JPEG)")
+    b.add_argument("root", help="dataset folder (train/<class>/*.JPEG), or a folder of archives read in place (ablation data index)")
     b.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
                    help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8")
     b.add_argument("--images", type=int, default=256, help="training images to time, spread over the classes (default 256)")

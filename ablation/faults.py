@@ -65,3 +65,8 @@ def hit(point: str, count: int | None = None) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     raise RuntimeError(f"injected fault at {point} #{count}")
+
+
+def reset() -> None:
+    """Forget how often each point was reached: a test that injects faults in-process starts the next count from zero."""
+    _counts.clear()

@@ -113,3 +113,13 @@ def test_report_speed_runs_tiny_and_records_cold_warm_and_changed_times(tmp_path
     assert set(record["warm_phases"]) == {"find", "read"}  # nothing changed: the inputs surveyed, the outputs checked, nothing made
     assert positive(record["seconds"], record["warm_seconds"], record["changed_seconds"], *record["all_seconds"])
     assert "report over 40 runs" in stdout
+
+
+def test_index_scale_runs_tiny_and_records_build_and_start_figures(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    stdout, records = bench("index_scale.py", tmp_path, cli_env)
+    (record,) = records
+    assert record["tiny"] and set(record["machine"]) >= MACHINE_KEYS
+    assert record["build_members"] == 4 * 10 + 4 and record["members"] == 10 * 5 + 10 * 2  # train + val members, as asked
+    assert positive(record["build_seconds"], record["build_members_per_s"], record["index_bytes"], record["load_seconds"],
+                    record["scan_seconds"], record["start_seconds"])
+    assert "run start over 70 members" in stdout

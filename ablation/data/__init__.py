@@ -1,7 +1,10 @@
 """Data stage: datasets on disk and the pipelines that feed a run from them.
 
 layout (the dataset on disk: ImageFolder checks, scans, reading images), pipelines (transforms, the split and
-device-decode pipelines, the seeded dataset), synth (synthetic datasets, torch-free), bench (the pipelines' CPU cost).
+device-decode pipelines, the seeded dataset), synth (synthetic datasets, torch-free), bench (the pipelines' CPU cost),
+imagenet (the ImageNet downloads' names, checksums and label parsers, torch-free), miniature (miniatures of those
+downloads, torch-free), prepare (`ablation data prepare`: a download -> the ImageFolder tree) and extract (its units
+of work and the processes that run them).
 This package's ``__init__`` imports none of its modules, so ``ablation.data.synth`` stays torch-free.
 """
 

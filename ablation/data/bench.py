@@ -7,7 +7,8 @@ photometric steps it leaves to the GPU are not CPU work) and the device-decode p
 draw the parameters; decoding, crop and resize are the GPU's work, which benchmarks/gpu.py measures).
 Figures are images per CPU-second of this process with one torch thread, so a busy machine slows the
 wall clock more than the figure; the files are read once beforehand, so disk or network speed is not
-part of it. A DataLoader adds its own overhead (collate, inter-process transfer: ~150 KB per uint8
+part of it (reading the bytes from the page cache is: its own row, which tells a tree of files from archives
+read in place by offset, `ablation data index`). A DataLoader adds its own overhead (collate, inter-process transfer: ~150 KB per uint8
 224-px image, 4x that in float).
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ablation.config import PIPELINES
+from ablation.data.archives import archive_kind
 from ablation.data.layout import (
     DatasetInfo,
     DatasetScan,
@@ -34,7 +36,9 @@ from ablation.data.layout import (
     class_images,
     load_rgb,
     open_image,
+    scan_layout,
 )
+from ablation.data.members import Member, read_source
 from ablation.data.pipelines import SeededImageFolder, pipeline_transforms
 from ablation.errors import DataError
 
@@ -51,35 +55,46 @@ class BenchResult:
     images: int
     classes: int
     median_size: tuple[int, int]
-    rates: dict[str, float]  # "decode", "reference", "split" -> images/s per core
+    rates: dict[str, float]  # "read", "decode", "reference", "split", "device-decode" -> images/s per core
     reduced: float  # fraction of split-pipeline images decoded at reduced JPEG scale
+    layout: str = "imagefolder"  # where the bytes came from: DatasetInfo.layout
 
 
 def pick_images(root: str | Path, n: int) -> DatasetScan:
     """Up to n training images spread over the classes, without walking the whole split.
 
     Evenly spaced classes, the first few images of each: enough to see the typical image sizes and
-    crops, in seconds on ImageNet's 1.3M files.
+    crops, in seconds on ImageNet's 1.3M files. A folder of archives is read through its index: the same
+    images as its extracted tree's.
     """
     root = Path(root).expanduser()
     check_splits(root)
-    classes = class_folders(root / "train")
+    full = scan_layout(root) if archive_kind(root) else None
+    classes = list(full.info.classes) if full else class_folders(root / "train")
     if not classes:
         raise DataError(f"{root / 'train'} has no class folders; put each class's images in its own sub-folder")
-    chosen = [classes[round(i * len(classes) / n)] for i in range(n)] if len(classes) > n else classes
-    per_class = math.ceil(n / len(chosen))
+    picks = [round(i * len(classes) / n) for i in range(n)] if len(classes) > n else list(range(len(classes)))
+    per_class = math.ceil(n / len(picks))
     files: list[tuple[str, ...]] = []
-    for name in chosen:
-        names = class_images(root / "train" / name)
+    members: list[tuple[Member, ...]] = []
+    for c in picks:
+        names = full.files["train"][c] if full else class_images(root / "train" / classes[c])
         files.append(tuple(names[:per_class]))
+        if full and full.members:
+            members.append(full.members["train"][c][:per_class])
     while sum(map(len, files)) > n:  # trim the overshoot from the last classes
         last = max(i for i, f in enumerate(files) if f)
         files[last] = files[last][:-1]
+        members[last:last + 1] = [members[last][:-1]] if members else []
     total = sum(map(len, files))
     if total == 0:
         raise DataError(f"no image files under {root / 'train'}; put the training images in its class folders")
-    info = DatasetInfo(root=str(root), classes=tuple(chosen), train_images=total, val_images=0, fingerprint="")
-    return DatasetScan(info, {"train": tuple(files), "val": tuple(() for _ in chosen)})
+    chosen = tuple(classes[c] for c in picks)
+    info = DatasetInfo(root=str(root), classes=chosen, train_images=total, val_images=0, fingerprint="",
+                       layout=full.info.layout if full else "imagefolder")
+    empty = tuple(() for _ in chosen)
+    return DatasetScan(info, {"train": tuple(files), "val": empty},
+                       {"train": tuple(members), "val": empty} if members else None)
 
 
 def per_core_rate(fn: Callable[[int], Any], n: int) -> float:
@@ -100,10 +115,11 @@ def run(root: str | Path, data_cfg: Any, images: int, seed: int = 0, repeats: in
     samples = scan.samples("train")
     sizes = []
     for path, _ in samples:
-        Path(path).read_bytes()  # into the page cache: the figures are CPU work, not disk speed
+        read_source(path)  # into the page cache: the figures are CPU work, not disk speed
         with open_image(path) as img:
             sizes.append(img.size)
-    paths: dict[str, Callable[[int], Any]] = {"decode": lambda i: load_rgb(samples[i][0])}
+    paths: dict[str, Callable[[int], Any]] = {"read": lambda i: read_source(samples[i][0]),
+                                              "decode": lambda i: load_rgb(samples[i][0])}
     split = None
     for pipeline in PIPELINES:
         cfg = dataclasses.replace(data_cfg, pipeline=pipeline, eval_resize=data_cfg.eval_resize or data_cfg.image_size)
@@ -121,7 +137,13 @@ def run(root: str | Path, data_cfg: Any, images: int, seed: int = 0, repeats: in
         torch.set_num_threads(threads)
     rates = {name: statistics.median(r) for name, r in runs.items()}
     median = (int(statistics.median(w for w, _ in sizes)), int(statistics.median(h for _, h in sizes)))
-    return BenchResult(scan.info.root, len(samples), len(scan.info.classes), median, rates, split.reduced / max(split.images, 1))
+    return BenchResult(scan.info.root, len(samples), len(scan.info.classes), median, rates, split.reduced / max(split.images, 1),
+                       scan.info.layout)
+
+
+def _source(layout: str) -> str:
+    """What the read row read."""
+    return "files" if layout == "imagefolder" else "archive members"
 
 
 def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_images_per_s: float) -> list[str]:
@@ -137,6 +159,7 @@ def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_i
     lines = [
         f"data bench: {result.images} training images of {result.root} ({result.classes} classes, median "
         f"{result.median_size[0]}x{result.median_size[1]} px), crops to {image_size} px, one core (CPU time), files cached",
+        f"{'  read only (' + _source(result.layout) + ')':32s}{r['read']:8.1f} images/s per core",
         f"  decode only (PIL, full size)  {r['decode']:8.1f} images/s per core",
         f"  reference pipeline            {r['reference']:8.1f} images/s per core",
         f"  split pipeline                {r['split']:8.1f} images/s per core "

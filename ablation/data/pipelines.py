@@ -21,7 +21,9 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from ablation.data.layout import READ_ERRORS, DatasetScan, load_rgb, require_dir, unreadable_error
+from ablation.data.archives import archive_kind
+from ablation.data.layout import READ_ERRORS, DatasetScan, load_rgb, require_dir, scan_layout, unreadable_error
+from ablation.data.members import Source, read_source
 from ablation.errors import DataError
 
 try:  # libjpeg-turbo straight into a tensor: ~13% more split-pipeline images/s than PIL's route (A/B, 448-px synth JPEGs).
@@ -288,14 +290,14 @@ class SplitTrainTransform:
         top, left = (height - h) // 2, (width - w) // 2
         return left, top, left + w, top + h
 
-    def __call__(self, path: str, cache: DecodedCache | None = None) -> SplitSample:
+    def __call__(self, path: Source, cache: DecodedCache | None = None) -> SplitSample:
         p = None
         full = cache.get(path) if cache is not None else None
         if full is not None:  # the whole image, decoded at full size on an earlier epoch
             p = self.params(full.shape[1], full.shape[0])
             if self._full_size(p):
                 return self._sample(p, self._crop(full, p), 1)
-        data = Path(path).read_bytes()
+        data = read_source(path)  # a file's bytes, or an archive member's
         with Image.open(io.BytesIO(data)) as img:
             p = p or self.params(*img.size)  # from the header: nothing decoded yet
             if cache is not None and full is None and self._full_size(p):
@@ -355,8 +357,8 @@ class DeviceDecodeTrainTransform(SplitTrainTransform):
 
     caches = False  # the bytes go to the device decoder
 
-    def __call__(self, path: str) -> EncodedSample:  # type: ignore[override]
-        data = Path(path).read_bytes()
+    def __call__(self, path: Source) -> EncodedSample:  # type: ignore[override]
+        data = read_source(path)  # a file's bytes, or an archive member's
         empty = torch.empty(0, dtype=torch.uint8)
         with Image.open(io.BytesIO(data)) as img:
             p = self.params(*img.size)  # from the header: nothing decoded here
@@ -556,10 +558,12 @@ class SeededImageFolder(torch.utils.data.Dataset):
         """With `scan` (from scan_layout on the same root), take its file list instead of walking the folders;
         with `cache`, keep decoded images in memory (see DecodedCache)."""
         split_dir = Path(root).expanduser() / split
+        if scan is None and archive_kind(root):
+            scan = scan_layout(root)  # a folder of archives: its index lists the members
         if scan is not None:
             self.classes = list(scan.info.classes)
             self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-            self.samples: list[tuple[str, int]] = scan.samples(split)
+            self.samples: list[tuple[Source, int]] = scan.samples(split)
         else:
             require_dir(split_dir, f"{split} split folder",
                          f"put one sub-folder per class under it (run check_layout on {root})")
@@ -612,7 +616,7 @@ class SeededImageFolder(torch.utils.data.Dataset):
                 raise unreadable_error(path, exc) from exc
         return out, target
 
-    def _load(self, path: str) -> Image.Image:
+    def _load(self, path: Source) -> Image.Image:
         """The decoded RGB image, from the cache when it holds it (transforms never modify their input)."""
         if self.cache is None:
             return load_rgb(path)

@@ -107,9 +107,12 @@ def deviations_text(devs: list[tuple[str, Any, Any]]) -> str:
 def dataset_differences(derived: Any) -> list[str]:
     """How a run's data differ from ImageNet-1k by the counts config.yaml's `derived` records (num_classes, train_images,
     val_images), as one item ('5,120 train images, not ImageNet-1k's 1,281,167'; '10 classes, 5,120 train and 1,000 val
-    images, not ImageNet-1k'); a count not recorded (an older run folder) leaves the data not known to be ImageNet-1k."""
+    images, not ImageNet-1k'); a count not recorded (an older run folder) leaves the data not known to be ImageNet-1k; a
+    prepared subset (derived.dataset_subset) is never ImageNet-1k, whatever its counts."""
     want = paper_recipe()["dataset"]
     derived = derived if isinstance(derived, dict) else {}
+    if derived.get("dataset_subset"):  # dataset.json of `ablation data prepare --classes/--per-class`: whatever the counts
+        return [f"a subset of ImageNet-1k, not ImageNet-1k: {derived['dataset_subset']}"]
     off, unknown = {}, []
     for key, count in (("num_classes", "class"), ("train_images", "train-image"), ("val_images", "val-image")):
         n = derived.get(key)

@@ -166,7 +166,8 @@ def write_config(rd: rundir.RunDir, cfg: RunConfig, d: Derived, data: DatasetInf
     describes the same run, and writes the twin where an older version (or a crash between the two) left none.
 
     data: the dataset scanned; its class and val-image counts join the derived values (derived.num_classes,
-    derived.val_images: with train_images, what the report knows ImageNet-1k by)."""
+    derived.val_images: with train_images, what the report knows ImageNet-1k by; derived.dataset_subset where
+    `ablation data prepare` wrote a subset)."""
     if rd.config.exists():
         old = yaml.safe_load(rd.config.read_text()) or {}
         if old.get("run_id") != run_id(cfg):
@@ -174,6 +175,8 @@ def write_config(rd: rundir.RunDir, cfg: RunConfig, d: Derived, data: DatasetInf
         text = rundir.config_json_text(old) if not rd.config_json.exists() and isinstance(old, dict) else None
     else:
         counts = {"num_classes": len(data.classes), "val_images": data.val_images} if data is not None else {}
+        if data is not None and data.subset:  # a prepared subset says so: counts near ImageNet-1k's must not pass for it
+            counts["dataset_subset"] = data.subset
         doc = {"run_id": run_id(cfg), "config_hash": config_hash(cfg), **to_dict(cfg), "derived": {**asdict(d), **counts}}
         rundir.write_text(rd.config, yaml.safe_dump(doc, sort_keys=False))
         text = rundir.config_json_text(yaml.safe_load(rd.config.read_text()))  # the values as config.yaml reads back

@@ -77,11 +77,11 @@ def scan_dataset(root: str, env: DistEnv) -> DatasetScan:
     """Check the dataset and list its files once per start: rank 0 walks the folders, the other ranks
     receive the lists (1.3M ImageNet paths walked once, not twice on every rank)."""
     if env.world_size == 1:
-        return scan_layout(root)
+        return scan_layout(root, log.info)
     box: list[Any] = [None]
     if env.is_main:
         try:
-            box[0] = scan_layout(root)
+            box[0] = scan_layout(root, log.info)
         except DataError as e:
             box[0] = str(e)  # every rank raises it: none is left waiting for a list that never comes
     dist.broadcast_object_list(box, src=0)
