@@ -206,7 +206,7 @@ def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_i
         return math.ceil(need * r.cpu_ms(name) / 1000)
 
     def row(label: str, name: str) -> str:
-        dev = f"  {r.device_ms[name]:7.2f}" if name in r.device_ms else ("  (the CPU)" if not gpu else "")
+        dev = f"  {r.device_ms[name]:9.2f}" if name in r.device_ms else ""
         return (f"  {label:<24s} {1000 / r.rates[name]:7.2f} + {r.process_ms[name]:7.2f} = {r.cpu_ms(name):7.2f}  "
                 f"{r.per_core(name):9.1f}{dev}")
 
@@ -214,7 +214,8 @@ def report(result: BenchResult, pipeline: str, image_size: int, gpus: int, gpu_i
         f"data bench: {result.images} training images of {result.root} ({result.classes} classes, median "
         f"{result.median_size[0]}x{result.median_size[1]} px), crops to {image_size} px, one core (CPU time), files cached; "
         f"device side on {r.device}",
-        f"  {'CPU ms per image':<24s}  loader + process =   total  images/s per core" + ("  device ms" if gpu else ""),
+        f"  {'CPU ms per image':<24s}  loader + process =   total  images/s per core" + ("  device ms" if gpu else "")
+        + ("" if gpu else "   (device side on the CPU: in 'process')"),
         f"  {'decode only (PIL, full)':<24s} {1000 / r.rates['decode']:7.2f}",
         row("reference pipeline", "reference"),
         row("split pipeline", "split") + f"  ({100 * result.reduced:.0f}% decoded at reduced JPEG scale)",
