@@ -196,6 +196,9 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         )
         if env.device == "cpu" and (cfg.amp or cfg.channels_last):
             log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
+        if env.device == "cpu" and cfg.data.pipeline == "device-decode" and env.is_main:
+            log.warning("data.pipeline=device-decode on a CPU device decodes every JPEG in the training process: no CPU is saved "
+                        "and the pixels are libjpeg-turbo's, not nvJPEG's (recorded in env.json); data.pipeline=split is faster here")
         loop = EpochLoop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
         loop.eval_model = eval_model
         loop.val_record = val_record(scan, val_ds)
