@@ -107,7 +107,10 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     from ablation.selftest import records
     from ablation.sweep import estimates
 
-    batches = tuple(int(b) for b in args.batches.split(",") if b.strip()) if args.batches else ()
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    except ValueError:
+        batches = ()
     if not batches or min(batches) < 1:
         raise ConfigError(f"--batches must be positive images per GPU separated by commas, e.g. 32,16,8,4,2; got {args.batches!r}")
     if args.gpus is not None and args.gpus < 1:
@@ -234,6 +237,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not todo:
             print("nothing to submit")
         return EXIT_OK
+    from ablation.selftest import records
+
+    where = profile_file.split(", from ")[0] if profile_file else profile.name  # the profile's file, as --profile takes it
+    untested = records.sweep_warning(profile.gpus_per_node, profile.gpu, where, results)
+    if untested:
+        print(untested, file=sys.stderr)
     sweep_dir, failed = launch.launch_sweep(sweep, results, args.overrides, profile, todo)
     if profile.executor == "slurm":
         print(f"follow with: ablation status {sweep_dir}")

@@ -29,9 +29,9 @@ def images_per_s(s: Settings, norm: str, b: int) -> tuple[float, Any]:
     from ablation.train.optim import build_optimizer
 
     gpu = s.device.startswith("cuda")
-    cfg = s.cfg(f"norm.name={norm}", f"batch_per_gpu={b}", "gpus=1", f"amp={str(gpu).lower()}", f"channels_last={str(gpu).lower()}")
-    if norm == "gn" and s.tiny:
-        cfg = s.cfg(f"norm.name={norm}", "norm.groups=4", f"batch_per_gpu={b}", "gpus=1", "amp=false", "channels_last=false")
+    narrow = norm == "gn" and any(o.startswith("model.widths") for o in s.overrides)  # the tiny model's 8-channel layers
+    cfg = s.cfg(f"norm.name={norm}", *(["norm.groups=4"] if narrow else []), f"batch_per_gpu={b}", "gpus=1",
+                f"amp={str(gpu).lower()}", f"channels_last={str(gpu).lower()}")
     env = DistEnv(device=s.device)
     torch.manual_seed(0)
     model = create_model(cfg, s.classes).to(s.device).train()
