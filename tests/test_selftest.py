@@ -178,7 +178,8 @@ def test_the_default_record_folder_is_where_the_sweep_looks(tmp_path: Path) -> N
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
-    for args, words in ((["--batches", "8,x"], "--batches must be positive images per GPU"), (["--batches", "0"], "--batches must be positive"),
+    for args, words in ((["--batches", "8,x"], "--batches must be positive images per GPU"),
+                        (["--batches", "0"], "--batches must be positive"),
                         (["--gpus", "0"], "--gpus must be at least 1"), (["--submit"], "--submit needs --profile")):
         proc = subprocess.run([sys.executable, "-m", "ablation", "selftest", "--device", "cpu", "--out", str(tmp_path), *args],
                               env=subprocess_env(), capture_output=True, text=True, timeout=120)
