@@ -209,3 +209,10 @@ def test_the_docs_list_every_cuda_only_call_and_every_tolerance() -> None:
     assert set(cuda.CUDA_ONLY) <= defined
     for name, (bound, _, _) in TOLERANCES.items():
         assert re.search(rf"`{name}`.*\|\s*{re.escape(f'{bound:g}')}\s*\|", page), name
+
+
+def test_ci_runs_the_cpu_selftest_and_prints_its_table() -> None:
+    ci = (ROOT / ".ci" / "run").read_text()
+    line = next(x for x in ci.splitlines() if "-m ablation selftest" in x)
+    assert line.startswith("python3 -m ablation selftest --device cpu --out ") and "set -euo pipefail" in ci  # a failure stops CI
+    assert ci.index(line) < ci.index("== pass 1")
