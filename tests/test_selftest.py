@@ -50,7 +50,7 @@ def test_selftest_json_holds_its_contract(cpu_selftest: tuple[subprocess.Complet
     assert doc["counts"] == {"pass": 9, "fail": 0, "warn": 0, "skipped": 0}
     assert set(doc["versions"]) >= {"gpu", "driver", "cuda", "cudnn", "torch", "packages", "ablation_code"}
     assert doc["versions"]["torch"] == torch.__version__ and doc["versions"]["packages"]["torch"]
-    assert set(doc["machine"]) == {"host", "platform", "cpu", "python"}
+    assert set(doc["machine"]) == {"host", "platform", "cpu", "python", "slurm_job_id"}
     assert doc["settings"]["tiny"] is True and doc["settings"]["gpus"] == 2 and doc["settings"]["batches"] == [8, 2]
     assert [c["name"] for c in doc["checks"]] == CHECKS
     for c in doc["checks"]:

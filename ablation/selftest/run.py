@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -104,7 +105,7 @@ def run(s: Settings, out: Path, gpu_records: Path | None, echo: Callable[[str], 
         "counts": {k: sum(c.status == k for c in done) for k in ("pass", "fail", "warn", "skipped")},
         "seconds": round(time.perf_counter() - started, 1),
         "machine": {"host": platform.node(), "platform": platform.platform(), "cpu": provenance.cpu_model(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")},
         "versions": {**cuda.versions(s.device), "torch": torch.__version__, "packages": provenance.package_versions(),
                      "ablation_code": provenance.code_version()},
         "settings": {"device": s.device, "gpus": s.gpus, "overrides": list(s.overrides), "batches": list(s.batches), "steps": s.steps,
