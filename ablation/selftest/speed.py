@@ -23,6 +23,7 @@ NORMS = ("bn", "gn")  # the paper's two: estimates take the run's norm's records
 def images_per_s(s: Settings, norm: str, b: int) -> tuple[float, Any]:
     """Training images/s of one GPU at b images (data excluded: one batch on the device), eager, as benchmarks/gpu.py's
     per_gpu case; and the config it ran."""
+    from ablation.train.bookkeeping import configure_backends
     from ablation.train.distributed import DistEnv
     from ablation.train.loop import autocast
     from ablation.train.models import create_model
@@ -33,6 +34,7 @@ def images_per_s(s: Settings, norm: str, b: int) -> tuple[float, Any]:
     cfg = s.cfg(f"norm.name={norm}", *(["norm.groups=4"] if narrow else []), f"batch_per_gpu={b}", "gpus=1",
                 f"amp={str(gpu).lower()}", f"channels_last={str(gpu).lower()}")
     env = DistEnv(device=s.device)
+    configure_backends(cfg, env)  # the trainer's cuDNN and TF32 settings: the figures are the training's
     torch.manual_seed(0)
     model = create_model(cfg, s.classes).to(s.device).train()
     fmt = torch.channels_last if cfg.channels_last and gpu else torch.contiguous_format
