@@ -124,9 +124,9 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
     device = args.device or ("cuda" if profile is not None and profile.gpus_per_node else "cpu" if profile is not None else None)
     if device is None:
-        import torch
+        from ablation.selftest import cuda
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda.available() else "cpu"
     cpus = args.cpus_per_task or (profile.cpus_per_task if profile is not None else 8 if device == "cuda" else 1)
     gpus = args.gpus if args.gpus is not None else (profile.gpus_per_node or None if profile is not None else None)
     out = Path(args.out) if args.out else records.default_out(args.results, profile.name if args.submit and profile else None)

@@ -14,6 +14,7 @@ import torch
 
 # What each function below calls, for the docs' list (tests/test_selftest.py checks the two agree).
 CUDA_ONLY = {
+    "available": "torch.cuda.is_available",
     "versions": "torch.cuda.get_device_name, torch.version.cuda, torch.backends.cudnn.version, nvidia-smi (driver)",
     "sync": "torch.cuda.synchronize",
     "set_device": "torch.cuda.set_device",
