@@ -117,7 +117,8 @@ def cmd_data_shard(args: argparse.Namespace) -> int:
 
 
 def cmd_data_bench(args: argparse.Namespace) -> int:
-    """Time the training data pipelines' CPU side on a dataset: images/s per core, cores to feed the GPUs."""
+    """Time the training data pipelines on a dataset: every CPU second per image (loader and training process), the
+    device's time beside it, the cores that feed the GPUs, and which data.pipeline does it."""
     import dataclasses
 
     from ablation import config
@@ -130,7 +131,7 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
     cfg = _load(args)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=args.root))
     d = config.derive(cfg, train_images=config.IMAGENET_TRAIN_IMAGES)
-    result = databench.run(args.root, dataclasses.replace(cfg.data, eval_resize=d.eval_resize), args.images, cfg.seed)
+    result = databench.run(args.root, dataclasses.replace(cfg.data, eval_resize=d.eval_resize), args.images, cfg.seed, device=cfg.device)
     per_gpu = args.gpu_images_per_s or databench.GPU_IMAGES_PER_S
     for line in databench.report(result, cfg.data.pipeline, cfg.data.image_size, cfg.gpus, per_gpu):
         print(line)
@@ -138,6 +139,53 @@ def cmd_data_bench(args: argparse.Namespace) -> int:
 
 
 DEFAULT_RESULTS = "results"
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Check every CUDA path of the harness on this node (or --device cpu: on the CPU, tiny): a table and selftest.json."""
+    from ablation.errors import ConfigError
+    from ablation.selftest import records
+    from ablation.sweep import estimates
+
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--batches must be positive images per GPU separated by commas, e.g. 32,16,8,4,2; got {args.batches!r}")
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.submit and not args.profile:
+        raise ConfigError("--submit needs --profile slurm/profiles/<cluster>.yaml: the self-test runs as one job on the sweep's nodes")
+    profile = None
+    if args.profile:
+        from ablation.sweep.cluster import load_profile
+
+        profile = load_profile(args.profile)
+    device = args.device or ("cuda" if profile is not None and profile.gpus_per_node else "cpu" if profile is not None else None)
+    if device is None:
+        from ablation.selftest import cuda
+
+        device = "cuda" if cuda.available() else "cpu"
+    cpus = args.cpus_per_task or (profile.cpus_per_task if profile is not None else 8 if device == "cuda" else 1)
+    gpus = args.gpus if args.gpus is not None else (profile.gpus_per_node or None if profile is not None else None)
+    out = Path(args.out) if args.out else records.default_out(args.results, profile.name if args.submit and profile else None)
+    gpu_records = Path(args.gpu_records) if args.gpu_records else None
+    if gpu_records is None and device == "cuda":  # where --dry-run estimates read them; a CPU's tiny figures estimate nothing
+        gpu_records = estimates.gpu_records_path() or estimates.GPU_RECORDS
+    options = {"device": device, "gpus": gpus, "batches": batches, "cpus_per_task": cpus, "data": args.data,
+               "compile_backend": args.compile_backend}
+    if args.submit:
+        from ablation.selftest import submit
+
+        job = submit.submit(profile, options, out.resolve(), gpu_records.resolve() if gpu_records else None)
+        print(f"submitted self-test job {job} with profile {profile.name}: its table goes to {out / 'slurm'}/{job}_0_log.out, "
+              f"its record to {out / records.SELFTEST_JSON}")
+        return EXIT_OK
+    from ablation.selftest import run
+
+    doc = run.run(run.settings(**options), out, gpu_records)
+    return EXIT_OK if doc["passed"] else EXIT_FAILED
 
 
 def _profile(args: argparse.Namespace):
@@ -229,6 +277,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not todo:
             print("nothing to submit")
         return EXIT_OK
+    from ablation.selftest import records
+
+    where = profile_file.split(", from ")[0] if profile_file else profile.name  # the profile's file, as --profile takes it
+    untested = records.sweep_warning(profile.gpus_per_node, profile.gpu, where, results)
+    if untested:
+        print(untested, file=sys.stderr)
     sweep_dir, failed = launch.launch_sweep(sweep, results, args.overrides, profile, todo)
     if profile.executor == "slurm":
         print(f"follow with: ablation status {sweep_dir}")
@@ -528,10 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_data_shard)
 
     b = dsub.add_parser("bench", intermixed=True,
-                        help="time the training data pipeline's CPU side on your data: images/s per core, cores needed to feed the GPUs")
+                        help="time the training data pipelines on your data: CPU per image (loader and training process), "
+                        "device time, cores needed to feed the GPUs")
     b.add_argument("root", help="dataset folder (train/<class>/*.JPEG), or a folder of archives read in place (ablation data index)")
     b.add_argument("items", nargs="*", default=[], metavar="[CONFIG.yaml] [key=value ...]",
-                   help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8")
+                   help="the run's config, e.g. data.pipeline=split data.image_size=224 gpus=8 "
+                   "(device=cpu|cuda: where the device side runs)")
     b.add_argument("--images", type=int, default=256, help="training images to time, spread over the classes (default 256)")
     b.add_argument("--gpu-images-per-s", type=float, help="training images/s one GPU consumes (default 2500: ResNet-50, bf16, H100)")
     b.set_defaults(func=cmd_data_bench)
@@ -580,6 +636,28 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--draws", type=int, default=10_000, help="bootstrap resamplings of the images (default 10000)")
     cp.add_argument("--json", action="store_true", help="print the numbers as one JSON document (default: text)")
     cp.set_defaults(func=cmd_compare)
+
+    se = sub.add_parser("selftest", help="check every CUDA path on this GPU node in minutes (or --device cpu: tiny, as CI does); "
+                        "a table and selftest.json")
+    se.add_argument("--device", choices=["cuda", "cpu"],
+                    help="where the checks run (default: cuda where one is visible or the profile has GPUs, else cpu: tiny settings)")
+    se.add_argument("--gpus", type=int, help="processes of the multi-GPU checks (default: every visible GPU, the profile's GPUs per "
+                    "node; 2 gloo processes on a CPU); fewer than 2 skips them")
+    se.add_argument("--batches", default=",".join(map(str, (32, 16, 8, 4, 2))),
+                    help="images per GPU the throughput and loader checks measure: the sweep's (default 32,16,8,4,2)")
+    se.add_argument("--cpus-per-task", type=int, help="CPU cores one GPU's loaders get (default: the profile's cpus_per_task, else 8 "
+                    "on a GPU, 1 on a CPU)")
+    se.add_argument("--data", help="a dataset (train/<class>/*.JPEG) to time the loaders and the decode on (default: generated JPEGs)")
+    se.add_argument("--compile-backend", help="torch.compile backend of the compile check (default: inductor on a GPU, aot_eager on a CPU)")
+    se.add_argument("--profile", help="cluster profile YAML: its GPUs per node and CPUs per task; with --submit, where the job runs")
+    se.add_argument("--submit", action="store_true",
+                    help="send the self-test as one job through submitit with --profile (default: run here)")
+    se.add_argument("--results", default=DEFAULT_RESULTS, help=f"results root; the record goes to DIR/selftest/<time>-<host>/, where "
+                    f"`ablation sweep --results DIR` looks for it (default {DEFAULT_RESULTS})")
+    se.add_argument("--out", help="folder for selftest.json instead (default: RESULTS/selftest/<UTC time>-<host>)")
+    se.add_argument("--gpu-records", help="JSON-lines file the throughput rows are appended to (default on a GPU: where --dry-run "
+                    "estimates read them, benchmarks/results/gpu.jsonl; on a CPU: none, a tiny model's figures estimate nothing)")
+    se.set_defaults(func=cmd_selftest)
 
     nr = sub.add_parser("norms", help="list the built-in norms (the registry), their batch dependence and norm.* fields")
     nr.set_defaults(func=cmd_norms)

@@ -70,10 +70,15 @@ def test_data_speed_runs_tiny_and_records_every_pipelines_rate(tmp_path: Path, c
     (row,) = record["rows"]
     assert row["source_px"] == 64 and row["output_px"] == 32 and row["images"] == 8
     rates = [row[f"{k}_per_core"] for k in ("decode", "reference", "split", "device_decode")]
-    assert positive(*rates, row["bits_per_px"], row["device_ms_per_image"], row["device_decode_device_ms_per_image"])
+    assert positive(*rates, row["bits_per_px"], row["split_process_ms"], row["device_decode_process_ms"])
+    for p in ("reference", "split", "device_decode"):  # every CPU millisecond: the loader's and the training process's
+        assert row[f"{p}_cpu_ms"] == pytest.approx(row[f"{p}_loader_ms"] + row[f"{p}_process_ms"])
+        assert row[f"{p}_per_core"] == pytest.approx(1000 / row[f"{p}_cpu_ms"]) and row[f"{p}_device_ms"] is None  # a CPU device
+    assert row["device_decode_process_ms"] > row["split_process_ms"]  # on a CPU device its decode runs in the training process
     assert row["split_vs_reference"] == pytest.approx(row["split_per_core"] / row["reference_per_core"])
+    assert row["device"] == "cpu" and row["best"] in ("reference", "split")  # device-decode is never best on a CPU device
     assert 0 <= row["reduced_scale_fraction"] <= 1
-    assert "images/s per core" in stdout and "   64px" in stdout
+    assert "images/s per core" in stdout and "64px JPEGs" in stdout and "device_decode" in stdout
 
 
 def test_harness_overhead_runs_tiny_and_records_both_ratios(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -14,6 +14,7 @@ from helpers import ablation, make_cfg, split_cfg
 from PIL import Image
 from torchvision.transforms import v2
 
+import ablation.data.bench as bench_module
 import ablation.data.pipelines as pipelines_module
 from ablation.data.layout import DatasetInfo, check_layout, load_rgb, scan_layout
 from ablation.data.pipelines import (
@@ -684,14 +685,62 @@ def test_split_samples_do_not_depend_on_workers(split_root: Path) -> None:
 
 
 def test_data_bench_reports_images_per_second_per_core(tiny_data: Path, cli_env: dict[str, str]) -> None:
-    proc = ablation(["data", "bench", str(tiny_data), "data.pipeline=split", "--images", "12", "data.image_size=16", "gpus=2"], cli_env)
+    proc = ablation(["data", "bench", str(tiny_data), "data.pipeline=split", "--images", "12", "data.image_size=16", "gpus=2",
+                     "device=cpu"], cli_env)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert re.fullmatch(r"split pipeline: \d+\.\d images/s per core", lines[-1]), lines[-1]
-    assert "12 training images" in lines[0]
-    assert any(line.strip().startswith("decode only") and line.endswith("images/s per core") for line in lines)
-    assert any(line.strip().startswith("device-decode pipeline") and "loader side only" in line for line in lines)
-    assert any("feeding 2 GPU(s) x 2,500 images/s = 5,000 images/s takes" in line for line in lines)
+    assert "12 training images" in lines[0] and "device side on cpu" in lines[0]
+    rows = {line.split("pipeline")[0].strip(): line for line in lines if re.match(r"\s+(reference|split|device-decode) pipeline", line)}
+    assert set(rows) == {"reference", "split", "device-decode"}
+    for line in rows.values():  # loader + process = total, every CPU millisecond of an image
+        loader, process, total = (float(v) for v in re.search(r"([\d.]+) \+ +([\d.]+) = +([\d.]+)", line).groups())
+        assert total == pytest.approx(loader + process, abs=0.011)
+    assert "decodes in the training process on a CPU device" in rows["device-decode"]
+    assert any("feeding 2 GPU(s) x 2,500 images/s = 5,000 images/s takes" in line and "CPU cores" in line for line in lines)
+    assert not any("data.pipeline=device-decode would" in line for line in lines)  # never recommended on a CPU device
+
+
+def test_data_bench_on_device_decode_with_a_cpu_device_says_it_saves_nothing(tiny_data: Path, cli_env: dict[str, str]) -> None:
+    proc = ablation(["data", "bench", str(tiny_data), "data.pipeline=device-decode", "--images", "8", "data.image_size=16",
+                     "device=cpu"], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "data.pipeline=device-decode saves no CPU on a CPU device" in proc.stdout
+
+
+def test_data_bench_counts_the_training_process_and_the_loader(tiny_data: Path) -> None:
+    """device-decode's loader only reads files; on a CPU device its decode is CPU time of the training process, counted."""
+    from ablation import config
+
+    cfg = config.load(None, ["data.image_size=16", "data.eval_resize=16"]).data
+    r = bench_module.run(tiny_data, cfg, 12, device="cpu")
+    assert r.device == "cpu" and r.device_ms == {}  # a CPU's device time is CPU time, already in process_ms
+    assert r.process_ms["reference"] == 0.0 or r.process_ms["reference"] < r.process_ms["device-decode"]
+    assert r.process_ms["device-decode"] > r.process_ms["split"] > 0  # decode + crop + resize + the photometric steps
+    for p in ("reference", "split", "device-decode"):
+        assert r.cpu_ms(p) == pytest.approx(1000 / r.rates[p] + r.process_ms[p])
+        assert r.per_core(p) < r.rates[p] or p == "reference"
+    assert "device-decode" not in r.allowed() and r.best() in ("reference", "split")
+
+
+def _result(device: str, **process: float) -> bench_module.BenchResult:
+    """A made-up measurement: device-decode's loader 50x faster than split's, the device sides as given."""
+    rates = {"decode": 400.0, "reference": 200.0, "split": 300.0, "device-decode": 15000.0}
+    dev = {p: 1.0 for p in rates if p != "decode"} if device.startswith("cuda") else {}
+    return bench_module.BenchResult("root", 10, 2, (448, 448), rates, 0.0, device, {"reference": 0.0, "split": 0.2, **process}, dev)
+
+
+def test_device_decode_is_recommended_only_where_the_device_is_a_gpu() -> None:
+    gpu = _result("cuda", **{"device-decode": 0.3})  # nvJPEG: little host time
+    assert gpu.best() == "device-decode"
+    assert any("data.pipeline=device-decode would need" in line for line in bench_module.report(gpu, "split", 224, 8, 2500))
+    cpu = _result("cpu", **{"device-decode": 0.3})  # even where the CPU figures favour it
+    assert cpu.best() == "split"
+    lines = bench_module.report(cpu, "reference", 224, 8, 2500)
+    assert any("data.pipeline=split would need" in line for line in lines)
+    assert not any("device-decode would" in line for line in lines)
+    slow = _result("cuda", **{"device-decode": 5.0})  # a host-bound decode counts against it
+    assert slow.best() == "split"
 
 
 def test_data_bench_on_a_missing_folder_is_one_line(tmp_path: Path, cli_env: dict[str, str]) -> None:

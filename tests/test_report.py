@@ -220,3 +220,40 @@ def test_the_papers_rise_is_never_drawn_above_100_percent(tmp_path: Path) -> Non
     assert 2 not in dict(pts) and max(v for _, v in pts) <= 100.0  # BN@2: 89.88 + 11.1 > 100
     low, _, _ = report.paper_points(runs, ref, [32, 2], [20.0, 60.0])
     assert dict(low)[2] == pytest.approx(20.0 + rises[2])  # room for it: drawn
+
+
+def _decoded_on(folder: Path, *where: str) -> None:
+    """Record in a run folder's env.json that its starts' pixels were decoded on these devices."""
+    import json
+
+    env = json.loads((folder / "env.json").read_text())
+    env["starts"] = [{"resumed_from_step": 0, "decoded_on": w} for w in where]
+    env["decoded_on"] = where[-1]
+    (folder / "env.json").write_text(json.dumps(env))
+
+
+def test_a_cell_pooling_gpu_and_cpu_decoded_device_decode_runs_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """device is not in the run id, so two seeds of one cell may have been decoded by nvJPEG and by libjpeg-turbo."""
+    dd = ["norm.name=gn", "batch_per_gpu=2", "data.pipeline=device-decode"]
+    _decoded_on(write_run(tmp_path, [*dd, "seed=0"], curve(30.0))["folder"], "cuda")
+    second = write_run(tmp_path, [*dd, "seed=1"], curve(31.0))["folder"]
+    _decoded_on(second, "cuda")
+    write_run(tmp_path, ["norm.name=bn", "batch_per_gpu=2", "seed=0"], curve(40.0))  # split/reference: never read, never mixed
+    with caplog.at_level("WARNING", logger="ablation"):
+        collect([tmp_path], workers=1)
+    assert not any("decoded on a GPU" in r.message for r in caplog.records)  # all on the GPU: nothing to say
+    _decoded_on(second, "cuda", "cpu")  # resumed on a CPU node
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ablation"):
+        runs, _ = collect([tmp_path], workers=1)
+    warned = [r.message for r in caplog.records if "decoded on a GPU" in r.message]
+    assert len(warned) == 1 and warned[0].startswith("1 table cell(s) pool data.pipeline=device-decode runs") and "GN" in warned[0]
+    assert len(runs) == 3 and "_decoded_on" not in runs.columns
+
+
+def test_runs_record_where_their_pixels_were_decoded() -> None:
+    from ablation.train.bookkeeping import decoded_on
+
+    assert decoded_on("device-decode", "cuda:3") == "cuda"
+    assert decoded_on("device-decode", "cpu") == "cpu"
+    assert decoded_on("split", "cuda:0") == "cpu"  # the loaders decode with libjpeg-turbo whatever the device

@@ -190,3 +190,21 @@ def test_a_failing_run_is_requeued_retries_times_then_stays_failed(tiny_data: Pa
     assert final["status"] == "failed" and final["stage"] == "train" and "injected fault at step #2" in final["reason"]
     assert len(rundir.read_jsonl(link / "failures.jsonl")) == 2, seen  # the first start and one retry
     assert "failed (x2 starts, 2 failures)" in seen[-1]
+
+
+def test_the_cpu_selftest_runs_as_one_job_with_a_sweeps_profile(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """`ablation selftest --profile P --submit`: one job on the profile's nodes, its record where it said, its table in the log."""
+    out = tmp_path / "selftest"
+    proc = ablation_ok(["selftest", "--device", "cpu", "--batches", "2", "--profile", str(profile(tmp_path, cpus_per_task=2)),
+                        "--submit", "--out", str(out)], cli_env)
+    assert proc.stdout.startswith("submitted self-test job ") and str(out / "selftest.json") in proc.stdout
+    deadline = time.monotonic() + 300
+    while not (out / "selftest.json").exists() and time.monotonic() < deadline:
+        time.sleep(2)
+    assert (out / "selftest.json").exists(), "the self-test job wrote no record:\n" + "".join(
+        p.read_text() for p in (out / "slurm").glob("*.err"))
+    doc = json.loads((out / "selftest.json").read_text())
+    assert doc["passed"] and doc["device"] == "cpu" and doc["machine"]["slurm_job_id"]  # it ran inside a SLURM job
+    assert all(c["status"] == "pass" for c in doc["checks"])
+    (log,) = (out / "slurm").glob("*_0_log.out")
+    assert "bn_stand_in      pass" in log.read_text() and "PASSED: 9 pass" in log.read_text()

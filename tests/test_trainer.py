@@ -328,3 +328,13 @@ def test_every_modelled_gpu_sees_the_same_images_whatever_the_process_count() ->
     assert len(real) == 8 and all(len(gpus) == 8 and all(len(g) == 3 for g in gpus) for gpus in real)
     for world in (1, 2, 4):
         assert per_gpu(world) == real
+
+
+def test_device_decode_on_a_cpu_warns_once_and_records_where_it_decoded(tiny_data: Path, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """device-decode on a CPU device saves no CPU and decodes with libjpeg-turbo, not nvJPEG: said once, recorded in env.json."""
+    run = [*TINY, "gpus=1", "batch_per_gpu=16", "epochs=1", "data.pipeline=device-decode", "device=cpu"]
+    proc = ablation_ok(["train", *run, f"data.root={tiny_data}", "--results", str(tmp_path)], cli_env)
+    warned = [line for line in proc.stdout.splitlines() if "data.pipeline=device-decode on a CPU device" in line]  # the log
+    assert len(warned) == 1 and "no CPU is saved" in warned[0]
+    env = json.loads((run_folder(proc) / "env.json").read_text())
+    assert env["decoded_on"] == "cpu" and [s["decoded_on"] for s in env["starts"]] == ["cpu"]

@@ -205,7 +205,7 @@ def read_crop(img: Image.Image, box: tuple[int, int, int, int], size: tuple[int,
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         out = rgb.resize((out_w, out_h), Image.BILINEAR, box=tuple(v / scale for v in box))
         return torch.from_numpy(np.array(out)), scale
-    return _resize_uint8(_decode_crop(img, data, box), out_h, out_w), 1
+    return resize_uint8(_decode_crop(img, data, box), out_h, out_w), 1
 
 
 def _decode_crop(img: Image.Image, data: bytes | None, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -224,7 +224,7 @@ def _decode_crop(img: Image.Image, data: bytes | None, box: tuple[int, int, int,
     return torch.from_numpy(np.array((img if img.mode == "RGB" else img.convert("RGB")).crop(box)))
 
 
-def _resize_uint8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+def resize_uint8(hwc: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """Antialiased bilinear resize of uint8 (H, W, 3) pixels, as PIL's BILINEAR does it."""
     x = hwc.contiguous().permute(2, 0, 1)  # channels-last (3, H, W): torch's vectorised uint8 path
     if tuple(x.shape[1:]) != (out_h, out_w):
@@ -315,7 +315,7 @@ class SplitTrainTransform:
     def _crop(self, full: torch.Tensor, p: AugParams) -> torch.Tensor:
         """read_crop's full-size route from already decoded pixels: the same crop, the same resize."""
         left, top, right, bottom = p.box
-        return _resize_uint8(full[top:bottom, left:right], *self.size)
+        return resize_uint8(full[top:bottom, left:right], *self.size)
 
     def _sample(self, p: AugParams, pixels: torch.Tensor, scale: int) -> SplitSample:
         """The loader's output for one image."""

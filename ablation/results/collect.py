@@ -368,6 +368,7 @@ def _run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
     val = part.pop("_val")
     run.update(part)
     run["last_val_err1"] = rundir.paper_metric(val, metric_epochs)
+    run["_decoded_on"] = entry.get("decoded_on") or []  # an index from before the field: not known
     return run
 
 
@@ -429,6 +430,9 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     every = list(runs)  # every folder's curves count, copies of a run included
     runs = _one_per_run_id(runs)
     _label_settings(runs)
+    warning = mixed_decode_warning(runs)
+    if warning:
+        log.warning(warning)
     runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
     curves = _curves_from_columns(every, entries, setting)  # type: ignore[arg-type]
@@ -552,6 +556,22 @@ def _curves_from_columns(runs: list[dict[str, Any]], entries: list[dict[str, Any
     for key in ("batch_per_gpu", "seed"):
         out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=np.int64), reps)
     return pd.DataFrame(out, columns=CURVE_COLUMNS)
+
+
+def mixed_decode_warning(runs: list[dict[str, Any]]) -> str | None:
+    """A warning where one table cell (variant, images per GPU, setting) pools device-decode runs whose pixels were decoded
+    on a GPU (nvJPEG) with runs, or starts, decoded on a CPU (libjpeg-turbo); None otherwise. Takes the runs' _decoded_on."""
+    cells: dict[tuple[Any, ...], set[str]] = {}
+    for r in runs:
+        where = r.pop("_decoded_on", None) or []
+        cells.setdefault((r.get("variant"), r.get("batch_per_gpu"), r.get("setting")), set()).update(where)
+    mixed = [cell for cell, where in cells.items() if len(where) > 1]
+    if not mixed:
+        return None
+    variant, batch, setting = mixed[0]
+    return (f"{len(mixed)} table cell(s) pool data.pipeline=device-decode runs decoded on a GPU (nvJPEG) and on a CPU "
+            f"(libjpeg-turbo), e.g. {variant} at {batch} images per GPU{f' ({setting})' if setting else ''}: the pixels differ by a "
+            "few levels; env.json's decoded_on says which run is which")
 
 
 def _one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

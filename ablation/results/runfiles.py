@@ -100,7 +100,25 @@ def read_folder(folder: str) -> dict[str, Any]:
     columns = _columns(rows) if rows else {}
     final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
     return {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
-            "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings}
+            "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
+            "decoded_on": decoded_on(folder, config)}
+
+
+def decoded_on(folder: str, config: Any) -> list[str]:
+    """Where a device-decode run's training pixels were decoded ('cpu', 'cuda'; every start's), from its env.json.
+
+    Only device-decode's pixels depend on the device (nvJPEG vs libjpeg-turbo) and the device is not in the run id,
+    so only those runs' env.json is read; [] for any other run, or one without the record.
+    """
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict) or data.get("pipeline") != "device-decode":
+        return []
+    try:
+        env = rundir.read_json(os.path.join(folder, rundir.ENV)) or {}
+    except rundir.CorruptFile:
+        return []
+    found = {s.get("decoded_on") for s in env.get("starts", []) if isinstance(s, dict)} | {env.get("decoded_on")}
+    return sorted(v for v in found if isinstance(v, str))
 
 
 def read_folders(folders: list[str]) -> list[dict[str, Any]]:

@@ -116,6 +116,11 @@ def decode_versions() -> dict[str, str | None]:
     }
 
 
+def decoded_on(pipeline: str, device: str) -> str:
+    """'cuda' where the training pixels are decoded by nvJPEG (device-decode on a GPU), else 'cpu' (libjpeg-turbo, Pillow)."""
+    return "cuda" if pipeline == "device-decode" and device.startswith("cuda") else "cpu"
+
+
 def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
     """Versions, host, devices and SLURM ids of this start."""
     import timm
@@ -136,6 +141,10 @@ def environment(env: DistEnv, cfg: RunConfig) -> dict[str, Any]:
         "host": socket.gethostname(),
         "device": env.device,
         "devices": devices,
+        # Who decoded the training pixels: device-decode decodes on the training device (nvJPEG on a GPU, whose IDCT and
+        # upsampling differ from libjpeg-turbo's by a few levels), every other pipeline in the CPU loaders. device is not in
+        # the run id, so the report reads this to keep the two from being pooled silently.
+        "decoded_on": decoded_on(cfg.data.pipeline, env.device),
         "cpu_threads": torch.get_num_threads(),
         "cpu": provenance.cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels' instruction set: the last digits of CPU runs
@@ -195,6 +204,7 @@ def write_env(rd: rundir.RunDir, info: dict[str, Any], data: DatasetInfo, state:
             "processes": info["processes"],
             "resumed_from_step": state.step,
             "slurm_job_id": info["slurm"].get("SLURM_JOB_ID"),
+            "decoded_on": info.get("decoded_on"),  # per start: a run resumed on another device mixes its pixels
         }
     )
     rundir.write_json(rd.env, {**info, "data": asdict(data), "starts": starts})

@@ -173,8 +173,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
             if cfg.log_steps:
                 rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
         tracker = open_tracker(cfg, rd, meta["run_id"], state.history, env.is_main)  # live curves, rank 0 (tracking=)
-        ddp = _wrap_ddp(model, env) if env.world_size > 1 else model
-        ddp, eval_model = _compiled(cfg, ddp, model)
+        ddp = wrap_ddp(model, env) if env.world_size > 1 else model
+        ddp, eval_model = compiled_forwards(cfg, ddp, model)
 
         train_tf, val_tf = pipeline_transforms(eval_data_cfg(cfg, d))
         cache = decoded_cache(cfg)
@@ -196,6 +196,9 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         )
         if env.device == "cpu" and (cfg.amp or cfg.channels_last):
             log.warning("amp and channels_last apply on GPU only; training in float32, contiguous, on the CPU")
+        if env.device == "cpu" and cfg.data.pipeline == "device-decode" and env.is_main:
+            log.warning("data.pipeline=device-decode on a CPU device decodes every JPEG in the training process: no CPU is saved "
+                        "and the pixels are libjpeg-turbo's, not nvJPEG's (recorded in env.json); data.pipeline=split is faster here")
         loop = EpochLoop(cfg, rd, env, d, ddp, model, opt, state, meta, should_stop, eval_polls(len(val_ds), env, cfg.data.eval_batch))
         loop.eval_model = eval_model
         loop.val_record = val_record(scan, val_ds)
@@ -260,7 +263,7 @@ def decoded_cache(cfg: RunConfig) -> DecodedCache | None:
     return DecodedCache(int(cfg.data.cache_gb * 2**30))
 
 
-def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def compiled_forwards(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(training forward, evaluation forward): torch.compile'd when cfg.compile is not 'off'.
 
     One compiled module serves train and eval (separate graphs, guarded on the training flag), so
@@ -274,7 +277,7 @@ def _compiled(cfg: RunConfig, ddp: nn.Module, model: nn.Module) -> tuple[nn.Modu
     return compiled, (compiled if ddp is model else torch.compile(model, backend=cfg.compile))
 
 
-def _wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: DistEnv) -> nn.Module:
     """DDP without its own buffer broadcast: the BN running-statistics rule is applied before each evaluation and checkpoint."""
     import inspect
 
