@@ -194,8 +194,8 @@ def _reference(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         run["sweeps"] = sweeps(folder.name)
         runs.append(run)
         curves += c
-    runs = collect._one_per_run_id(runs)
-    collect._label_settings(runs)
+    runs = collect.one_per_run_id(runs)
+    collect.label_settings(runs)
     runs_df = pd.DataFrame(runs, columns=collect.RUN_COLUMNS)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
     for c in curves:

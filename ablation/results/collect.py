@@ -359,7 +359,7 @@ def _curve_rows(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[st
     return [{**own, **r} for r in rows]
 
 
-def _run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
+def run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """A run's row of runs.csv (less sweeps and setting) from its folder's entry (runfiles.read_folder); its warnings logged."""
     for w in entry["warnings"]:
         log.warning(w)
@@ -375,7 +375,7 @@ def _run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
 def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One run folder as a row of runs.csv and its rows of curves.csv."""
     entry = runfiles.read_folder(str(folder))
-    run = _run_from(folder, entry)
+    run = run_from(folder, entry)
     return run, _curve_rows(run, runfiles.metric_rows(entry))
 
 
@@ -424,12 +424,12 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     sweeps = _sweep_index(surveyed.links)
     runs = []
     for folder, entry in zip(folders, entries):
-        run = _run_from(folder, entry)  # type: ignore[arg-type]
+        run = run_from(folder, entry)  # type: ignore[arg-type]
         run["sweeps"] = sweeps(folder.name)
         runs.append(run)
     every = list(runs)  # every folder's curves count, copies of a run included
-    runs = _one_per_run_id(runs)
-    _label_settings(runs)
+    runs = one_per_run_id(runs)
+    label_settings(runs)
     warning = mixed_decode_warning(runs)
     if warning:
         log.warning(warning)
@@ -574,7 +574,7 @@ def mixed_decode_warning(runs: list[dict[str, Any]]) -> str | None:
             "few levels; env.json's decoded_on says which run is which")
 
 
-def _one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per run id: the same run found under two roots is one run, not two seeds.
 
     The copy kept is the finished one, else the one with most epochs; the others are reported.
@@ -591,7 +591,7 @@ def _one_per_run_id(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if id(r) in kept]
 
 
-def _label_settings(runs: list[dict[str, Any]]) -> None:
+def label_settings(runs: list[dict[str, Any]]) -> None:
     """Set each run's `setting`: the result-affecting fields (besides its axes) that vary across the runs.
 
     Runs that differ only in seed share a setting and are pooled as seeds of one table cell; runs

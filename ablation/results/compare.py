@@ -88,11 +88,11 @@ def runs_under(roots: Iterable[str | Path]) -> list[dict[str, Any]]:
     surveyed = collect.survey(roots)
     runs = []
     for folder, entry in zip(surveyed.folders, runfiles.read_folders([str(f) for f in surveyed.folders])):
-        run = collect._run_from(folder, entry)
+        run = collect.run_from(folder, entry)
         run["_folder"], run["_flat"] = folder, run["_fields"]
         runs.append(run)
-    runs = collect._one_per_run_id(runs)
-    collect._label_settings(runs)
+    runs = collect.one_per_run_id(runs)
+    collect.label_settings(runs)
     return runs
 
 
