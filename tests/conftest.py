@@ -23,6 +23,11 @@ def pytest_configure(config) -> None:
 
     os.environ.pop("ABLATION_PROFILE", None)
     os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="ablation-test-config-")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # -n N: each worker's torch gets its share of the cores, not all of them (N x cores threads spin otherwise)
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
 
 
 @pytest.fixture(scope="session")
