@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from helpers import ROOT, TINY, metrics_without_time, weights, write_run
 from torch import nn

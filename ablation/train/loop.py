@@ -311,9 +311,10 @@ class EpochLoop:
         if env.is_main:
             rundir.write_jsonl(self.rd.metrics, st.history)
         self.tracker.epoch(st.history[-1])  # after the checkpoint: an epoch a start shows is one a resume will not redo
+        modes = "".join(f"  val err {mode} {extra[keys[0]]:.2f}%" for mode, keys in rundir.MODE_METRIC_KEYS.items() if keys[0] in extra)
         log.info(
             f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} err {row['train_err1']:.2f}%  "
-            f"val err {val1:.2f}% (top-5 {val5:.2f}%)  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+            f"val err {val1:.2f}% (top-5 {val5:.2f}%){modes}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
         )
         return True
 

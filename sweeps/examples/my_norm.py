@@ -13,7 +13,9 @@ command line as ``norm.options`` (``spec.cfg.options``):
     groups  groups of channels per layer (default 32, as GN); must divide every layer's width
     affine  learn gamma and beta (default true); false gives a fixed normalization
 
-``spec.cfg.eps`` is ``norm.eps`` (1e-5 unless set). A second factory, ``my_batch_norm``, is a batch-dependent norm of your own on the mechanism decomposition
+``spec.cfg.eps`` is ``norm.eps`` (1e-5 unless set).
+
+A second factory, ``my_batch_norm``, is a batch-dependent norm of your own on the mechanism decomposition
 (docs/norms.md, "Evaluation modes"): BatchRMSNorm2d divides each channel by the root mean square over its
 normalization batch (``norm.batch`` images; ``spec.norm_batches_per_process`` of them per process batch, rows
 interleaved) in training and by a population RMS in evaluation. It declares ``batch_dependent = True`` (so
