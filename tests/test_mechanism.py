@@ -27,6 +27,15 @@ from ablation.train.trainer import train
 MODES = ["eval.modes=[ema,precise,batch]", "eval.precise_images=32"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():  # noqa: ANN202
+    """In-process runs on one thread, as the trainer's subprocesses get (threads spinning on a busy machine cost 10x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cfg(tiny_data: Path, *overrides: str) -> config.RunConfig:
     return config.load(None, [*TINY, f"data.root={tiny_data}", "log_steps=true", *overrides])
 
