@@ -150,22 +150,29 @@ def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_its
         model.bn.running_mean.fill_(3.0)  # far from the batches' own: an evaluation that used them would predict otherwise
         model.bn.spread_running_stats()
     x = torch.randn(23, 3, 5, 5) + 2 * torch.randn(23, 3, 1, 1)  # images apart in their means; 11 whole batches of 2, one left out
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(cfg.seed))  # the fixed order: from the run's seed
+    x, left_out = x[order[:22]], x[order[22:]]  # x[i] is now the i-th image of that order; the last is in no batch
     with torch.no_grad():
         predicted = torch.cat([model.by_hand(x[2 * i : 2 * i + 2]).argmax(1) for i in range(11)])
     assert len(set(predicted.tolist())) > 1  # the labels below say something about each image
     wrong = torch.arange(22) % 3 == 0  # labels: right for 14 images, wrong for 8 (ids 0, 3, 6 ... 21)
-    y = torch.cat([torch.where(wrong, (predicted + 1) % 3, predicted), torch.tensor([0])])
-    sampler = MiniBatchValSampler(23, cfg, world=1)
+    y_ordered = torch.where(wrong, (predicted + 1) % 3, predicted)
+    x_stored, y_stored = torch.empty(23, 3, 5, 5), torch.zeros(23, dtype=torch.long)  # the dataset as stored, in its own order
+    x_stored[order[:22]], y_stored[order[:22]], x_stored[order[22:]] = x, y_ordered, left_out
+    sampler = MiniBatchValSampler(23, cfg)
     assert len(sampler) == 3 and sampler.images == 22  # forwards of 4 batches: 4, 4, 3 (+ 1 repeat)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler)
+    loader = DataLoader(TensorDataset(x_stored, y_stored), batch_sampler=sampler)
     err1, err5 = evaluate_minibatch(model, loader, DistEnv(), cfg)
     assert err1 == pytest.approx(100 * 8 / 22) and err5 == 0.0
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no running statistic, no step count moved
     model.eval()
     with torch.no_grad():
-        assert not torch.equal(model(x[:22]).argmax(1), predicted)  # the EMA's evaluation predicts otherwise
+        assert not torch.equal(model(x).argmax(1), predicted)  # the EMA's evaluation predicts otherwise
+    # two processes split the same normalization batches between them: every batch once, whatever the process count
+    halves = [MiniBatchValSampler(23, config.replace(cfg, gpus=2), rank, 2).batches for rank in (0, 1)]
+    assert sorted(map(tuple, halves[0] + halves[1])) == sorted(map(tuple, sampler.batches))
 
 
 # ---------------------------------------------------------------- every mode in a run: PreciseBN beside the EMA, resume

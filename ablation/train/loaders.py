@@ -63,38 +63,41 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class MiniBatchValSampler(Sampler[list[int]]):
-    """Validation in normalization batches (eval.modes batch): this process's shard cut, in its order, into consecutive
-    batches of norm.batch images, k of them per forward laid out as a training batch (interleaved: row j*k + i is image j
-    of normalization batch i), k being the normalization batches a training batch of this process holds.
+    """Validation in normalization batches (eval.modes batch), the same at every epoch, start and process count.
 
-    The last N mod norm.batch images of the shard make no whole normalization batch and are left out. A last forward
-    with fewer than k batches repeats its own batches to fill k; ``real(rows)`` says which rows count (batches are
-    normalized apart, so the repeats change nothing in the others).
+    The validation set, in one fixed random order drawn from the run's seed (its own order is by class: batches of
+    consecutive images would each hold one class, unlike any training batch), is cut into normalization batches of
+    norm.batch images; the last N mod norm.batch images make no whole batch and are left out. Process r of W takes
+    batches r, r + W, ... and runs k of them per forward laid out as a training batch (interleaved: row j*k + i is
+    image j of batch i), k being the normalization batches a training batch of this process holds. A last forward with
+    fewer than k batches repeats its own to fill k; ``real(step)`` says which rows count (batches are normalized
+    apart, so the repeats change nothing in the others).
     """
 
-    def __init__(self, shard_size: int, cfg: RunConfig, world: int):
+    def __init__(self, num_images: int, cfg: RunConfig, rank: int = 0, world: int = 1):
         self.nb = norm_batch(cfg)
         self.k = cfg.gpus // world * norm_batches_per_gpu(cfg)
-        self.batches = shard_size // self.nb
+        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        self.batches = [order[b * self.nb : b * self.nb + self.nb] for b in range(num_images // self.nb)][rank::world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for first in range(0, self.batches, self.k):
-            chunks = [list(range(b * self.nb, b * self.nb + self.nb)) for b in range(first, min(first + self.k, self.batches))]
-            chunks += [chunks[i % len(chunks)] for i in range(self.k - len(chunks))]
+        for first in range(0, len(self.batches), self.k):
+            chunks = self.batches[first : first + self.k]
+            chunks = chunks + [chunks[i % len(chunks)] for i in range(self.k - len(chunks))]
             yield interleave(chunks)
 
     def __len__(self) -> int:
-        return -(-self.batches // self.k)
+        return -(-len(self.batches) // self.k)
 
     def real(self, step: int) -> torch.Tensor:
         """Which rows of forward `step` are images of their own (not repeats filling the last forward)."""
-        have = min(self.k, self.batches - step * self.k)
+        have = min(self.k, len(self.batches) - step * self.k)
         return (torch.arange(self.k * self.nb) % self.k) < have
 
     @property
     def images(self) -> int:
         """Images the mode evaluates on this process."""
-        return self.batches * self.nb
+        return len(self.batches) * self.nb
 
 
 class EpochIndexed(Dataset):

@@ -104,7 +104,7 @@ def applicable_modes(cfg: RunConfig, model: nn.Module) -> tuple[str, ...]:
 @torch.no_grad()
 def evaluate_minibatch(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig) -> tuple[float, float]:
     """Top-1 and top-5 error (%) of mini-batch evaluation (eval.modes batch): the validation images in normalization
-    batches of norm.batch images in a fixed order (loaders.MiniBatchValSampler), each normalized by its own statistics:
+    batches of norm.batch images in a fixed random order (loaders.MiniBatchValSampler), each normalized by its own statistics:
     a training-mode forward, no autograd, every buffer put back after each forward so no statistic moves."""
     sampler: MiniBatchValSampler = loader.batch_sampler
     kept = [b.clone() for b in model.buffers()]

@@ -213,8 +213,8 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         if skipped:
             log.info(f"eval.modes {', '.join(skipped)}: not applicable to norm {cfg.norm.name} (docs/norms.md); not evaluated")
         if "batch" in loop.modes:
-            shard = torch.utils.data.Subset(val_ds, val_idx)
-            loop.minibatch_loader = make_loader(shard, cfg, env, batch_sampler=MiniBatchValSampler(len(val_idx), cfg, env.world_size))
+            batches = MiniBatchValSampler(len(val_ds), cfg, env.rank, env.world_size)  # indices into the whole validation set
+            loop.minibatch_loader = make_loader(val_ds, cfg, env, batch_sampler=batches)
         t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch, state.step_in_epoch)
