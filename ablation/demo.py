@@ -17,6 +17,7 @@ import ablation
 from ablation import provenance
 from ablation.data.synth import SynthSpec, spec_to_json, write_synth
 from ablation.results import report
+from ablation.results.collect import find_run_folders
 from ablation.sweep import launch, local, status
 from ablation.sweep import spec as sweepmod
 from ablation.sweep.cluster import Profile
@@ -133,7 +134,7 @@ def _mechanism(out: Path, seed: int, parallel: int, profile: Profile) -> list[Pa
     sweep_dir, _ = launch.launch_sweep(sweep, results, overrides, profile, todo, on_line=lambda line: print(line, flush=True))
     print(status.summary(status.sweep_states(sweep_dir)))
     rep_dir = out / "report"
-    files = report.write_mechanism([results / r.run_id for r in sweep.runs], rep_dir)
+    files = report.write_mechanism(find_run_folders([sweep_dir]), rep_dir)  # the sweep's runs, through its links
     table = rep_dir / "table_mechanism.md"
     print()
     print(table.read_text() if table.is_file() else "demo --mechanism: no run recorded its evaluation modes")
