@@ -435,7 +435,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded default: BN vs GN over per-GPU batch sizes, trained here, with the report."""
     from ablation import demo
 
-    demo.run(args.out, quick=args.quick, seed=args.seed, docs=args.docs)
+    demo.run(args.out, quick=args.quick, seed=args.seed, docs=args.docs, mechanism=args.mechanism)
     return EXIT_OK
 
 
@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a smoke test of the whole path in about 30 s (4 runs, 3 epochs): too little training to show the effect")
     m.add_argument("--seed", type=int, default=0, help="training seed (the data stay the same)")
     m.add_argument("--docs", help="maintainers: copy the figure and table into this folder (docs/, which the README shows)")
+    m.add_argument("--mechanism", action="store_true", default=False,
+                   help="also train sweeps/demo_mechanism.yaml (BN at normalization batch 32..2, every evaluation mode; "
+                        "4 runs, a few more minutes) and add fig_mechanism and table_mechanism to the report")
     m.set_defaults(func=cmd_demo)
     return p
 

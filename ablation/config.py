@@ -20,6 +20,7 @@ import json
 import math
 import types
 import typing
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ablation.errors import ConfigError
+from ablation.errors import ConfigError, ConfigWarning
 from ablation.norms import registry
 from ablation.norms.registry import RUNNING_STATS_RULES
 
@@ -107,6 +108,13 @@ class NormConfig:
         default_factory=FrozenMapping,
         metadata={"help": "extra keyword options for the norm factory (user norms)", "hash": True},
     )
+    # The normalization batch (Wu & Johnson 2021): null keeps every run made before it existed at its id.
+    batch: int | None = _f(
+        None,
+        "normalization batch: BN-like norms take statistics over groups of this many consecutive images of each GPU's "
+        "batch; must divide batch_per_gpu (null = batch_per_gpu); docs/norms.md states the grouping rule",
+        omit_if_default=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -181,6 +189,25 @@ class OptimConfig:
     warmup_epochs: float = _f(0.0, "linear warm-up epochs (the paper uses none)")
 
 
+EVAL_MODES = ("ema", "precise", "batch")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How each epoch's validation is evaluated: the EMA's population statistics always, other ways opt-in (docs/norms.md)."""
+
+    modes: tuple[str, ...] = _f(
+        ("ema",),
+        "evaluations per epoch: ema (population statistics from the running averages: val_err1, always) | precise "
+        "(PreciseBN statistics beside the EMA, which stays untouched) | batch (validation in batches of norm.batch images "
+        "normalized by their own statistics); each extra mode costs about one more validation pass",
+        omit_if_default=True,
+    )
+    precise_images: int = _f(
+        0, "eval.modes precise: training images PreciseBN averages over (needs > 0 with precise)", omit_if_default=True
+    )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines one training run; the defaults are the paper's ResNet-50 BN run."""
@@ -193,6 +220,11 @@ class RunConfig:
     norm: NormConfig = field(default_factory=NormConfig, metadata={"help": "normalization", "hash": True})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data and augmentation", "hash": True})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimizer and schedule", "hash": True})
+    # In the run id only when set (omit_if_default: all-default sections leave the hash), so every older run keeps its id;
+    # in it at all because a folder's metrics.jsonl must hold the same evaluations at every start.
+    eval: EvalConfig = field(
+        default_factory=EvalConfig, metadata={"help": "evaluation modes per epoch", "hash": True, "omit_if_default": True}
+    )
     amp: bool = _f(False, "bfloat16 autocast on GPU (ignored on CPU)")
     # In the run id (TF32 rounds float32 convolutions and matmuls to a 10-bit mantissa), but only when set:
     # null is what every run made before this field did.
@@ -222,7 +254,7 @@ class RunConfig:
     )
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "norm": NormConfig, "data": DataConfig, "optim": OptimConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "norm": NormConfig, "data": DataConfig, "optim": OptimConfig, "eval": EvalConfig}
 
 
 # ---------------------------------------------------------------- loading and type checking
@@ -463,7 +495,8 @@ def validate(cfg: RunConfig) -> None:
     registry.lookup(n.name)  # an unknown name: one line with the valid ones
     if n.running_stats not in RUNNING_STATS_RULES:
         raise ConfigError(f"norm.running_stats must be one of {', '.join(RUNNING_STATS_RULES)}; got {n.running_stats!r}")
-    optional = [f.name for f in dataclasses.fields(NormConfig) if f.default in (None, 0) and f.default is not False]
+    # norm.batch is checked below (a warning, not an error, for batch-independent norms)
+    optional = [f.name for f in dataclasses.fields(NormConfig) if f.default in (None, 0) and f.default is not False and f.name != "batch"]
     registry.check_fields(n, [key for key in optional if getattr(n, key) not in (None, 0)])
     if n.groups is not None:
         _positive(n.groups, "norm.groups")
@@ -480,6 +513,8 @@ def validate(cfg: RunConfig) -> None:
         _positive(n.renorm_warmup_steps, "norm.renorm_warmup_steps", allow_zero=True)
     if not 0 <= n.momentum <= 1:
         raise ConfigError(f"norm.momentum must be in [0, 1], got {n.momentum}")
+    _validate_norm_batch(cfg)
+    _validate_eval(cfg)
     m = cfg.model
     if m.stem not in ("default", "small"):
         raise ConfigError(f"model.stem must be one of default, small; got {m.stem!r}")
@@ -525,6 +560,60 @@ def validate(cfg: RunConfig) -> None:
     _positive(o.warmup_epochs, "optim.warmup_epochs", allow_zero=True)
     if o.warmup_epochs >= cfg.epochs:
         raise ConfigError(f"optim.warmup_epochs ({o.warmup_epochs}) must be shorter than epochs ({cfg.epochs})")
+
+
+def _validate_norm_batch(cfg: RunConfig) -> None:
+    """norm.batch divides batch_per_gpu and applies to a norm with per-GPU batch statistics (a warning where it is meaningless)."""
+    nb = cfg.norm.batch
+    if nb is None:
+        return
+    _positive(nb, "norm.batch")
+    if cfg.batch_per_gpu % nb:
+        raise ConfigError(
+            f"norm.batch={nb} must divide batch_per_gpu={cfg.batch_per_gpu} (each GPU's batch is split into normalization "
+            f"batches of norm.batch images); use a divisor such as {', '.join(str(d) for d in _divisors(cfg.batch_per_gpu))}"
+        )
+    info = registry.lookup(cfg.norm.name)
+    if info is None or nb == cfg.batch_per_gpu:
+        return
+    if info.batch_dependent and not info.per_gpu_stats:
+        raise ConfigError(f"norm.batch applies to norms with per-GPU batch statistics (bn, brn, evonorm_b0), not '{info.name}', "
+                          "whose statistics span the global batch; remove norm.batch or use norm.name=bn")
+    if not info.batch_dependent:
+        warnings.warn(f"norm.batch={nb} has no effect on '{info.name}': it normalizes each image on its own", ConfigWarning, stacklevel=3)
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of n, smallest first."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    """eval.modes: known, unique, with ema; precise needs its image count and does not mix with norm.precise_bn_images."""
+    e = cfg.eval
+    unknown = [m for m in e.modes if m not in EVAL_MODES]
+    if unknown:
+        raise ConfigError(f"eval.modes: unknown mode {unknown[0]!r}; valid: {', '.join(EVAL_MODES)}")
+    if len(set(e.modes)) != len(e.modes) or "ema" not in e.modes:
+        raise ConfigError(f"eval.modes must list each mode once and include ema (val_err1, the paper's metric); got {list(e.modes)}")
+    _positive(e.precise_images, "eval.precise_images", allow_zero=True)
+    if "precise" in e.modes and not e.precise_images:
+        raise ConfigError("eval.modes has precise but eval.precise_images is 0: set how many training images PreciseBN averages over")
+    if e.precise_images and "precise" not in e.modes:
+        raise ConfigError("eval.precise_images is set but eval.modes has no precise: add precise to eval.modes or remove it")
+    if "precise" in e.modes and cfg.norm.precise_bn_images:
+        raise ConfigError("norm.precise_bn_images replaces the EMA before every evaluation, so eval.modes precise would compare "
+                          "PreciseBN with itself: set one of them (eval.modes=[ema,precise] keeps the EMA and adds PreciseBN)")
+
+
+def norm_batch(cfg: RunConfig) -> int:
+    """The normalization batch: norm.batch, or batch_per_gpu where it is not set."""
+    return cfg.norm.batch or cfg.batch_per_gpu
+
+
+def norm_batches_per_gpu(cfg: RunConfig) -> int:
+    """Normalization batches in each GPU's batch (1 unless norm.batch is set below batch_per_gpu)."""
+    return cfg.batch_per_gpu // norm_batch(cfg)
 
 
 # ---------------------------------------------------------------- derived values and the run id
@@ -573,7 +662,7 @@ def hash_view(obj: Any) -> dict[str, Any]:
         if not f.metadata.get("hash", True):
             continue
         v = getattr(obj, f.name)
-        if f.metadata.get("omit_if_default") and v == f.default:
+        if f.metadata.get("omit_if_default") and v == (type(v)() if dataclasses.is_dataclass(v) else f.default):
             continue
         out[f.name] = hash_view(v) if dataclasses.is_dataclass(v) else v
     return out
@@ -615,6 +704,8 @@ def normalized(cfg: RunConfig) -> RunConfig:
     filled = registry.resolved_defaults(n)
     if filled:
         n = dataclasses.replace(n, **filled)
+    if n.batch == cfg.batch_per_gpu:  # the default spelled out: the same run as leaving it unset
+        n = dataclasses.replace(n, batch=None)
     return cfg if n == cfg.norm else dataclasses.replace(cfg, norm=n)
 
 
@@ -633,7 +724,8 @@ def norm_label(norm: NormConfig) -> str:
 def run_id(cfg: RunConfig) -> str:
     """The run folder's name: readable axes plus the hash of every result-affecting field."""
     cfg = normalized(cfg)
-    return f"{cfg.model.name}_{norm_label(cfg.norm)}_b{cfg.batch_per_gpu}x{cfg.gpus}_s{cfg.seed}_{config_hash(cfg)}"
+    nb = f"n{cfg.norm.batch}" if cfg.norm.batch else ""  # the normalization batch, where it is not the GPU's batch
+    return f"{cfg.model.name}_{norm_label(cfg.norm)}_b{cfg.batch_per_gpu}x{cfg.gpus}{nb}_s{cfg.seed}_{config_hash(cfg)}"
 
 
 def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, Any]]:

@@ -28,6 +28,10 @@ class NormError(AblationError):
     """A norm name, import path or parameter cannot be resolved."""
 
 
+class ConfigWarning(UserWarning):
+    """A config value that is valid but has no effect (e.g. norm.batch on a norm that normalizes each image alone)."""
+
+
 class DiskFullError(AblationError):
     """The disk (or quota) filled up while writing the run folder: the run stopped, its last checkpoint intact."""
 

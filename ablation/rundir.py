@@ -85,6 +85,12 @@ METRIC_KEYS = (
     "epoch_seconds",
     "wall_seconds",
 )
+# Each extra evaluation mode's fields (eval.modes; ablation.config.EVAL_MODES): in a metrics.jsonl row only where the
+# run evaluated that way, so every older folder (rows of METRIC_KEYS alone) still reads. ema is val_err1/val_err5.
+MODE_METRIC_KEYS = {
+    "precise": ("val_err1_precise", "val_err5_precise"),  # PreciseBN population statistics, beside the EMA
+    "batch": ("val_err1_batch", "val_err5_batch"),  # validation in normalization batches of norm.batch images
+}
 
 
 class CorruptFile(AblationError, ValueError):

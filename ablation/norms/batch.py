@@ -419,7 +419,7 @@ def make_bn(num_channels: int, spec: NormSpec) -> nn.Module:
         num_channels,
         eps=c.eps,
         momentum=c.momentum,
-        gpus_per_process=spec.gpus_per_process,
+        gpus_per_process=spec.norm_batches_per_process,  # each normalization batch is a modelled GPU (grouping rule)
         running_stats=c.running_stats,
     )
 

@@ -105,6 +105,6 @@ def make_evonorm_b0(num_channels: int, spec: NormSpec) -> nn.Module:
         eps=c.eps,
         momentum=c.momentum,
         apply_act=spec.apply_act,
-        gpus_per_process=spec.gpus_per_process,
+        gpus_per_process=spec.norm_batches_per_process,  # each normalization batch is a modelled GPU (grouping rule)
         running_stats=c.running_stats,
     )

@@ -9,7 +9,15 @@ factory is called once per norm position::
 ``options`` ...) and ``spec.gpus_per_process`` says how many modelled GPUs this process stands in for:
 a norm that uses batch statistics must compute them per modelled GPU's ``batch_per_gpu`` images
 (``ablation.norms.split_per_gpu`` gives them; rows are interleaved, see ``interleave``), or it silently
-becomes a different experiment when one device stands in for several GPUs.
+becomes a different experiment when one device stands in for several GPUs. With ``norm.batch`` set below
+``batch_per_gpu``, each GPU's batch holds several normalization batches: such a norm splits by
+``spec.norm_batches_per_process`` instead (the grouping rule, docs/norms.md: a normalization batch is
+exactly a modelled GPU of ``norm.batch`` images, so splitting the process batch that many ways is right).
+
+A user's layer declares what it is with two class attributes, which decide the evaluation modes it gets
+(``eval.modes``, docs/norms.md): ``batch_dependent`` (its training output depends on batch mates: mini-batch
+evaluation applies) and ``keeps_population_stats`` (it evaluates with ``running_mean``/``running_var`` buffers,
+or a ``set_population_stats(mean, var)`` method: PreciseBN applies).
 """
 
 from __future__ import annotations
@@ -33,10 +41,16 @@ class NormSpec:
 
     cfg: Any  # the run's NormConfig (a frozen dataclass), typed loosely: norms/ stands below the config, which imports the registry
     gpus_per_process: int = 1
+    norm_batches_per_gpu: int = 1  # batch_per_gpu // norm.batch: normalization batches in each modelled GPU's batch
     # For norm+activation layers (registry: replaces_activation): True where the position is followed by
     # the network's activation, which the layer then replaces (FRN's TLU, EvoNorm's nonlinearity); False
     # where the position stays linear (a block's last norm before the residual add, the downsample).
     apply_act: bool = False
+
+    @property
+    def norm_batches_per_process(self) -> int:
+        """Normalization batches in this process's batch: what a BN-like norm splits it into (rows interleaved)."""
+        return self.gpus_per_process * self.norm_batches_per_gpu
 
     def __post_init__(self) -> None:
         # Factories always see resolved values (eps, brn's r_max ...), however the spec was made.

@@ -54,7 +54,7 @@ def running_stat_layers(model: nn.Module) -> list[nn.Module]:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             out.append(m)
-        elif isinstance(m, (BatchRenorm2d, EvoNormB0)):
+        elif isinstance(m, (BatchRenorm2d, EvoNormB0)) or getattr(m, "keeps_population_stats", False):
             out.append(m)
     return out
 
@@ -67,7 +67,8 @@ class _Moments:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0]
-        k = getattr(module, "gpus_per_process", 1) if module.training else 1
+        # a user's layer names its normalization batches; a built-in's stand-in GPUs are them (the grouping rule)
+        k = getattr(module, "norm_batches_per_process", getattr(module, "gpus_per_process", 1)) if module.training else 1
         chunks = x.view(x.shape[0] // k, k, *x.shape[1:]).transpose(0, 1)  # (k, b, C, ...): modelled GPU i's rows i, i+k, ...
         dims = (1, *range(3, chunks.dim()))
         var, mean = torch.var_mean(chunks.to(torch.promote_types(x.dtype, torch.float32)), dim=dims, unbiased=False)  # (k, C)

@@ -164,6 +164,6 @@ def make_brn(num_channels: int, spec: NormSpec) -> nn.Module:
         r_max=c.r_max,
         d_max=c.d_max,
         warmup_steps=c.renorm_warmup_steps,
-        gpus_per_process=spec.gpus_per_process,
+        gpus_per_process=spec.norm_batches_per_process,  # each normalization batch is a modelled GPU (grouping rule)
         running_stats=c.running_stats,
     )

@@ -45,7 +45,7 @@ import pandas as pd
 
 from ablation import provenance
 from ablation.norms import registry
-from ablation.results import recipe, runfiles
+from ablation.results import mechanism, recipe, runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
 from ablation.rundir import atomic_path, write_text
 
@@ -1143,6 +1143,8 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     for name, frame in (("runs.csv", runs), ("curves.csv", curves)):
         _write_csv_output(frame, out, name, outputs, versions)
     lap("csv")
+    # Where any run recorded extra evaluation modes (eval.modes): table_mechanism.{md,csv} and fig_mechanism.{png,pdf}.
+    table_files += write_mechanism(surveyed.folders, out)
     if drawn is not None:
         if not drawn():
             draw()  # the child failed: drawn again here, where its error (if it is one) is raised with its cause
@@ -1151,6 +1153,59 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     outputs.save(inputs, [p.name for p in files], warnings)
     lap("figures")
     return Report(files, made=(runs, curves, tables))
+
+
+# ---------------------------------------------------------------- the mechanism decomposition (eval.modes)
+
+
+def mechanism_figure(frame: pd.DataFrame, curves: pd.DataFrame) -> Any:
+    """fig_mechanism: per norm and total batch, error vs normalization batch in every mode (left) and EMA vs PreciseBN
+    validation error per epoch at each normalization batch (right)."""
+    plt = _style()
+    groups = list(frame.groupby(["variant", "model", "total_batch"], sort=True))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.6 * len(groups)), squeeze=False)
+    styles = (("val_ema", "val: population (EMA)", "-", "o"), ("val_precise", "val: population (PreciseBN)", "-", "s"),
+              ("val_batch", "val: mini-batch statistics", "-", "^"), ("train_err1", "train: batch statistics", "--", "x"))
+    for (key, grp), (left, right) in zip(groups, axes):
+        var, model, total = key
+        grp = grp.sort_values("norm_batch", ascending=False)
+        for col, label, ls, marker in styles:
+            have = grp[grp[col].notna()]
+            if len(have):
+                left.plot(have["norm_batch"], have[col], ls, marker=marker, label=label)
+        _batch_axis(left, grp["norm_batch"])
+        left.set_xlabel("normalization batch (log scale)")
+        left.set_ylabel("top-1 error (%)")
+        left.set_title(f"{var}, {model}, total batch {total}")
+        left.legend(fontsize=8)
+        mine = curves[(curves["variant"] == var) & (curves["total_batch"] == total)]
+        for i, (nb, c) in enumerate(sorted(mine.groupby("norm_batch"), key=lambda kv: -kv[0])):
+            c = c.groupby("epoch")[["val_ema", "val_precise"]].mean().reset_index()
+            colour = f"C{i}"
+            right.plot(c["epoch"], c["val_ema"], "-", color=colour, label=f"norm batch {nb}: EMA")
+            if c["val_precise"].notna().any():
+                right.plot(c["epoch"], c["val_precise"], "--", color=colour, label=f"norm batch {nb}: PreciseBN")
+        right.set_xlabel("epoch")
+        right.set_ylabel("val top-1 error (%)")
+        right.set_title("EMA (solid) vs PreciseBN (dashed) per epoch")
+        right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_mechanism(folders: list[Path], out: Path) -> list[Path]:
+    """table_mechanism.{md,csv} and fig_mechanism.{png,pdf} in out, where any run recorded an extra evaluation mode; else nothing."""
+    runs, curves = mechanism.read_runs(folders)
+    if not runs:
+        return []
+    frame = mechanism.table(runs)
+    write_text(out / "table_mechanism.md", mechanism.markdown(frame), durable=False)
+    write_text(out / "table_mechanism.csv", frame.to_csv(index=False), durable=False)
+    fig = mechanism_figure(frame, pd.DataFrame(curves, columns=mechanism.CURVE_COLUMNS))
+    plt = _style()
+    paths = _save(fig, out, "fig_mechanism")
+    plt.close(fig)
+    return [out / "table_mechanism.md", out / "table_mechanism.csv", *paths]
 
 
 def _matplotlib_version() -> str:

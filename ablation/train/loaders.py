@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ablation.config import Derived, RunConfig
+from ablation.config import Derived, RunConfig, norm_batch, norm_batches_per_gpu
 from ablation.cpus import cpu_budget
 from ablation.data.layout import DatasetScan, scan_layout
 from ablation.data.pipelines import SeededImageFolder, collate, finish_on_device
@@ -32,12 +32,16 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     chunk of batch_per_gpu images, and process p stands in for GPUs p*k ... p*k+k-1. Its batch holds
     their images interleaved (ablation.norms.interleave: row j*k + i is image j of its GPU i), the
     layout per-GPU BN reads; every modelled GPU sees the same images whatever the process count.
+
+    With norm.batch below batch_per_gpu, each GPU's chunk is cut further into consecutive normalization
+    batches of norm.batch images, and those are interleaved instead (the grouping rule, docs/norms.md): the
+    batch of gpus=g, batch_per_gpu=b, norm.batch=n is, row for row, that of gpus=g*b/n, batch_per_gpu=n.
     """
 
     def __init__(self, num_images: int, d: Derived, cfg: RunConfig, rank: int, world: int):
         self.num_images, self.d, self.seed = num_images, d, cfg.seed
         self.per_process = d.global_batch // world
-        self.gpus_per_process = cfg.gpus // world
+        self.norm_batches_per_process = cfg.gpus // world * norm_batches_per_gpu(cfg)
         self.offset = rank * self.per_process
         self.epoch, self.start = 0, 0
 
@@ -51,11 +55,49 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         for s in range(self.start, self.d.steps_per_epoch):
             base = s * self.d.global_batch + self.offset
             mine = perm[base : base + self.per_process].tolist()
-            b = len(mine) // self.gpus_per_process
-            yield [(self.epoch, i) for i in interleave([mine[g * b : g * b + b] for g in range(self.gpus_per_process)])]
+            n = len(mine) // self.norm_batches_per_process  # norm.batch
+            yield [(self.epoch, i) for i in interleave([mine[j * n : j * n + n] for j in range(self.norm_batches_per_process)])]
 
     def __len__(self) -> int:
         return self.d.steps_per_epoch - self.start
+
+
+class MiniBatchValSampler(Sampler[list[int]]):
+    """Validation in normalization batches (eval.modes batch), the same at every epoch, start and process count.
+
+    The validation set, in one fixed random order drawn from the run's seed (its own order is by class: batches of
+    consecutive images would each hold one class, unlike any training batch), is cut into normalization batches of
+    norm.batch images; the last N mod norm.batch images make no whole batch and are left out. Process r of W takes
+    batches r, r + W, ... and runs k of them per forward laid out as a training batch (interleaved: row j*k + i is
+    image j of batch i), k being the normalization batches a training batch of this process holds. A last forward with
+    fewer than k batches repeats its own to fill k; ``real(step)`` says which rows count (batches are normalized
+    apart, so the repeats change nothing in the others).
+    """
+
+    def __init__(self, num_images: int, cfg: RunConfig, rank: int = 0, world: int = 1):
+        self.nb = norm_batch(cfg)
+        self.k = cfg.gpus // world * norm_batches_per_gpu(cfg)
+        order = torch.randperm(num_images, generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        self.batches = [order[b * self.nb : b * self.nb + self.nb] for b in range(num_images // self.nb)][rank::world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for first in range(0, len(self.batches), self.k):
+            chunks = self.batches[first : first + self.k]
+            chunks = chunks + [chunks[i % len(chunks)] for i in range(self.k - len(chunks))]
+            yield interleave(chunks)
+
+    def __len__(self) -> int:
+        return -(-len(self.batches) // self.k)
+
+    def real(self, step: int) -> torch.Tensor:
+        """Which rows of forward `step` are images of their own (not repeats filling the last forward)."""
+        have = min(self.k, len(self.batches) - step * self.k)
+        return (torch.arange(self.k * self.nb) % self.k) < have
+
+    @property
+    def images(self) -> int:
+        """Images the mode evaluates on this process."""
+        return len(self.batches) * self.nb
 
 
 class EpochIndexed(Dataset):

@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader
 from ablation import faults, rundir
 from ablation.config import RunConfig
 from ablation.errors import DiskFullError
-from ablation.norms import sync_running_stats
-from ablation.norms.precise import precise_bn
+from ablation.norms import registry, sync_running_stats
+from ablation.norms.precise import precise_bn, running_stat_layers
 from ablation.train.bookkeeping import DISK_FULL, TrainState, note_stop, save_checkpoint
 from ablation.train.coordination import StopVote
 from ablation.train.distributed import DistEnv
-from ablation.train.loaders import to_device
+from ablation.train.loaders import MiniBatchValSampler, to_device
 from ablation.train.optim import lr_at
 from ablation.train.tracking import Tracker
 
@@ -86,6 +86,48 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig,
     model.train()
     c1, c5, n = all_sum(torch.cat([counts, counts.new_tensor([images])]), env).tolist()
     return Evaluation(100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n), torch.cat(tops) if tops else None)
+
+
+def applicable_modes(cfg: RunConfig, model: nn.Module) -> tuple[str, ...]:
+    """The eval.modes that apply to the run's norm: precise where layers keep population statistics, batch where
+    training normalizes by per-GPU batch statistics (a built-in's registry entry, a user layer's ``batch_dependent``);
+    ema always. syncbn's statistics span the global batch, so it has no mini-batch evaluation of its own."""
+    info = registry.lookup(cfg.norm.name)
+    if info is not None:
+        per_batch = info.per_gpu_stats
+    else:
+        per_batch = any(getattr(m, "batch_dependent", False) for m in model.modules())
+    keeps = bool(running_stat_layers(model))
+    return tuple(m for m in cfg.eval.modes if m == "ema" or (m == "precise" and keeps) or (m == "batch" and per_batch))
+
+
+@torch.no_grad()
+def evaluate_minibatch(model: nn.Module, loader: DataLoader, env: DistEnv, cfg: RunConfig) -> tuple[float, float]:
+    """Top-1 and top-5 error (%) of mini-batch evaluation (eval.modes batch): the validation images in normalization
+    batches of norm.batch images in a fixed random order (loaders.MiniBatchValSampler), each normalized by its own statistics:
+    a training-mode forward, no autograd, every buffer put back after each forward so no statistic moves."""
+    sampler: MiniBatchValSampler = loader.batch_sampler
+    kept = [b.clone() for b in model.buffers()]
+    counts = torch.zeros(3, dtype=torch.float64, device=env.device)
+    model.train()
+    try:
+        for i, (x, y) in enumerate(loader):
+            x, y = to_device(x, y, env, cfg)
+            with autocast(cfg, env):
+                out = model(x)
+            for b, k in zip(model.buffers(), kept):
+                b.copy_(k)
+            real = sampler.real(i).to(out.device)
+            top = out[real].topk(min(rundir.TOPK, out.shape[1]), dim=1).indices
+            hit = top == y[real][:, None]
+            counts += torch.stack([hit[:, 0].sum(), hit.any(1).sum(), real.sum()]).double()
+    finally:
+        for b, k in zip(model.buffers(), kept):
+            b.copy_(k)
+    c1, c5, n = all_sum(counts, env).tolist()
+    if not n:
+        raise RuntimeError(f"mini-batch evaluation: the validation set holds no whole normalization batch of {sampler.nb} images")
+    return 100.0 * (1 - c1 / n), 100.0 * (1 - c5 / n)
 
 
 def gather_topk(top: torch.Tensor | None, env: DistEnv, num_images: int, k: int) -> np.ndarray | None:
@@ -146,6 +188,8 @@ class EpochLoop:
         self.bn_synced_at: int | None = None  # the step at which BN running statistics were last synced
         # (labels uint16 [N], val.json) of the per-image results (rundir.write_predictions); the trainer sets them
         self.val_record: tuple[np.ndarray, dict[str, Any]] | None = None
+        self.modes: tuple[str, ...] = ("ema",)  # the eval.modes that apply to this run's norm (applicable_modes)
+        self.minibatch_loader: DataLoader | None = None  # eval.modes batch: the validation set in normalization batches
 
     def account_time(self) -> None:
         """Add the time since the last call to the run's wall and device seconds."""
@@ -168,15 +212,16 @@ class EpochLoop:
             sync_running_stats(self.model)
             self.bn_synced_at = self.state.step
 
-    def _precise_bn(self, epoch: int, train_loader: DataLoader) -> None:
+    def _precise_bn(self, epoch: int, train_loader: DataLoader, images: int | None = None) -> None:
         """PreciseBN (norm.precise_bn_images = N; ablation.norms.precise): population statistics over N training images.
 
         The images are the first ceil(N / global batch) global batches of this epoch's order (at most the
         whole epoch), with this epoch's augmentation: the training loader's own images, sampler layout and
         transforms, chosen by (seed, epoch) alone, so a resumed run recomputes the same numbers. Each
-        modelled GPU's batch_per_gpu images are one batch. Under no_grad, off the optimizer, every rank
-        in step (a collective)."""
-        n = self.cfg.norm.precise_bn_images
+        modelled GPU's batch_per_gpu images are one batch (one normalization batch of norm.batch images where
+        that is set). Under no_grad, off the optimizer, every rank in step (a collective). `images` overrides N
+        (eval.modes precise: eval.precise_images)."""
+        n = self.cfg.norm.precise_bn_images if images is None else images
         if not n:
             return
         d, sampler = self.d, train_loader.batch_sampler
@@ -246,6 +291,7 @@ class EpochLoop:
             return self._stop(acc)
         val1, val5 = val.err1, val.err5
         self._write_predictions(epoch + 1, val.top)
+        extra = self._extra_modes(epoch, train_loader, val_loader)
         self.stage = "train"
         self.account_time()
         row = {
@@ -259,17 +305,39 @@ class EpochLoop:
             "epoch_seconds": st.epoch_seconds,
             "wall_seconds": st.wall_seconds,
         }
-        st.history.append({k: row[k] for k in rundir.METRIC_KEYS})
+        st.history.append({**{k: row[k] for k in rundir.METRIC_KEYS}, **extra})
         st.epoch, st.step_in_epoch, st.partial, st.epoch_seconds = epoch + 1, 0, [], 0.0
         self._checkpoint(None)
         if env.is_main:
             rundir.write_jsonl(self.rd.metrics, st.history)
         self.tracker.epoch(st.history[-1])  # after the checkpoint: an epoch a start shows is one a resume will not redo
+        modes = "".join(f"  val err {mode} {extra[keys[0]]:.2f}%" for mode, keys in rundir.MODE_METRIC_KEYS.items() if keys[0] in extra)
         log.info(
             f"epoch {epoch + 1}/{cfg.epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} err {row['train_err1']:.2f}%  "
-            f"val err {val1:.2f}% (top-5 {val5:.2f}%)  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
+            f"val err {val1:.2f}% (top-5 {val5:.2f}%){modes}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f}s"
         )
         return True
+
+    def _extra_modes(self, epoch: int, train_loader: DataLoader, val_loader: DataLoader) -> dict[str, float]:
+        """The epoch's other evaluations (eval.modes), as metrics.jsonl fields (rundir.MODE_METRIC_KEYS).
+
+        precise: PreciseBN over eval.precise_images training images, evaluated, then every buffer put back: the EMA
+        (and what training continues from) is untouched. batch: evaluate_minibatch. Both are functions of the
+        training state, so a start stopped here evaluates them again to the same numbers. Not polled for stops: a
+        stop signal is honoured at the next step, after them."""
+        out: dict[str, float] = {}
+        if "precise" in self.modes:
+            kept = [b.clone() for b in self.model.buffers()]
+            try:
+                self._precise_bn(epoch, train_loader, self.cfg.eval.precise_images)
+                val = evaluate(self.eval_model, val_loader, self.env, self.cfg)
+            finally:
+                for b, k in zip(self.model.buffers(), kept):
+                    b.copy_(k)
+            out.update(zip(rundir.MODE_METRIC_KEYS["precise"], (val.err1, val.err5)))
+        if "batch" in self.modes and self.minibatch_loader is not None:
+            out.update(zip(rundir.MODE_METRIC_KEYS["batch"], evaluate_minibatch(self.model, self.minibatch_loader, self.env, self.cfg)))
+        return out
 
     def _write_predictions(self, epoch: int, top: torch.Tensor | None) -> None:
         """Gather the evaluation's per-image top-k and write predictions/epoch_NNN.npy (rank 0), before the epoch's

@@ -27,7 +27,7 @@ from timm.layers import FilterResponseNormTlu2d
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch import nn
 
-from ablation.config import RunConfig, normalized
+from ablation.config import RunConfig, norm_batches_per_gpu, normalized
 from ablation.errors import ConfigError, NormError
 from ablation.norms import NormSpec, create_norm, norm_layer, registry, share_affine_repeats
 from ablation.norms.evonorm import EvoNormS0
@@ -43,7 +43,7 @@ def create_model(cfg: RunConfig, num_classes: int, gpus_per_process: int = 1) ->
         kwargs["stem_width"] = m.stem_width
     if m.layers is not None:
         kwargs["layers"] = m.layers
-    spec = NormSpec(normalized(cfg).norm, gpus_per_process)  # factories see every default resolved
+    spec = NormSpec(normalized(cfg).norm, gpus_per_process, norm_batches_per_gpu(cfg))  # factories see every default resolved
     try:
         model = timm.create_model(
             m.name, pretrained=False, num_classes=num_classes, norm_layer=norm_layer(spec), **kwargs

@@ -51,8 +51,16 @@ from ablation.train.bookkeeping import (
 )
 from ablation.train.coordination import FailureGuard, eval_polls
 from ablation.train.distributed import DistEnv, setup, teardown
-from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, scan_dataset, val_shard
-from ablation.train.loop import Diverged, EpochLoop
+from ablation.train.loaders import (
+    EpochIndexed,
+    GlobalBatchSampler,
+    MiniBatchValSampler,
+    eval_data_cfg,
+    make_loader,
+    scan_dataset,
+    val_shard,
+)
+from ablation.train.loop import Diverged, EpochLoop, applicable_modes
 from ablation.train.models import check_model_norm, create_model
 from ablation.train.optim import build_optimizer
 from ablation.train.tracking import Tracker, open_tracker, require
@@ -203,6 +211,13 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         loop.eval_model = eval_model
         loop.val_record = val_record(scan, val_ds)
         loop.tracker = tracker
+        loop.modes = applicable_modes(cfg, model)
+        skipped = [m for m in cfg.eval.modes if m not in loop.modes]
+        if skipped:
+            log.info(f"eval.modes {', '.join(skipped)}: not applicable to norm {cfg.norm.name} (docs/norms.md); not evaluated")
+        if "batch" in loop.modes:
+            batches = MiniBatchValSampler(len(val_ds), cfg, env.rank, env.world_size)  # indices into the whole validation set
+            loop.minibatch_loader = make_loader(val_ds, cfg, env, batch_sampler=batches)
         t0 = time.monotonic()
         for epoch in range(state.epoch, cfg.epochs):
             sampler.set_epoch(epoch, state.step_in_epoch)

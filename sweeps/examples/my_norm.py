@@ -13,8 +13,17 @@ command line as ``norm.options`` (``spec.cfg.options``):
     groups  groups of channels per layer (default 32, as GN); must divide every layer's width
     affine  learn gamma and beta (default true); false gives a fixed normalization
 
-``spec.cfg.eps`` is ``norm.eps`` (1e-5 unless set). Python finds this file as the module ``my_norm``
-when its folder is on the path:
+``spec.cfg.eps`` is ``norm.eps`` (1e-5 unless set).
+
+A second factory, ``my_batch_norm``, is a batch-dependent norm of your own on the mechanism decomposition
+(docs/norms.md, "Evaluation modes"): BatchRMSNorm2d divides each channel by the root mean square over its
+normalization batch (``norm.batch`` images; ``spec.norm_batches_per_process`` of them per process batch, rows
+interleaved) in training and by a population RMS in evaluation. It declares ``batch_dependent = True`` (so
+``eval.modes`` batch applies) and ``keeps_population_stats = True`` with ``set_population_stats`` (so PreciseBN
+recomputes its population statistics and ``eval.modes`` precise applies). It keeps the EMA of one process; the
+cross-process rule of the built-in BN (``norm.running_stats``) is not implemented here.
+
+Python finds this file as the module ``my_norm`` when its folder is on the path:
 
     PYTHONPATH=$PWD/sweeps/examples ablation sweep sweeps/examples/my_norm.yaml data.root=/datasets/imagenet
 """
@@ -50,6 +59,45 @@ class GroupRMSNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, eps={self.eps}, affine={self.affine}"
+
+
+class BatchRMSNorm2d(nn.Module):
+    """Per channel, x / RMS(x) over each normalization batch's (N, H, W) in training, x / population RMS in evaluation."""
+
+    batch_dependent = True  # training output depends on batch mates: eval.modes batch applies
+    keeps_population_stats = True  # evaluates with a population statistic: eval.modes precise (PreciseBN) applies
+
+    def __init__(self, num_channels: int, eps: float, momentum: float, norm_batches_per_process: int):
+        super().__init__()
+        self.eps, self.momentum, self.norm_batches_per_process = eps, momentum, norm_batches_per_process
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("running_ms", torch.ones(num_channels))  # population mean square, an EMA of the batches'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.norm_batches_per_process if self.training else 1
+        n, c, h, w = x.shape
+        if self.training:
+            chunks = x.view(n // k, k, c, h, w)  # rows interleaved: normalization batch i holds rows i, i+k, ...
+            ms = chunks.pow(2).mean(dim=(0, 3, 4), keepdim=True)  # (1, k, C, 1, 1): each batch's own
+            with torch.no_grad():
+                self.running_ms.lerp_(ms.mean(dim=(0, 1)).view(-1), self.momentum)  # the mean over this process's batches
+            y = (chunks * (ms + self.eps).rsqrt()).view(n, c, h, w)
+        else:
+            y = x * (self.running_ms.view(1, -1, 1, 1) + self.eps).rsqrt()
+        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def set_population_stats(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """PreciseBN's population moments (ablation.norms.precise): the mean square is var + mean^2."""
+        self.running_ms.copy_(var + mean * mean)
+
+
+def my_batch_norm(num_channels: int, spec) -> nn.Module:  # spec: ablation.norms.NormSpec
+    """The factory of the batch-dependent example: one BatchRMSNorm2d per position, split by normalization batches."""
+    if spec.cfg.options:
+        raise ValueError(f"norm.options: my_batch_norm takes none, got {', '.join(spec.cfg.options)}")
+    return BatchRMSNorm2d(num_channels, spec.cfg.eps, spec.cfg.momentum, spec.norm_batches_per_process)
 
 
 def my_norm(num_channels: int, spec) -> nn.Module:  # spec: ablation.norms.NormSpec
