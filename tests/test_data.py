@@ -725,8 +725,8 @@ def test_data_bench_counts_the_training_process_and_the_loader(tiny_data: Path) 
 
 def _result(device: str, **process: float) -> bench_module.BenchResult:
     """A made-up measurement: device-decode's loader 50x faster than split's, the device sides as given."""
-    rates = {"decode": 400.0, "reference": 200.0, "split": 300.0, "device-decode": 15000.0}
-    dev = {p: 1.0 for p in rates if p != "decode"} if device.startswith("cuda") else {}
+    rates = {"read": 20000.0, "decode": 400.0, "reference": 200.0, "split": 300.0, "device-decode": 15000.0}
+    dev = {p: 1.0 for p in rates if p not in ("read", "decode")} if device.startswith("cuda") else {}
     return bench_module.BenchResult("root", 10, 2, (448, 448), rates, 0.0, device, {"reference": 0.0, "split": 0.2, **process}, dev)
 
 

@@ -65,10 +65,10 @@ class BenchResult:
     median_size: tuple[int, int]
     rates: dict[str, float]  # "read", "decode", "reference", "split", "device-decode" -> loader-side images per CPU-second
     reduced: float  # fraction of split-pipeline images decoded at reduced JPEG scale
-    layout: str = "imagefolder"  # where the bytes came from: DatasetInfo.layout
     device: str = "cpu"  # where the device side ran: "cpu" or "cuda[:i]"
     process_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # pipeline -> training-process CPU ms per image
     device_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # pipeline -> device wall ms per image (GPU only)
+    layout: str = "imagefolder"  # where the bytes came from: DatasetInfo.layout
 
     def cpu_ms(self, pipeline: str) -> float:
         """Every CPU millisecond one image costs with this pipeline: loader worker plus training process."""
@@ -208,8 +208,8 @@ def run(root: str | Path, data_cfg: Any, images: int, seed: int = 0, repeats: in
         torch.set_num_threads(threads)
     rates = {name: statistics.median(r) for name, r in runs.items()}
     median = (int(statistics.median(w for w, _ in sizes)), int(statistics.median(h for _, h in sizes)))
-    return BenchResult(scan.info.root, len(samples), len(scan.info.classes), median, rates, reduced, scan.info.layout, device,
-                       process_ms, device_ms)
+    return BenchResult(scan.info.root, len(samples), len(scan.info.classes), median, rates, reduced, device, process_ms, device_ms,
+                       layout=scan.info.layout)
 
 
 def _source(layout: str) -> str:
