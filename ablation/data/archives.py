@@ -12,15 +12,13 @@ each archive's size and mtime: a changed archive is detected at load and the use
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import gzip
 import hashlib
 import json
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from ablation import rundir
 from ablation.data import imagenet
 from ablation.data.members import Member
 from ablation.errors import DataError
+from ablation.gcpause import gc_paused
 
 TRAIN_TAR, VAL_TAR, DEVKIT = imagenet.TRAIN_TAR, imagenet.VAL_TAR, imagenet.DEVKIT
 OFFICIAL_FILES = (TRAIN_TAR, VAL_TAR, DEVKIT)
@@ -251,17 +250,6 @@ def write_index(root: str | Path, cache: str | Path | None = None) -> tuple[Path
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector off while millions of lists and tuples are made (none form cycles): its passes,
-    triggered by every few hundred allocations, took 60 % of an ImageNet-sized index's load."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def find_index(root: str | Path) -> Path | None:
@@ -291,7 +279,7 @@ def load_index(root: str | Path, path: str | Path | None = None) -> ArchiveIndex
     if path is None:
         raise DataError(f"archive folder {root} has no index; run `ablation data index {root}` once "
                         f"(add --cache DIR where {root} is read-only)")
-    with paused_gc():
+    with gc_paused():
         return _load(root, path, _read_doc(path, root))
 
 

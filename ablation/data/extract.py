@@ -199,6 +199,7 @@ def _progress(total: int, show: bool) -> Any:
     """One progress bar over the source bytes read (a terminal only)."""
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread: a process with threads may not fork its pool's workers safely
     return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True, disable=not show)
 
 

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ablation.data import archives
 from ablation.data.members import Member, Source, read_source
 from ablation.errors import DataError
+from ablation.gcpause import gc_paused
 
 SPLITS: tuple[str, ...] = ("train", "val")
 DATASET_JSON = "dataset.json"  # what `ablation data prepare` writes beside train/ and val/ (ablation.data.prepare)
@@ -203,7 +204,7 @@ def scan_layout(root: str | Path, log: Callable[[str], None] | None = None) -> D
 
 def scan_archives(index: archives.ArchiveIndex) -> DatasetScan:
     """The scan of an archive folder: its tree's classes, names, order and fingerprint, with each file's member."""
-    with archives.paused_gc():
+    with gc_paused():
         return _scan_archives(index)
 
 

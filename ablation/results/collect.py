@@ -27,6 +27,7 @@ import pandas as pd
 
 from ablation import config, rundir, sweepdir
 from ablation.errors import ConfigError
+from ablation.gcpause import gc_paused
 from ablation.norms import registry
 from ablation.results import recipe, runfiles
 
@@ -395,7 +396,7 @@ def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None
     (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
     surveyed: the roots' survey, where the caller has made it.
     """
-    with runfiles.gc_paused():  # the configs, rows and tables made here are many and hold no cycles
+    with gc_paused():  # the configs, rows and tables made here are many and hold no cycles
         return _collect(roots, timings, workers, index, surveyed)
 
 

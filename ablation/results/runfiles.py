@@ -14,17 +14,15 @@ ignored, with a one-line warning, and rebuilt.
 from __future__ import annotations
 
 import array
-import gc
 import logging
 import operator
 import os
 import pickle
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ablation import rundir
+from ablation.gcpause import gc_paused
 
 log = logging.getLogger("ablation")
 
@@ -187,20 +185,3 @@ def save_index(path: str | Path, entries: dict[str, dict[str, Any]]) -> None:
     """Write the index atomically (not forced to disk: it can be rebuilt)."""
     with rundir.atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
         pickle.dump({"version": INDEX_VERSION, "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector for a while (as it was, after).
-
-    Reading run folders makes millions of objects that stay alive (rows, values, tables) and no reference
-    cycles: each of the collector's full passes walks them all again, and it makes many. Reference counting
-    frees what is dropped as before.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()

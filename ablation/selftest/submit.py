@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ablation.sweep.cluster import Profile
+from ablation.sweep.cluster import Profile, placement_parameters
 
 TIME_MIN = 15  # the self-test takes at most ~3 minutes; room for a slow start (compile caches, a cold file system)
 
@@ -26,14 +26,7 @@ def parameters(profile: Profile, gpus: int) -> dict[str, Any]:
         "name": "ablation-selftest", "timeout_min": TIME_MIN, "nodes": 1, "tasks_per_node": 1,
         "cpus_per_task": profile.cpus_per_task * max(gpus, 1), "mem_gb": profile.mem_gb, "slurm_setup": list(profile.setup),
     }
-    if profile.gpus_per_node:
-        params["gpus_per_node"] = gpus
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(profile, key):
-            params[f"slurm_{key}"] = getattr(profile, key)
-    if profile.additional:
-        params["slurm_additional_parameters"] = dict(profile.additional)
-    return params
+    return {**params, **placement_parameters(profile, gpus)}
 
 
 def submit(profile: Profile, options: dict[str, Any], out: Path, gpu_records: Path | None) -> str:

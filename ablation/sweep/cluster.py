@@ -197,8 +197,13 @@ def executor_parameters(profile: Profile, cfg: RunConfig, job_name: str) -> dict
         "slurm_signal_delay_s": profile.signal_delay_s,
         "slurm_setup": list(profile.setup),
     }
-    if profile.gpus_per_node:
-        params["gpus_per_node"] = tasks
+    return {**params, **placement_parameters(profile, tasks)}
+
+
+def placement_parameters(profile: Profile, gpus_per_node: int) -> dict[str, Any]:
+    """submitit parameters that place a job where the profile says: its GPUs per node, partition, account, QoS,
+    constraint and additional sbatch options."""
+    params: dict[str, Any] = {"gpus_per_node": gpus_per_node} if profile.gpus_per_node else {}
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(profile, key):
             params[f"slurm_{key}"] = getattr(profile, key)
