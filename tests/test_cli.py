@@ -47,7 +47,7 @@ def test_bad_override_is_one_line_and_exit_2(cli_env: dict[str, str]) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'norm.grups' (did you mean 'norm.groups'?); valid: norm.{name, groups, channels_per_group, eps, "
-        "momentum, running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options}"
+        "momentum, running_stats, precise_bn_images, r_max, d_max, renorm_warmup_steps, options, batch}"
     ]
 
 

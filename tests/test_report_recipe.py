@@ -44,7 +44,7 @@ def test_the_recipe_is_runconfigs_defaults() -> None:
     defaults = {k: v for k, v in _hashed_defaults().items() if not recipe.swept(k)}
     assert {k: config.canonical(v) for k, v in held["fields"].items()} == defaults
     assert {k for k in _hashed_defaults() if recipe.swept(k)} == {"seed", "batch_per_gpu", "model.weight_std"} | {
-        k for k in _hashed_defaults() if k.startswith("norm.")}
+        k for k in _hashed_defaults() if k.startswith(("norm.", "eval."))}
     assert held["dataset"] == {"num_classes": 1000, "train_images": IMAGENET, "val_images": 50_000, "tolerance": 0.01}
     assert held["models"] == ["resnet50", "resnet101"] and held["fields"]["model.name"] == config.RunConfig().model.name
     assert recipe.deviations(result_fields(config.to_dict(config.RunConfig()))) == []
