@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from common import append, machine, results_file, stamp
 
 from ablation import config
@@ -30,21 +28,15 @@ from ablation.config import derive
 from ablation.data.layout import scan_layout
 from ablation.data.pipelines import SeededImageFolder, pipeline_transforms
 from ablation.data.synth import SynthSpec, write_synth
+from ablation.selftest.speed import timed_steps
 from ablation.train.distributed import DistEnv
 from ablation.train.loaders import EpochIndexed, GlobalBatchSampler, eval_data_cfg, make_loader, to_device
-from ablation.train.loop import autocast
 from ablation.train.models import create_model
 from ablation.train.optim import build_optimizer
 
 OUT = results_file("gpu")
 TINY = ["model.name=resnet18", "model.widths=[8,16,16,16]", "model.stem_width=8", "model.stem=small",
         "data.image_size=32", "data.eval_resize=32"]
-
-
-def sync(device: str) -> None:
-    """Wait for the device (timings must include the work, not only its launch)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def batches(cfg: config.RunConfig, env: DistEnv, data_root: Path | None, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -80,19 +72,7 @@ def measure(cfg: config.RunConfig, env: DistEnv, data_root: Path | None, warmup:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(cfg, model)
     fwd = torch.compile(model, backend=cfg.compile) if cfg.compile != "off" else model
-    t0, seen = 0.0, 0
-    for i, (x, y) in enumerate(batches(cfg, env, data_root, warmup + steps)):
-        if i == warmup:
-            sync(env.device)
-            t0 = time.perf_counter()
-        with autocast(cfg, env):
-            loss = F.cross_entropy(fwd(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seen += len(y) if i >= warmup else 0
-    sync(env.device)
-    return seen / (time.perf_counter() - t0)
+    return timed_steps(model, opt, batches(cfg, env, data_root, warmup + steps), cfg, env, warmup, steps, forward=fwd)[0]
 
 
 def main() -> None:

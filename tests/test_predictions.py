@@ -209,7 +209,7 @@ def test_four_processes_write_the_bytes_one_process_standing_in_for_four_writes(
     them evaluate the same model, each process its shard: predictions/ is the same, byte for byte. (With a real learning
     rate the weights of the two agree to 1e-4 only: test_trainer's four-process test allows one flipped image there.)"""
     args = ["train", *RUN, "epochs=1", "norm.name=gn", "norm.groups=4", "optim.lr=1e-50", f"data.root={tiny_data}"]
-    multi = run_folder(ablation_ok([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=[*TORCHRUN, "4", "-m"]))
+    multi = run_folder(ablation_ok([*args, "--results", str(tmp_path / "multi")], cli_env, ranks=4))
     single = run_folder(ablation_ok([*args, "--results", str(tmp_path / "single")], cli_env))
     assert json.loads((multi / rundir.ENV).read_text())["processes"] == 4
     wm, ws = weights(multi), weights(single)

@@ -225,8 +225,7 @@ def test_four_processes_equal_one_process_standing_in_for_four(norm: list[str], 
                                                                cli_env: dict[str, str]) -> None:
     """Losses, weights, running statistics and metrics of 4 torchrun processes equal one process standing in for 4 GPUs."""
     args = ["train", *RUN, *norm, f"data.root={tiny_data}", "log_steps=true"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", "-m"]
-    multi = run_folder(ablation_ok([*args, "--results", str(tmp_path / "multi")], cli_env, launcher=torchrun))
+    multi = run_folder(ablation_ok([*args, "--results", str(tmp_path / "multi")], cli_env, ranks=4))  # as torchrun's 4 workers
     single = run_folder(ablation_ok([*args, "--results", str(tmp_path / "single")], cli_env))
     assert multi.name == single.name
     assert json.loads((multi / "env.json").read_text())["processes"] == 4

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +80,48 @@ def _child(args: list[str], env: dict[str, str], cwd: str | None, out: str, err:
 def run(cmd: list[str], args: list[str], env: dict[str, str], *, cwd: Path | None = None,
         timeout: float = 600) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout), cmd being `python -m ablation ARGS`."""
+    return run_ranks(cmd, args, [env], cwd=cwd, timeout=timeout)
+
+
+def torchrun_env(env: dict[str, str], nprocs: int, port: int) -> list[dict[str, str]]:
+    """Each worker's environment as `torchrun --standalone --nproc_per_node N` gives it (one node, rank 0 hosts the store)."""
+    n, run_id = str(nprocs), f"warm-{os.getpid()}-{port}"
+    common = {"WORLD_SIZE": n, "LOCAL_WORLD_SIZE": n, "ROLE_WORLD_SIZE": n, "GROUP_WORLD_SIZE": "1", "GROUP_RANK": "0",
+              "ROLE_NAME": "default", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": run_id,
+              "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
+    return [{**env, **common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)} for r in range(nprocs)]
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (torchrun --standalone picks its rendezvous port the same way)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(cmd: list[str], args: list[str], envs: list[dict[str, str]], *, cwd: Path | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m ablation ARGS` once per environment, the processes side by side (one per rank); their outputs joined rank by
+    rank with rank 0's last (the lines a test reads, such as the run folder, are rank 0's), and the first non-zero exit code."""
     with tempfile.TemporaryDirectory(prefix="ablation-warm-") as tmp:
-        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        for path in (out, err):
+        files = [(os.path.join(tmp, f"stdout{r}"), os.path.join(tmp, f"stderr{r}")) for r in range(len(envs))]
+        for path in (p for pair in files for p in pair):
             open(path, "w").close()
-        proc = _server().Process(target=_child, args=(args, env, None if cwd is None else str(cwd), out, err), name="ablation")
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(cmd, timeout, Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace"))
-        return subprocess.CompletedProcess(cmd, proc.exitcode, Path(out).read_text(errors="replace"), Path(err).read_text(errors="replace"))
+        procs = [_server().Process(target=_child, args=(args, e, None if cwd is None else str(cwd), *files[r]), name=f"ablation{r}")
+                 for r, e in enumerate(envs)]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+
+        def joined(i: int) -> str:
+            return "".join(Path(files[r][i]).read_text(errors="replace") for r in reversed(range(len(envs))))
+
+        if any(proc.is_alive() for proc in procs):
+            for proc in procs:
+                proc.kill()
+                proc.join()
+            raise subprocess.TimeoutExpired(cmd, timeout, joined(0), joined(1))
+        code = next((p.exitcode for p in procs if p.exitcode), 0)
+        return subprocess.CompletedProcess(cmd, code, joined(0), joined(1))

@@ -3,11 +3,13 @@ benchmarks/gpu.py records, which `ablation sweep --dry-run` reads) and whether t
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
 import socket
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,6 @@ def images_per_s(s: Settings, norm: str, b: int) -> tuple[float, Any]:
     per_gpu case; and the config it ran."""
     from ablation.train.bookkeeping import configure_backends
     from ablation.train.distributed import DistEnv
-    from ablation.train.loop import autocast
     from ablation.train.models import create_model
     from ablation.train.optim import build_optimizer
 
@@ -42,19 +43,30 @@ def images_per_s(s: Settings, norm: str, b: int) -> tuple[float, Any]:
     opt = build_optimizer(cfg, model)
     x = torch.randn(b, 3, cfg.data.image_size, cfg.data.image_size).to(s.device, memory_format=fmt)
     y = torch.randint(0, s.classes, (b,)).to(s.device)
-    start = 0.0
-    for i in range(s.warmup + s.steps):
-        if i == s.warmup:
-            cuda.sync(s.device)
+    ips, loss = timed_steps(model, opt, itertools.repeat((x, y)), cfg, env, s.warmup, s.steps)
+    return (ips if math.isfinite(loss) else math.nan), cfg
+
+
+def timed_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                cfg: Any, env: Any, warmup: int, steps: int, forward: Any = None) -> tuple[float, float]:
+    """(training images/s over `steps` steps after `warmup`, the last loss): the one timed loop of the self-test
+    and benchmarks/gpu.py; `forward` is the (compiled) model when it differs from the one the optimizer holds."""
+    from ablation.train.loop import autocast
+
+    fwd = forward or model
+    start, seen, loss = 0.0, 0, torch.zeros(())
+    for i, (x, y) in enumerate(itertools.islice(batches, warmup + steps)):
+        if i == warmup:
+            cuda.sync(env.device)  # the warm-up's queued work (and any compilation) stays out of the timing
             start = time.perf_counter()
         with autocast(cfg, env):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(fwd(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    cuda.sync(s.device)
-    elapsed = time.perf_counter() - start
-    return (s.steps * b / elapsed if math.isfinite(loss.item()) else math.nan), cfg
+        seen += len(y) if i >= warmup else 0
+    cuda.sync(env.device)
+    return seen / (time.perf_counter() - start), float(loss.item())
 
 
 def machine(device: str) -> dict[str, Any]:
