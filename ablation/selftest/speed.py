@@ -53,7 +53,7 @@ def timed_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: Ite
     and benchmarks/gpu.py; `forward` is the (compiled) model when it differs from the one the optimizer holds."""
     from ablation.train.loop import autocast
 
-    fwd = forward or model
+    fwd = model if forward is None else forward
     start, seen, loss = 0.0, 0, torch.zeros(())
     for i, (x, y) in enumerate(itertools.islice(batches, warmup + steps)):
         if i == warmup:
