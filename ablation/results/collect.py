@@ -387,21 +387,23 @@ _CHUNK = 500  # run folders per piece of work
 
 
 def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None,
-            index: str | Path | None = None, surveyed: Survey | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+            index: str | Path | None = None, surveyed: Survey | None = None,
+            extra: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) tables of every run folder under the roots.
 
     timings: gets the seconds of each phase (find, read, frames). workers: processes reading the run folders
     (default: one per usable core from PARALLEL_MIN_FOLDERS folders to read on, where this process can fork: a
     single-threaded process on Linux; 1: this process alone). index: a file keeping what was read of each folder
     (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
-    surveyed: the roots' survey, where the caller has made it.
+    surveyed: the roots' survey, where the caller has made it. extra: gets the run folders whose metrics rows hold keys
+    beside rundir.METRIC_KEYS (extra evaluation modes: the only ones the mechanism table reads).
     """
     with gc_paused():  # the configs, rows and tables made here are many and hold no cycles
-        return _collect(roots, timings, workers, index, surveyed)
+        return _collect(roots, timings, workers, index, surveyed, extra)
 
 
 def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None,
-             index: str | Path | None, surveyed: Survey | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+             index: str | Path | None, surveyed: Survey | None, extra: list[Path] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """collect(), the collector as it is."""
     clock = _Clock(timings)
     if surveyed is None:
@@ -422,6 +424,8 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     if index is not None and (missing or len(known) != len(paths)):
         saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))  # while the tables are made
     clock.lap("read")
+    if extra is not None:
+        extra.extend(f for f, e in zip(folders, entries) if e["extra"])  # type: ignore[index]
     sweeps = _sweep_index(surveyed.links)
     runs = []
     for folder, entry in zip(folders, entries):
