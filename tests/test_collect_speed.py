@@ -543,3 +543,70 @@ def test_a_report_remakes_its_outputs_when_an_input_changed(many: Path, tmp_path
         assert "fig_delta_vs_batch.png" in changed
     else:
         assert (out / "table_norms.tex").is_file()
+
+
+def _odd_floats(n: int, seed: int) -> list[float]:
+    """Doubles of every magnitude (exponent notation both ways, subnormals, the largest), NaN, ±inf and -0.0, n of them."""
+    import random
+
+    rng = random.Random(seed)
+    special = [0.1, 1e-5, 1e-4, 1e15, 1e16, 9999999999999998.0, 5e-324, 1.7976931348623157e308, -0.0, 0.0, float("nan"),
+               float("inf"), -float("inf"), 1 / 3, 123456789.123]
+    return [special[i % len(special)] if i % 3 == 0 else rng.uniform(-1, 1) * 10.0 ** rng.randint(-320, 300) for i in range(n)]
+
+
+def test_curves_csv_made_in_pieces_by_processes_is_plain_to_csv_byte_for_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The optimised writer (pieces of rows by two forked processes, while the caller goes on; float64 columns through the
+    csv module's repr) writes the bytes pandas' plain to_csv writes, for curves.csv's columns and one more float column
+    of the kind a run with extra evaluation modes adds (mostly empty)."""
+    n = 3000
+    ids = [f"run{i // 30:03d}" for i in range(n)]
+    df = pd.DataFrame({
+        "run_id": pd.Series(ids, dtype="str"),
+        "variant": pd.Series(["GN (G=32)", "BN", 'with "quote", comma'][i % 3] for i in range(n)),
+        "setting": pd.Series("" if i % 2 else "epochs=10, optim.wd=0.0001" for i in range(n)),
+        "batch_per_gpu": [2 ** (i % 5) for i in range(n)],
+        "epoch": list(range(n)),
+        "lr": _odd_floats(n, 0),
+        "val_err1": _odd_floats(n, 1),
+        "val_err1_precise": [float("nan") if i % 4 else v for i, v in enumerate(_odd_floats(n, 2))],
+        "flag": [i % 2 == 0 for i in range(n)],
+    })
+    plain = df.to_csv(index=False).encode()
+    monkeypatch.setattr(report, "CSV_PARALLEL_ROWS", 100)
+    monkeypatch.setattr(report, "PIECE_RUNS", 4)
+    bounds = report.piece_bounds(df)
+    assert len(bounds) > 4
+    assert b"".join(report.csv_pieces(df, bounds, workers=2)) == plain[len(df.iloc[:0].to_csv(index=False)):]
+    report.write_csv(df, tmp_path / "fast.csv", workers=2)
+    assert (tmp_path / "fast.csv").read_bytes() == plain
+    outputs = report._Outputs(tmp_path)
+    finish = report._start_csv_output(df, tmp_path, "curves.csv", outputs, ("v",))
+    assert (tmp_path / "curves.csv").exists() is False  # nothing written until asked: the caller went on meanwhile
+    finish()
+    assert (tmp_path / "curves.csv").read_bytes() == plain
+    assert report._floats_as_objects(df[["epoch"]].astype("float32"))["epoch"].dtype == "float32"  # its shortest text is not a double's
+
+
+def test_only_folders_with_extra_metrics_are_read_for_the_mechanism_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report reads again only the run folders whose metrics rows hold keys beside METRIC_KEYS (recorded in the collect
+    index), and its mechanism table is the one made from every folder."""
+    root = tmp_path / "results" / "runs"
+    for seed in (0, 1):
+        write_run(root, ["norm.name=gn", f"seed={seed}"], curve(25.0))
+        made = write_run(root, ["gpus=8", "batch_per_gpu=32", "norm.batch=2", f"seed={seed}", "eval.modes=[ema,precise,batch]",
+                                "eval.precise_images=100"], curve(30.0))
+        rows = rundir.read_jsonl(made["folder"] / rundir.METRICS)
+        rundir.write_jsonl(made["folder"] / rundir.METRICS, [{**r, "val_err1_precise": r["val_err1"] - 1, "val_err5_precise": 1.0,
+                                                              "val_err1_batch": r["val_err1"] - 3, "val_err5_batch": 1.0} for r in rows])
+    folders = sorted(root.iterdir())
+    extra = {f.name: runfiles.read_folder(str(f))["extra"] for f in folders}
+    assert sorted(map(len, extra.values())) == [0, 0, 4, 4]
+    read: list[list[Path]] = []
+    real = report.mechanism.read_runs
+    monkeypatch.setattr(report.mechanism, "read_runs", lambda fs: read.append(list(fs)) or real(fs))
+    report.build([tmp_path / "results"], tmp_path / "out")
+    assert [f.name for f in read[0]] == [name for name, keys in extra.items() if keys]
+    report.write_mechanism(folders, tmp_path / "every")
+    for name in ("table_mechanism.md", "table_mechanism.csv"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "every" / name).read_bytes()

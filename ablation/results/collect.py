@@ -192,14 +192,19 @@ _SEEDS = range(2**31)
 
 
 def _fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
-    """result_fields(cfg_doc), computed once per config that differs in more than its seed.
+    """result_fields(cfg_doc), computed once per config that differs in more than its seed."""
+    return _seed_fields(cfg_doc)[0]
+
+
+def _seed_fields(cfg_doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(_fields(cfg_doc), whether they are its setting's, which differ from another seed's in the seed alone).
 
     A config's fields are taken to differ from another seed's in the seed alone only after checking it for
     seeds 0 and 1 (else that config is computed every time).
     """
     seed = cfg_doc.get("seed")
     if type(seed) is not int or seed not in _SEEDS:
-        return result_fields(cfg_doc)
+        return result_fields(cfg_doc), False
     rest = {k: v for k, v in cfg_doc.items() if k not in config.WRITTEN_KEYS and k != "seed"}
     key = repr(rest)
     if key not in _FIELDS:
@@ -210,8 +215,8 @@ def _fields(cfg_doc: dict[str, Any]) -> dict[str, Any]:
         _FIELDS[key] = f0 if same else None
     base = _FIELDS[key]
     if base is None:
-        return result_fields(cfg_doc)
-    return {**base, "seed": seed}
+        return result_fields(cfg_doc), False
+    return {**base, "seed": seed}, True
 
 
 def find_run_folders(roots: Iterable[str | Path]) -> list[Path]:
@@ -318,12 +323,34 @@ def survey(roots: Iterable[str | Path]) -> Survey:
 
 
 
+# _config_part by config (less its run id, hash and seed), where its result fields are its setting's: a run's part is
+# another seed's with its own run id, hash and seed (a third of the frames' time for 10,000 runs of a few dozen settings).
+_PARTS: dict[str, tuple[dict[str, Any], dict[str, Any], Any]] = {}
+_OWN_KEYS = frozenset(("run_id", "config_hash", "seed"))
+
+
 def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
     """The runs.csv fields that come from a run folder's config document (its result fields under `_fields`), and its metric_epochs."""
     cfg = cfg or {}
+    seed = cfg.get("seed") if isinstance(cfg, dict) else None
+    key = repr({k: v for k, v in cfg.items() if k not in _OWN_KEYS}) if type(seed) is int and seed in _SEEDS else None
+    if key is not None and key in _PARTS:
+        run, fields, metric_epochs = _PARTS[key]
+        own = {"run_id": cfg.get("run_id", folder.name), "seed": seed, "config_hash": cfg.get("config_hash")}
+        return {**run, **own, "_fields": {**fields, "seed": seed}}, metric_epochs
+    run, shared, metric_epochs = _config_part_made(folder, cfg)
+    if key is not None and shared:
+        if len(_PARTS) > 10_000:
+            _PARTS.clear()
+        _PARTS[key] = (dict(run), run["_fields"], metric_epochs)  # a copy: the caller adds to its run
+    return run, metric_epochs
+
+
+def _config_part_made(folder: Path, cfg: Any) -> tuple[dict[str, Any], bool, Any]:
+    """(_config_part's fields, whether its result fields are its setting's (_seed_fields), metric_epochs), made."""
     norm = cfg.get("norm", {})
     model = cfg.get("model", {})
-    fields = _fields(cfg)
+    fields, shared = _seed_fields(cfg)
     items, devs = paper_differences(cfg, fields)
     unlike = "; ".join(items)
     brn = norm.get("name") == "brn"
@@ -351,7 +378,7 @@ def _config_part(folder: Path, cfg: Any) -> tuple[dict[str, Any], Any]:
         "config_hash": cfg.get("config_hash"),
         "_fields": fields,
     }
-    return run, cfg.get("metric_epochs", 5)
+    return run, shared, cfg.get("metric_epochs", 5)
 
 
 def _curve_rows(run: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -387,21 +414,23 @@ _CHUNK = 500  # run folders per piece of work
 
 
 def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None,
-            index: str | Path | None = None, surveyed: Survey | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+            index: str | Path | None = None, surveyed: Survey | None = None,
+            extra: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) tables of every run folder under the roots.
 
     timings: gets the seconds of each phase (find, read, frames). workers: processes reading the run folders
     (default: one per usable core from PARALLEL_MIN_FOLDERS folders to read on, where this process can fork: a
     single-threaded process on Linux; 1: this process alone). index: a file keeping what was read of each folder
     (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
-    surveyed: the roots' survey, where the caller has made it.
+    surveyed: the roots' survey, where the caller has made it. extra: gets the run folders whose metrics rows hold keys
+    beside rundir.METRIC_KEYS (extra evaluation modes: the only ones the mechanism table reads).
     """
     with gc_paused():  # the configs, rows and tables made here are many and hold no cycles
-        return _collect(roots, timings, workers, index, surveyed)
+        return _collect(roots, timings, workers, index, surveyed, extra)
 
 
 def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None,
-             index: str | Path | None, surveyed: Survey | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+             index: str | Path | None, surveyed: Survey | None, extra: list[Path] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """collect(), the collector as it is."""
     clock = _Clock(timings)
     if surveyed is None:
@@ -415,19 +444,24 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
         e = known.get(p)
         entries.append(e if e is not None and e.get("identity") == ident else None)
     missing = [i for i, e in enumerate(entries) if e is None]
+    sweeps = _sweep_index(surveyed.links)
+    runs = []
     with _reader(reader_count(workers, len(missing))) as read:
-        for i, e in zip(missing, read([paths[i] for i in missing])):
-            entries[i] = e
+        arriving = iter(read([paths[i] for i in missing]))
+        for i, folder in enumerate(folders):
+            # Each run's row is made as its entry comes: this process works while the readers read, not after them.
+            entry = entries[i]
+            if entry is None:
+                entry = entries[i] = next(arriving)
+            run = run_from(folder, entry)
+            run["sweeps"] = sweeps(folder.name)
+            runs.append(run)
     saved = None
     if index is not None and (missing or len(known) != len(paths)):
         saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))  # while the tables are made
     clock.lap("read")
-    sweeps = _sweep_index(surveyed.links)
-    runs = []
-    for folder, entry in zip(folders, entries):
-        run = run_from(folder, entry)  # type: ignore[arg-type]
-        run["sweeps"] = sweeps(folder.name)
-        runs.append(run)
+    if extra is not None:
+        extra.extend(f for f, e in zip(folders, entries) if e["extra"])  # type: ignore[index]
     every = list(runs)  # every folder's curves count, copies of a run included
     runs = one_per_run_id(runs)
     label_settings(runs)

@@ -27,7 +27,7 @@ from ablation.gcpause import gc_paused
 log = logging.getLogger("ablation")
 
 INDEX_NAME = ".collect-index.pkl"  # in the report's output folder: run folders stay as the trainer wrote them
-INDEX_VERSION = 1  # bump when an entry's content changes
+INDEX_VERSION = 2  # bump when an entry's content changes (2: "extra", the metrics rows' keys beyond METRIC_KEYS)
 _KEYS = rundir.METRIC_KEYS
 _RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))  # a metrics row holding one sets that curves column
 
@@ -99,7 +99,15 @@ def read_folder(folder: str) -> dict[str, Any]:
     final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
     return {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
             "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
-            "decoded_on": decoded_on(folder, config)}
+            "decoded_on": decoded_on(folder, config), "extra": extra_keys(rows, columns)}
+
+
+def extra_keys(rows: list[dict[str, Any]], columns: dict[str, Any] | None) -> list[str]:
+    """The keys of metrics rows beside METRIC_KEYS (extra evaluation modes' metrics), sorted."""
+    # Kept in the entry so that only the folders holding some are read again for the mechanism table, not all of them.
+    if columns is not None and all(len(r) == len(_KEYS) for r in rows):
+        return []  # each row has every metric key (_columns took them all) and no other: nothing to look through
+    return sorted(set().union(*rows) - set(_KEYS))
 
 
 def decoded_on(folder: str, config: Any) -> list[str]:
