@@ -186,6 +186,7 @@ def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_its
     assert sorted(map(tuple, halves[0] + halves[1])) == sorted(map(tuple, sampler.batches))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_mini_batch_error_of_one_process_and_of_the_hand_computation(tmp_path: Path) -> None:
     """Two processes (gloo, each its share of the batches, the last forward of one filled with repeats) sum to the
     single process's error, which is the hand computation's 8/22 (minibatch_case)."""
@@ -206,7 +207,8 @@ def test_two_gloo_processes_give_the_mini_batch_error_of_one_process_and_of_the_
     assert [p.returncode for p in procs] == [0, 0], logs
     two = json.loads(out.read_text())
     cfg, model, x_stored, y_stored, _ = minibatch_case()
-    one = evaluate_minibatch(model, DataLoader(TensorDataset(x_stored, y_stored), batch_sampler=MiniBatchValSampler(23, cfg)), DistEnv(), cfg)
+    loader = DataLoader(TensorDataset(x_stored, y_stored), batch_sampler=MiniBatchValSampler(23, cfg))
+    one = evaluate_minibatch(model, loader, DistEnv(), cfg)
     assert two["world"] == 2 and two["forwards"] == [3, 3] and two["images"] == [12, 10]  # process 1's last forward: 1 batch + 1 repeat
     assert two["err1"] == pytest.approx(one[0]) == pytest.approx(100 * 8 / 22)
     assert two["err5"] == one[1]
@@ -425,6 +427,46 @@ def test_report_eval_mode_is_checked_and_options_go_anywhere(moded_runs: tuple[P
     assert main(["report", str(root), "--eval-mode", "batch", "--out", str(tmp_path / "ok"), str(more)]) == 0  # roots around options
     assert capsys.readouterr().out.startswith("5 runs: 5 ok")
     assert "mini-batch statistics" in (tmp_path / "ok" / "table_batch_size.md").read_text()
+
+
+# ---------------------------------------------------------------- the demo's effect, trained: a gap at normalization batch 2 that closes
+
+
+@pytest.fixture(scope="module")
+def demo_gap_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """sweeps/demo_mechanism.yaml at normalization batch 2 and 32, shrunk to about 35 CPU-seconds: the demo's data spec
+    at a quarter of its training images, one modelled GPU of 32 (total batch 32: 62 steps an epoch, at the LR the demo
+    has per step), 5 epochs, EMA and mini-batch evaluation only (PreciseBN is not what is tested here)."""
+    from ablation.data.synth import SynthSpec, write_synth
+    from ablation.demo import _NUISANCE, SWEEPS
+    from ablation.sweep import spec
+
+    data = tmp_path_factory.mktemp("demo_gap_data")
+    write_synth(data, SynthSpec(classes=10, train_per_class=200, val_per_class=100, size=32, **_NUISANCE))
+    shrunk = [f"data.root={data}", "gpus=1", "optim.reference_batch=64", "epochs=5", "eval.modes=[ema,batch]", "eval.precise_images=0"]
+    sweep = spec.load(SWEEPS / "demo_mechanism.yaml", shrunk)
+    root = tmp_path_factory.mktemp("demo_gap_runs")
+    folders = []
+    for run in sweep.runs:
+        if (run.config.norm.batch or run.config.batch_per_gpu) in (2, 32):
+            folder = root / config.run_id(run.config)
+            assert train(run.config, folder, DistEnv())["status"] == "ok"
+            folders.append(folder)
+    return folders
+
+
+@pytest.mark.slow  # about 35 CPU-seconds of training (demo_gap_runs)
+def test_the_mechanism_demo_shows_a_population_vs_mini_batch_gap_at_norm_batch_2_that_closes(demo_gap_runs: list[Path]) -> None:
+    """What `ablation demo --mechanism` shows: at normalization batch 2, population statistics (the EMA's) evaluate worse
+    than each batch's own statistics, the train-test inconsistency; at 32 the two agree. The bound is 3 binomial
+    standard errors of an error rate of this level on this validation set (report.noise_floor)."""
+    runs, _ = mechanism.read_runs(demo_gap_runs)
+    t = mechanism.table(runs).set_index("norm_batch")
+    assert sorted(t.index) == [2, 32] and t["val_precise"].isna().all()  # population = the EMA here
+    images = rundir.read_run_config(demo_gap_runs[0])["derived"]["val_images"]
+    bound = 3 * report.noise_floor(float(t["val_ema"].max()), images)
+    assert t.loc[2, "inconsistency"] > bound, t
+    assert t.loc[32, "inconsistency"] < t.loc[2, "inconsistency"] - bound, t
 
 
 # ---------------------------------------------------------------- presets
