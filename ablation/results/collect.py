@@ -391,7 +391,6 @@ def mode_metrics(entry: dict[str, Any], metric_epochs: int, ok: bool) -> dict[st
     return out
 
 
-
 def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One run folder as a row of runs.csv and its rows of curves.csv."""
     entry = runfiles.read_folder(str(folder))
