@@ -811,8 +811,8 @@ def figure_val_error_vs_epoch(runs: pd.DataFrame, curves: pd.DataFrame, out: Pat
     return paths
 
 
-def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Path]:
-    """Difference of each variant's error to each baseline's, vs images per GPU."""
+def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path, mode: str = "ema") -> list[Path]:
+    """Difference of each variant's error to each baseline's, vs images per GPU (mode: as in error_vs_batch_figure)."""
     plt = _style()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
@@ -832,7 +832,7 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     _batch_axis(ax, batches)
-    ax.set_ylabel("Δ top-1 val error (points)")
+    ax.set_ylabel("Δ top-1 val error (points)" if mode == "ema" else f"Δ top-1 val error (points), {mode} eval")
     if ax.get_legend_handles_labels()[0]:  # no baseline among the results: an empty figure, no legend
         ax.legend(fontsize=8)
     paths = _save(fig, out, "fig_delta_vs_batch")
@@ -1185,7 +1185,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     def draw() -> None:
         figure_error_vs_batch(shown, ref, out, eval_mode)
         figure_curves(runs, curves, out)  # per-epoch curves: the EMA's (curves.csv has every mode's columns)
-        figure_delta(shown, bases, out)
+        figure_delta(shown, bases, out, eval_mode)
         figure_val_error_vs_epoch(runs, curves, out)
 
     # The figures are drawn by a forked child while this process makes the tables and CSVs (one core each).
