@@ -407,7 +407,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Collect run folders and write the paper's tables and figures with its numbers beside ours."""
     from ablation.results import report
 
-    rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference)
+    rep = report.build(args.roots, args.out, args.baseline.split(","), args.reference, eval_mode=args.eval_mode)
     counts = rep.status_counts()  # from the files where nothing changed: no table is made again to print these
     order = ["ok", "diverged", "failed", "unfinished"]
     print(f"{sum(counts.values())} runs: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
@@ -619,11 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON (a sweep: its runs, counts by state, ETA; a root: every sweep)")
     st.set_defaults(func=cmd_status)
 
-    r = sub.add_parser("report", help="tables and figures from run folders, beside the paper's numbers")
+    r = sub.add_parser("report", intermixed=True, help="tables and figures from run folders, beside the paper's numbers")
     r.add_argument("roots", nargs="+", help="results folders to collect (sweep folders, results/, run folders)")
     r.add_argument("--out", default="reports", help="where tables, figures and CSVs go (default ./reports)")
     r.add_argument("--baseline", default="bn,gn", help="baselines for the Δ columns and figure (default bn,gn)")
     r.add_argument("--reference", help="folder of reference CSVs, one per paper (default results/reference)")
+    r.add_argument("--eval-mode", default="ema", metavar="MODE",
+                   help="the evaluation the tables and Figure 1 show: ema (population statistics from the EMA, the paper's; "
+                        "default), precise (PreciseBN) or batch (mini-batch statistics); the runs' eval.modes")
     r.set_defaults(func=cmd_report)
 
     cp = sub.add_parser("compare", help="is A's error lower than B's, and by how much: McNemar, a paired bootstrap and seed-level "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import warnings
@@ -140,10 +141,13 @@ class _Tiny(nn.Module):
         return self.fc((h + self.bn.bias.view(1, -1, 1, 1)).mean((2, 3)))
 
 
-def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_itself_and_moves_no_statistic() -> None:
+def minibatch_case(world: int = 1) -> tuple[config.RunConfig, _Tiny, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cfg, model, images as stored, labels, the fixed order's first 22 images) of a mini-batch evaluation whose top-1
+    error is 8/22 by hand: 11 normalization batches of 2 images, each predicted from its own statistics, 8 labels wrong.
+    The same for any process count (`world` sets the batches a forward holds); tests/minibatch_worker.py runs it in 2."""
     cfg = config.replace(config.RunConfig(), gpus=2, batch_per_gpu=4, **{"norm.batch": 2, "device": "cpu"})  # 4 batches per forward
     torch.manual_seed(0)
-    model = _Tiny(k=4)
+    model = _Tiny(k=4 // world)
     with torch.no_grad():
         model.bn.weight.uniform_(0.5, 2.0)
         model.fc.weight.normal_(0, 3)
@@ -159,6 +163,13 @@ def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_its
     y_ordered = torch.where(wrong, (predicted + 1) % 3, predicted)
     x_stored, y_stored = torch.empty(23, 3, 5, 5), torch.zeros(23, dtype=torch.long)  # the dataset as stored, in its own order
     x_stored[order[:22]], y_stored[order[:22]], x_stored[order[22:]] = x, y_ordered, left_out
+    return cfg, model, x_stored, y_stored, x
+
+
+def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_itself_and_moves_no_statistic() -> None:
+    cfg, model, x_stored, y_stored, x = minibatch_case()
+    with torch.no_grad():
+        predicted = torch.cat([model.by_hand(x[2 * i : 2 * i + 2]).argmax(1) for i in range(11)])
     sampler = MiniBatchValSampler(23, cfg)
     assert len(sampler) == 3 and sampler.images == 22  # forwards of 4 batches: 4, 4, 3 (+ 1 repeat)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -173,6 +184,34 @@ def test_mini_batch_evaluation_normalizes_each_batch_of_norm_batch_images_by_its
     # two processes split the same normalization batches between them: every batch once, whatever the process count
     halves = [MiniBatchValSampler(23, config.replace(cfg, gpus=2), rank, 2).batches for rank in (0, 1)]
     assert sorted(map(tuple, halves[0] + halves[1])) == sorted(map(tuple, sampler.batches))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_mini_batch_error_of_one_process_and_of_the_hand_computation(tmp_path: Path) -> None:
+    """Two processes (gloo, each its share of the batches, the last forward of one filled with repeats) sum to the
+    single process's error, which is the hand computation's 8/22 (minibatch_case)."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "minibatch.json"
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    worker = [sys.executable, str(ROOT / "tests" / "minibatch_worker.py"), str(out)]
+    procs = [subprocess.Popen(worker, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    two = json.loads(out.read_text())
+    cfg, model, x_stored, y_stored, _ = minibatch_case()
+    loader = DataLoader(TensorDataset(x_stored, y_stored), batch_sampler=MiniBatchValSampler(23, cfg))
+    one = evaluate_minibatch(model, loader, DistEnv(), cfg)
+    assert two["world"] == 2 and two["forwards"] == [3, 3] and two["images"] == [12, 10]  # process 1's last forward: 1 batch + 1 repeat
+    assert two["err1"] == pytest.approx(one[0]) == pytest.approx(100 * 8 / 22)
+    assert two["err5"] == one[1]
 
 
 # ---------------------------------------------------------------- every mode in a run: PreciseBN beside the EMA, resume
@@ -292,6 +331,142 @@ def test_no_mechanism_outputs_without_extra_modes(tmp_path: Path) -> None:
     write_run(tmp_path / "runs", ["gpus=8", "batch_per_gpu=32"], [40.0, 35.0])
     assert report.write_mechanism(sorted((tmp_path / "runs").iterdir()), tmp_path / "report") == []
     assert mechanism.read_runs(sorted((tmp_path / "runs").iterdir())) == ([], [])
+
+
+# ---------------------------------------------------------------- report --eval-mode, and each mode's columns in runs.csv and curves.csv
+
+
+def _moded_run(root: Path, overrides: list[str], ema: list[float], **modes: list[float]) -> str:
+    """A finished run whose metrics.jsonl holds, beside the EMA's val_err1, each extra mode given (precise=, batch=)."""
+    extra = [f"eval.modes=[ema,{','.join(modes)}]", *(["eval.precise_images=100"] if "precise" in modes else [])] if modes else []
+    made = write_run(root, [*overrides, *extra], ema)
+    rows = rundir.read_jsonl(made["folder"] / rundir.METRICS)
+    for mode, values in modes.items():
+        for r, v in zip(rows, values):
+            r.update(dict(zip(rundir.MODE_METRIC_KEYS[mode], (v, v / 2))))
+    rundir.write_jsonl(made["folder"] / rundir.METRICS, rows)
+    return made["run_id"]
+
+
+@pytest.fixture
+def moded_runs(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """BN at 32 and 2 images per GPU with mini-batch (and at 32 PreciseBN) errors beside the EMA's, GN at 2 (batch
+    independent: no extra mode applies) and BN at 8 trained without extra modes. Paper metric: median of the 5 epochs."""
+    root = tmp_path / "runs"
+    ids = {"bn32": _moded_run(root, ["batch_per_gpu=32"], [50, 40, 30, 20, 10], batch=[49, 39, 29, 19, 9], precise=[48, 38, 28, 18, 8]),
+           "bn2": _moded_run(root, ["batch_per_gpu=2"], [90, 80, 70, 60, 50], batch=[45, 35, 25, 15, 5]),
+           "gn2": _moded_run(root, ["batch_per_gpu=2", "norm.name=gn"], [60, 50, 40, 30, 20]),
+           "bn8": _moded_run(root, ["batch_per_gpu=8"], [70, 60, 50, 40, 30])}
+    return root, ids
+
+
+def _cells(out: Path) -> dict[tuple[str, str], float]:
+    """table_batch_size.csv's numbers by (norm, images per GPU), rows of one norm pooled (they differ in eval.modes only)."""
+    import pandas as pd
+
+    t = pd.read_csv(out / "table_batch_size.csv")
+    t = t[t["ours_mean"].notna()]
+    return {(str(r).split(" ")[0], str(c)): float(v) for r, c, v in zip(t["row"], t["column"], t["ours_mean"])}
+
+
+def test_report_eval_mode_shows_that_modes_errors_and_marks_runs_without_it(moded_runs: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import pandas as pd
+
+    root, ids = moded_runs
+    out = tmp_path / "report"
+    report.build([root], out)
+    ema_md = (out / "table_batch_size.md").read_text()
+    assert _cells(out) == {("BN", "32"): 30.0, ("BN", "2"): 70.0, ("BN", "8"): 50.0, ("GN", "2"): 40.0}
+    assert "evaluated with" not in ema_md
+    runs = pd.read_csv(out / "runs.csv").set_index("run_id")
+    assert runs.loc[ids["bn2"], "val_err1_batch"] == 25.0 and runs.loc[ids["bn32"], "val_err1_precise"] == 28.0
+    assert runs.loc[[ids["gn2"], ids["bn8"]], "val_err1_batch"].isna().all()
+    curves = pd.read_csv(out / "curves.csv")
+    assert list(curves.columns[-4:]) == ["val_err1_precise", "val_err5_precise", "val_err1_batch", "val_err5_batch"]
+    by_run = {rid: c for rid, c in curves.groupby("run_id")}
+    assert list(by_run[ids["bn2"]]["val_err1_batch"]) == [45, 35, 25, 15, 5] and list(by_run[ids["bn2"]]["val_err5_batch"]) == [22.5, 17.5,
+                                                                                                                            12.5, 7.5, 2.5]
+    assert by_run[ids["bn2"]]["val_err1_precise"].isna().all() and by_run[ids["gn2"]]["val_err1_batch"].isna().all()
+
+    caplog.clear()
+    report.build([root], out, eval_mode="batch")  # into the same folder: the EMA's outputs are not taken as made
+    assert _cells(out) == {("BN", "32"): 29.0, ("BN", "2"): 25.0, ("GN", "2"): 40.0}  # GN: the same in every mode
+    md = (out / "table_batch_size.md").read_text()
+    assert "evaluated with mini-batch statistics" in md and "GN (G=32): batch-independent" in md
+    assert "no batch eval" in md and "1 finished run(s) without this evaluation" in md  # BN at 8: marked, not the EMA's 50
+    assert [r.getMessage() for r in caplog.records if ids["bn8"] in r.getMessage()]  # and said once on stderr, naming it
+    assert pd.read_csv(out / "runs.csv").equals(runs.reset_index())  # runs.csv: every mode, whichever the tables show
+
+    report.build([root], out, eval_mode="precise")
+    assert _cells(out) == {("BN", "32"): 28.0, ("GN", "2"): 40.0}  # BN at 2 and 8 recorded no PreciseBN: marked
+    assert (out / "table_batch_size.md").read_text().count("| no precise eval") == 2
+    report.build([root], out)
+    assert (out / "table_batch_size.md").read_text() == ema_md
+
+
+def test_without_extra_modes_runs_and_curves_csv_have_the_columns_they_always_had(tmp_path: Path) -> None:
+    from ablation.results import collect
+
+    write_run(tmp_path / "runs", ["batch_per_gpu=32"], [40.0, 35.0])
+    write_run(tmp_path / "runs", ["batch_per_gpu=2", "eval.modes=[ema,batch]"], [60.0, 55.0])  # asked, but no epoch recorded it
+    runs, curves = collect.collect([tmp_path / "runs"])
+    assert list(runs.columns) == collect.RUN_COLUMNS and list(curves.columns) == collect.CURVE_COLUMNS
+
+
+def test_report_eval_mode_is_checked_and_options_go_anywhere(moded_runs: tuple[Path, dict[str, str]], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from ablation.cli import main
+
+    root, _ = moded_runs
+    assert main(["report", str(root), "--eval-mode", "minibatch", "--out", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == "error: report --eval-mode: unknown mode 'minibatch'; valid: ema, precise, batch" and not (tmp_path / "bad").exists()
+    more = tmp_path / "more"
+    write_run(more, ["batch_per_gpu=4", "norm.name=gn"], [30.0, 25.0])
+    assert main(["report", str(root), "--eval-mode", "batch", "--out", str(tmp_path / "ok"), str(more)]) == 0  # roots around options
+    assert capsys.readouterr().out.startswith("5 runs: 5 ok")
+    assert "mini-batch statistics" in (tmp_path / "ok" / "table_batch_size.md").read_text()
+
+
+# ---------------------------------------------------------------- the demo's effect, trained: a gap at normalization batch 2 that closes
+
+
+@pytest.fixture(scope="module")
+def demo_gap_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """sweeps/demo_mechanism.yaml at normalization batch 2 and 32, shrunk to about 35 CPU-seconds: the demo's data spec
+    at a quarter of its training images, one modelled GPU of 32 (total batch 32: 62 steps an epoch, at the LR the demo
+    has per step), 5 epochs, EMA and mini-batch evaluation only (PreciseBN is not what is tested here)."""
+    from ablation.data.synth import SynthSpec, write_synth
+    from ablation.demo import _NUISANCE, SWEEPS
+    from ablation.sweep import spec
+
+    data = tmp_path_factory.mktemp("demo_gap_data")
+    write_synth(data, SynthSpec(classes=10, train_per_class=200, val_per_class=100, size=32, **_NUISANCE))
+    shrunk = [f"data.root={data}", "gpus=1", "optim.reference_batch=64", "epochs=5", "eval.modes=[ema,batch]", "eval.precise_images=0"]
+    sweep = spec.load(SWEEPS / "demo_mechanism.yaml", shrunk)
+    root = tmp_path_factory.mktemp("demo_gap_runs")
+    folders = []
+    for run in sweep.runs:
+        if (run.config.norm.batch or run.config.batch_per_gpu) in (2, 32):
+            folder = root / config.run_id(run.config)
+            assert train(run.config, folder, DistEnv())["status"] == "ok"
+            folders.append(folder)
+    return folders
+
+
+@pytest.mark.slow  # about 35 CPU-seconds of training (demo_gap_runs)
+def test_the_mechanism_demo_shows_a_population_vs_mini_batch_gap_at_norm_batch_2_that_closes(demo_gap_runs: list[Path]) -> None:
+    """What `ablation demo --mechanism` shows: at normalization batch 2, population statistics (the EMA's) evaluate worse
+    than each batch's own statistics, the train-test inconsistency; at 32 the two agree. The bound is 3 binomial
+    standard errors of an error rate of this level on this validation set (report.noise_floor)."""
+    runs, _ = mechanism.read_runs(demo_gap_runs)
+    t = mechanism.table(runs).set_index("norm_batch")
+    assert sorted(t.index) == [2, 32] and t["val_precise"].isna().all()  # population = the EMA here
+    images = rundir.read_run_config(demo_gap_runs[0])["derived"]["val_images"]
+    bound = 3 * report.noise_floor(float(t["val_ema"].max()), images)
+    assert t.loc[2, "inconsistency"] > bound, t
+    assert t.loc[32, "inconsistency"] < t.loc[2, "inconsistency"] - bound, t
 
 
 # ---------------------------------------------------------------- presets

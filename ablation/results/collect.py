@@ -397,7 +397,25 @@ def run_from(folder: Path, entry: dict[str, Any]) -> dict[str, Any]:
     run.update(part)
     run["last_val_err1"] = rundir.paper_metric(val, metric_epochs)
     run["_decoded_on"] = entry.get("decoded_on") or []  # an index from before the field: not known
+    if "modes" in entry:
+        run.update(mode_metrics(entry, metric_epochs, run["status"] == "ok"))
     return run
+
+
+# runs.csv's column per extra evaluation mode (eval.modes): its paper metric, like val_err1 for the EMA.
+MODE_RUN_COLUMNS = [keys[0] for keys in rundir.MODE_METRIC_KEYS.values()]  # val_err1_precise, val_err1_batch
+
+
+def mode_metrics(entry: dict[str, Any], metric_epochs: int, ok: bool) -> dict[str, float | None]:
+    """A run's paper metric (median of its last metric_epochs epochs) in each extra mode it recorded; like val_err1, only
+    for a finished run (None otherwise)."""
+    out = {}
+    for key in MODE_RUN_COLUMNS:
+        values = runfiles.mode_values(entry, key)
+        if values is not None:
+            have = [v for v in values if v == v]  # NaN: an epoch evaluated without this mode
+            out[key] = rundir.paper_metric(have, metric_epochs) if ok else None
+    return out
 
 
 def read_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -468,11 +486,15 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     warning = mixed_decode_warning(runs)
     if warning:
         log.warning(warning)
-    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS)
+    with_modes = [e for e in entries if "modes" in e]  # type: ignore[operator]
+    extra = [k for k in MODE_RUN_COLUMNS if any(k in r for r in runs)] if with_modes else []
+    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS + extra)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
     curves = _curves_from_columns(every, entries, setting)  # type: ignore[arg-type]
     if curves is None:
         curves = _curves_from_rows(every, [runfiles.metric_rows(e) for e in entries], setting)  # type: ignore[arg-type]
+    if with_modes:  # curves.csv's columns per extra mode, only where some run recorded one
+        curves = _with_mode_curves(curves, entries, with_modes)  # type: ignore[arg-type]
     if saved is not None and not saved():
         log.warning(f"collect index {index} was not written (the next report reads every run folder again)")
     clock.lap("frames")
@@ -591,6 +613,19 @@ def _curves_from_columns(runs: list[dict[str, Any]], entries: list[dict[str, Any
     for key in ("batch_per_gpu", "seed"):
         out[key] = np.repeat(np.array([run[key] for run, _ in with_rows], dtype=np.int64), reps)
     return pd.DataFrame(out, columns=CURVE_COLUMNS)
+
+
+def _with_mode_curves(curves: pd.DataFrame, entries: list[dict[str, Any]], with_modes: list[dict[str, Any]]) -> pd.DataFrame:
+    """curves with a column per extra mode some run (with_modes) recorded (runfiles.MODE_KEYS), NaN on epochs evaluated
+    without it, in the order of curves' rows (each entry's epochs, in the order of `entries`)."""
+    keys = [k for k in runfiles.MODE_KEYS if any(k in e["modes"] for e in with_modes)]
+    with_rows = [e for e in entries if e["n"]]
+    out = curves.copy()
+    for key in keys:
+        parts = [np.array(runfiles.mode_values(e, key) or [np.nan] * e["n"], dtype=np.float64) for e in with_rows]
+        column = np.concatenate(parts) if parts else np.empty(0)
+        out[key] = column if len(column) == len(out) else np.nan  # rows that do not line up are never misattributed
+    return out
 
 
 def mixed_decode_warning(runs: list[dict[str, Any]]) -> str | None:

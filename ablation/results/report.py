@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ablation import provenance
+from ablation import provenance, rundir
 from ablation.norms import registry
 from ablation.results import mechanism, recipe, runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
@@ -356,6 +356,60 @@ def noise_floor_text(cells: Iterable[Cell], runs: pd.DataFrame) -> str:
     return text
 
 
+# ---------------------------------------------------------------- the evaluation the tables show (report --eval-mode)
+
+# ema: population statistics from the EMA (val_err1, the paper's); the others are eval.modes' extra evaluations.
+EVAL_MODES = ("ema", *rundir.MODE_METRIC_KEYS)
+MODE_TEXT = {"precise": "PreciseBN population statistics", "batch": "mini-batch statistics (per normalization batch of norm.batch images)"}
+
+
+def check_eval_mode(mode: str) -> None:
+    """A one-line error where `mode` is not an evaluation mode."""
+    if mode not in EVAL_MODES:
+        from ablation.errors import AblationError
+
+        raise AblationError(f"report --eval-mode: unknown mode {mode!r}; valid: {', '.join(EVAL_MODES)}")
+
+
+def _batch_independent(norm: Any) -> bool:
+    """True for a built-in norm without batch or population statistics (GN, LN, ...): every mode evaluates it alike."""
+    try:
+        info = registry.lookup(str(norm))
+    except Exception:  # noqa: BLE001 - a name the registry does not know (a user norm): not known to be independent
+        return False
+    return info is not None and not info.batch_dependent and not info.running_stats
+
+
+def in_eval_mode(runs: pd.DataFrame, mode: str) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """(runs with val_err1 the chosen mode's paper metric, the finished runs that lack it, the variants taken as they are).
+
+    A batch-independent built-in norm (GN, LN, ...) evaluates the same in every mode, so its val_err1 stands. Any
+    other finished run without the mode's number is never given the EMA's: its status becomes 'no <mode> eval', so
+    its cell and Figure 1 mark it as they mark a run that did not finish."""
+    if mode == "ema":
+        return runs, [], []
+    key = rundir.MODE_METRIC_KEYS[mode][0]
+    shown = runs.copy()
+    same = shown["norm"].map(_batch_independent).astype(bool)
+    value = shown[key].astype(float) if key in shown else pd.Series(np.nan, index=shown.index)
+    shown["val_err1"] = value.where(~same, shown["val_err1"])
+    lacking = (shown["status"] == "ok") & ~same & shown["val_err1"].isna()
+    shown.loc[lacking, "status"] = f"no {mode} eval"
+    return shown, list(shown.loc[lacking, "run_id"]), sorted(set(shown.loc[same, "variant"]))
+
+
+def _mode_caption(tables: list[Table], mode: str, lacking: list[str], same: list[str]) -> list[Table]:
+    """The tables with their captions saying which evaluation they show (unchanged for the EMA's)."""
+    if mode == "ema":
+        return tables
+    text = f"; evaluated with {MODE_TEXT[mode]} (report --eval-mode {mode}), not the EMA's population statistics"
+    if same:
+        text += f"; {', '.join(same)}: batch-independent, the same in every mode"
+    if lacking:
+        text += f"; {len(lacking)} finished run(s) without this evaluation are marked 'no {mode} eval'"
+    return [dataclasses.replace(t, caption=t.caption + text) for t in tables]
+
+
 # ---------------------------------------------------------------- tables
 
 
@@ -646,19 +700,20 @@ def paper_points(grp: pd.DataFrame, ref: pd.DataFrame, xs: list[Any], ys: list[f
     return [p for p in pts if p[1] <= 100.0], f"paper's rise from our {int(xs[0])}", refs
 
 
-def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path) -> list[Path]:
+def figure_error_vs_batch(runs: pd.DataFrame, ref: pd.DataFrame, out: Path, mode: str = "ema") -> list[Path]:
     """Val error vs images per GPU (log2 axis), one line per variant with error bars (the std over seeds) where a point
     has several, the paper's numbers dashed in the line's colour: its own levels for a row in the paper's setting, else
     its rises drawn from our base (the row's largest batch), so the shapes compare (error_vs_batch_figure)."""
     plt = _style()
-    fig = error_vs_batch_figure(runs, ref)
+    fig = error_vs_batch_figure(runs, ref, mode)
     paths = _save(fig, out, "fig_error_vs_batch")
     plt.close(fig)
     return paths
 
 
-def error_vs_batch_figure(runs: pd.DataFrame, ref: pd.DataFrame) -> Any:
-    """figure_error_vs_batch's figure, not saved (close it with matplotlib.pyplot.close)."""
+def error_vs_batch_figure(runs: pd.DataFrame, ref: pd.DataFrame, mode: str = "ema") -> Any:
+    """figure_error_vs_batch's figure, not saved (close it with matplotlib.pyplot.close); mode: the evaluation its
+    val_err1 is (report --eval-mode; in_eval_mode), named on the axis where it is not the EMA's."""
     plt = _style()
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
@@ -685,7 +740,9 @@ def error_vs_batch_figure(runs: pd.DataFrame, ref: pd.DataFrame) -> Any:
                     label=f"{what}: {var}{OTHER_RECIPE if recipe else ''}")
             ticks |= {p[0] for p in pts}
     _batch_axis(ax, ticks)
-    ax.set_ylabel("top-1 val error (%)")
+    ax.set_ylabel("top-1 val error (%)" if mode == "ema" else f"top-1 val error (%), {mode} eval")
+    if mode != "ema":
+        ax.set_title(f"evaluated with {MODE_TEXT[mode]}", fontsize=8)
     ax.legend(fontsize=7)
     return fig
 
@@ -755,8 +812,8 @@ def figure_val_error_vs_epoch(runs: pd.DataFrame, curves: pd.DataFrame, out: Pat
     return paths
 
 
-def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Path]:
-    """Difference of each variant's error to each baseline's, vs images per GPU."""
+def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path, mode: str = "ema") -> list[Path]:
+    """Difference of each variant's error to each baseline's, vs images per GPU (mode: as in error_vs_batch_figure)."""
     plt = _style()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     batches = sorted(runs["batch_per_gpu"].dropna().unique(), reverse=True)
@@ -776,7 +833,7 @@ def figure_delta(runs: pd.DataFrame, baselines: list[str], out: Path) -> list[Pa
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.axhline(0, color="black", linewidth=0.8)
     _batch_axis(ax, batches)
-    ax.set_ylabel("Δ top-1 val error (points)")
+    ax.set_ylabel("Δ top-1 val error (points)" if mode == "ema" else f"Δ top-1 val error (points), {mode} eval")
     if ax.get_legend_handles_labels()[0]:  # no baseline among the results: an empty figure, no legend
         ax.legend(fontsize=8)
     paths = _save(fig, out, "fig_delta_vs_batch")
@@ -1109,11 +1166,13 @@ def _warnings_kept(kept: list[str]) -> Iterator[None]:
 
 
 def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None,
-          timings: dict[str, float] | None = None) -> Report:
+          timings: dict[str, float] | None = None, eval_mode: str = "ema") -> Report:
     """Collect the runs under roots and write tables, figures and CSVs to out; `timings` gets the seconds of each phase
     (find, read, frames: ablation.collect; csv, tables, figures). Where nothing that makes them changed since the last
     report into `out` (the run folders' files, the sweeps' links, the reference numbers, the options, the versions of
-    the code and libraries) and its outputs are as it left them, nothing is read or written again."""
+    the code and libraries) and its outputs are as it left them, nothing is read or written again. eval_mode: the
+    evaluation the tables, Figure 1 and the Δ figure show (EVAL_MODES; in_eval_mode); runs.csv and curves.csv hold every one."""
+    check_eval_mode(eval_mode)
     out = Path(out)
     t = time.perf_counter()
 
@@ -1134,7 +1193,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     versions = (pd.__version__, np.__version__)
     asked = baselines or ["bn", "gn"]
     inputs = _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version(),
-                     recipe.recipe_text())
+                     recipe.recipe_text(), *([eval_mode] if eval_mode != "ema" else []))  # the EMA's: the digest as before the option
     outputs = _Outputs(out)
 
     def frames() -> tuple[pd.DataFrame, pd.DataFrame, list[Table]]:
@@ -1142,7 +1201,8 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
         lap("frames")
         ref = load_reference(ref_dir)
         bases = resolve_baselines(asked, runs["variant"])
-        return runs, curves, all_tables(runs, ref, bases)
+        shown, lacking, same = in_eval_mode(runs, eval_mode)
+        return runs, curves, _mode_caption(all_tables(shown, ref, bases), eval_mode, lacking, same)
 
     if outputs.unchanged(inputs):
         for warning in outputs.warnings:
@@ -1164,17 +1224,22 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     ref = load_reference(ref_dir)
     with _warnings_kept(warnings):
         bases = resolve_baselines(asked, runs["variant"])
+        shown, lacking, same = in_eval_mode(runs, eval_mode)  # what the tables and Figure 1 show; runs.csv keeps every mode
+        if lacking:
+            log.warning(f"report --eval-mode {eval_mode}: {len(lacking)} finished run(s) have no {eval_mode} evaluation (their eval.modes "
+                        f"lack it), e.g. {lacking[0]}: their cells are marked 'no {eval_mode} eval', not given the EMA's number")
     # Every output is written beside its name and renamed over it: a reader (or a report killed half-way)
     # sees each file old or new, never cut. One that is there as the same inputs made it is left as it is.
     figures = [f"{stem}.{ext}" for stem in FIGURES for ext in ("png", "pdf")]
 
     def figures_digest() -> str:
-        return _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes())
+        return _digest(runs, curves, ref, bases, versions, _matplotlib_version(), Path(__file__).read_bytes(),
+                       *([shown, eval_mode] if eval_mode != "ema" else []))
 
     def draw() -> None:
-        figure_error_vs_batch(runs, ref, out)
-        figure_curves(runs, curves, out)
-        figure_delta(runs, bases, out)
+        figure_error_vs_batch(shown, ref, out, eval_mode)
+        figure_curves(runs, curves, out)  # per-epoch curves: the EMA's (curves.csv has every mode's columns)
+        figure_delta(shown, bases, out, eval_mode)
         figure_val_error_vs_epoch(runs, curves, out)
 
     # The figures are drawn by a forked child while this process makes the tables and CSVs (one core each).
@@ -1185,7 +1250,7 @@ def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None 
     # curves.csv's pieces are made by forked processes from here on, while this process makes the tables.
     curves_csv = _start_csv_output(curves, out, "curves.csv", outputs, versions)
     digest = digest or figures_digest()
-    tables = all_tables(runs, ref, bases)
+    tables = _mode_caption(all_tables(shown, ref, bases), eval_mode, lacking, same)
     table_files = []
     for table in tables:
         for ext, text in (("md", table.markdown()), ("tex", table.latex()), ("csv", table.long().to_csv(index=False))):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import array
 import logging
+import math
 import operator
 import os
 import pickle
@@ -27,8 +28,10 @@ from ablation.gcpause import gc_paused
 log = logging.getLogger("ablation")
 
 INDEX_NAME = ".collect-index.pkl"  # in the report's output folder: run folders stay as the trainer wrote them
-INDEX_VERSION = 2  # bump when an entry's content changes (2: "extra", the metrics rows' keys beyond METRIC_KEYS)
+INDEX_VERSION = 2  # bump when an entry's content changes (2: "extra", the metrics rows' keys beyond METRIC_KEYS, and "modes")
 _KEYS = rundir.METRIC_KEYS
+# The extra evaluation modes' fields (eval.modes: val_err1_precise, val_err5_precise, val_err1_batch, val_err5_batch).
+MODE_KEYS = tuple(k for keys in rundir.MODE_METRIC_KEYS.values() for k in keys)
 _RUN_KEYS = frozenset(("run_id", "variant", "batch_per_gpu", "seed"))  # a metrics row holding one sets that curves column
 
 Identity = tuple[Any, ...]
@@ -83,6 +86,25 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]] | None:
     return out
 
 
+def _mode_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
+    """Each extra evaluation mode's values (float64 bytes, NaN on an epoch without a number) where some row has that
+    mode; {} where none has (every row holds METRIC_KEYS alone: no row is searched)."""
+    if set(map(len, rows)) == {len(_KEYS)}:
+        return {}
+    out = {}
+    for key in MODE_KEYS:
+        values = [r.get(key) for r in rows]
+        if any(v is not None for v in values):
+            out[key] = ("d", array.array("d", [float(v) if isinstance(v, (int, float)) else math.nan for v in values]).tobytes())
+    return out
+
+
+def mode_values(entry: dict[str, Any], key: str) -> list[float] | None:
+    """An entry's per-epoch values of one extra mode's field (NaN on an epoch without one), or None where no epoch has it."""
+    found = entry.get("modes", {}).get(key)
+    return array.array(found[0], found[1]).tolist() if found else None
+
+
 def read_folder(folder: str) -> dict[str, Any]:
     """One run folder's entry: its files' identity, config document, final status, metric columns (or rows), warnings."""
     key = identity(folder)  # before reading: a file replaced meanwhile is read again next time
@@ -97,9 +119,13 @@ def read_folder(folder: str) -> dict[str, Any]:
     last_wall = rows[-1]["wall_seconds"] if rows else None
     columns = _columns(rows) if rows else {}
     final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
-    return {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
-            "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
-            "decoded_on": decoded_on(folder, config), "extra": extra_keys(rows, columns)}
+    entry = {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
+             "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
+             "decoded_on": decoded_on(folder, config), "extra": extra_keys(rows, columns)}
+    modes = _mode_columns(rows) if entry["extra"] else {}
+    if modes:  # only a run that evaluated in extra modes carries the key
+        entry["modes"] = modes
+    return entry
 
 
 def extra_keys(rows: list[dict[str, Any]], columns: dict[str, Any] | None) -> list[str]:
@@ -140,7 +166,11 @@ def metric_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     if not entry["n"]:
         return []
     columns = [array.array(code, data).tolist() for code, data in (entry["columns"][k] for k in _KEYS)]
-    return [dict(zip(_KEYS, values)) for values in zip(*columns)]
+    rows = [dict(zip(_KEYS, values)) for values in zip(*columns)]
+    for key, (code, data) in entry.get("modes", {}).items():  # the extra modes' fields, NaN where an epoch has none
+        for row, value in zip(rows, array.array(code, data).tolist()):
+            row[key] = value
+    return rows
 
 
 def run_fields(entry: dict[str, Any]) -> dict[str, Any]:
