@@ -64,14 +64,17 @@ def batches(cfg: config.RunConfig, env: DistEnv, data_root: Path | None, steps: 
                 return
 
 
-def measure(cfg: config.RunConfig, env: DistEnv, data_root: Path | None, warmup: int, steps: int) -> float:
-    """Training images per second over `steps` steps after `warmup` (compile included in the warm-up)."""
-    gpp = cfg.gpus  # one process stands in for every modelled GPU
-    model = create_model(cfg, 1000, gpus_per_process=gpp).to(env.device)
+def trainable(cfg: config.RunConfig, env: DistEnv) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module]:
+    """(model, optimizer, the forward to time: the model, or it compiled) for one case."""
+    model = create_model(cfg, 1000, gpus_per_process=cfg.gpus).to(env.device)  # one process stands in for every modelled GPU
     if cfg.channels_last and env.device != "cpu":
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(cfg, model)
-    fwd = torch.compile(model, backend=cfg.compile) if cfg.compile != "off" else model
+    return model, build_optimizer(cfg, model), torch.compile(model, backend=cfg.compile) if cfg.compile != "off" else model
+
+
+def measure(cfg: config.RunConfig, env: DistEnv, built: tuple, data_root: Path | None, warmup: int, steps: int) -> float:
+    """Training images per second over `steps` steps after `warmup` (compile included in the first case's warm-up)."""
+    model, opt, fwd = built
     return timed_steps(model, opt, batches(cfg, env, data_root, warmup + steps), cfg, env, warmup, steps, forward=fwd)[0]
 
 
@@ -105,9 +108,10 @@ def main() -> None:
         for case, gpus in (("per_gpu", 1), ("stand_in", 8)):
             for b in (32, 2):
                 for compiled in ("off", backend):
+                    cfg = config.load(None, base + [f"gpus={gpus}", f"batch_per_gpu={b}", f"compile={compiled}"])
+                    built = trainable(cfg, env)  # compiled once for both data cases: the second times the same graphs
                     for data in ("excluded", "included"):
-                        cfg = config.load(None, base + [f"gpus={gpus}", f"batch_per_gpu={b}", f"compile={compiled}"])
-                        ips = measure(cfg, env, data_root if data == "included" else None, warmup, steps)
+                        ips = measure(cfg, env, built, data_root if data == "included" else None, warmup, steps)
                         row = {
                             "case": case, "model": cfg.model.name, "norm": cfg.norm.name, "image_size": cfg.data.image_size,
                             "gpus": gpus, "batch_per_gpu": b, "global_batch": gpus * b, "compile": compiled, "data": data,

@@ -44,8 +44,9 @@ def ablation(args: list[str], env: dict[str, str], *, cwd: Path | None = None, l
              ranks: int = 0, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m ablation ARGS` (or under a launcher such as torchrun) and capture its output.
 
-    `ablation train` runs in a process forked from a server that imported torch once (warm.py), as a process of
-    its own all the same: the ~3 s of imports it would spend first are most of a tiny run's time.
+    The command runs in a process forked from a server that imported torch once (warm.py), as a process of its own all
+    the same: the ~3 s of imports it would spend first are most of a tiny run's (or a sweep's model check's) time.
+    Tests of what a command imports run `python -c` themselves.
     ranks: run `torchrun --standalone --nproc_per_node RANKS -m ablation ARGS`; its ranks are forked from that server too,
     each with the environment torchrun gives it (warm.torchrun_env), and without torchrun's agent (tests of what the
     agent does, such as ending every rank when one fails, keep the real torchrun as their launcher).
@@ -54,7 +55,7 @@ def ablation(args: list[str], env: dict[str, str], *, cwd: Path | None = None, l
     if ranks:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m"]
     cmd = (launcher or [sys.executable, "-m"]) + ["ablation", *args]
-    if launcher is None and args[:1] == ["train"] and warm.available():
+    if launcher is None and warm.available():
         proc = warm.run(cmd, args, env, cwd=cwd, timeout=timeout)
     elif ranks and warm.available():
         proc = warm.run_ranks(cmd, args, warm.torchrun_env(env, ranks, warm.free_port()), cwd=cwd, timeout=timeout)

@@ -78,7 +78,7 @@ def _child(args: list[str], env: dict[str, str], cwd: str | None, out: str, err:
 
 
 def run(cmd: list[str], args: list[str], env: dict[str, str], *, cwd: Path | None = None,
-        timeout: float = 600) -> subprocess.CompletedProcess:
+        timeout: float | None = 600) -> subprocess.CompletedProcess:
     """subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout), cmd being `python -m ablation ARGS`."""
     return run_ranks(cmd, args, [env], cwd=cwd, timeout=timeout)
 
@@ -100,7 +100,7 @@ def free_port() -> int:
 
 
 def run_ranks(cmd: list[str], args: list[str], envs: list[dict[str, str]], *, cwd: Path | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+              timeout: float | None = 600) -> subprocess.CompletedProcess:
     """`python -m ablation ARGS` once per environment, the processes side by side (one per rank); their outputs joined rank by
     rank with rank 0's last (the lines a test reads, such as the run folder, are rank 0's), and the first non-zero exit code."""
     with tempfile.TemporaryDirectory(prefix="ablation-warm-") as tmp:
@@ -111,9 +111,9 @@ def run_ranks(cmd: list[str], args: list[str], envs: list[dict[str, str]], *, cw
                  for r, e in enumerate(envs)]
         for proc in procs:
             proc.start()
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
+            proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
         def joined(i: int) -> str:
             return "".join(Path(files[r][i]).read_text(errors="replace") for r in reversed(range(len(envs))))
