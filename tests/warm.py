@@ -9,6 +9,8 @@ ABLATION_TEST_FRESH=1 to run every command in a fresh interpreter instead.
 
 from __future__ import annotations
 
+import functools
+import json
 import multiprocessing
 import os
 import socket
@@ -49,7 +51,16 @@ def _server() -> Any:
     return _context
 
 
-def _child(args: list[str], env: dict[str, str], cwd: str | None, out: str, err: str) -> None:
+@functools.cache
+def _base_path() -> list[str]:
+    """sys.path of a fresh interpreter beyond its script folder and PYTHONPATH (the standard library and site-packages)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _child(args: list[str], env: dict[str, str], cwd: str | None, out: str, err: str, base_path: list[str]) -> None:
     """In the forked child: become `python -m ablation ARGS` with this environment and working directory."""
     import atexit
 
@@ -58,7 +69,8 @@ def _child(args: list[str], env: dict[str, str], cwd: str | None, out: str, err:
     if cwd is not None:
         os.chdir(cwd)
     # `python -m` puts the working directory first on the path, then PYTHONPATH's entries.
-    sys.path[:0] = [os.getcwd(), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
+    # The server's own path is the test process's as it was when the server started, folders tests put there included.
+    sys.path[:] = [os.getcwd(), *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p), *base_path]
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_TRUNC)
         os.dup2(f, fd)
@@ -107,7 +119,8 @@ def run_ranks(cmd: list[str], args: list[str], envs: list[dict[str, str]], *, cw
         files = [(os.path.join(tmp, f"stdout{r}"), os.path.join(tmp, f"stderr{r}")) for r in range(len(envs))]
         for path in (p for pair in files for p in pair):
             open(path, "w").close()
-        procs = [_server().Process(target=_child, args=(args, e, None if cwd is None else str(cwd), *files[r]), name=f"ablation{r}")
+        where = None if cwd is None else str(cwd)
+        procs = [_server().Process(target=_child, args=(args, e, where, *files[r], _base_path()), name=f"ablation{r}")
                  for r, e in enumerate(envs)]
         for proc in procs:
             proc.start()
