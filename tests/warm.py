@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 PRELOAD = ["ablation.cli", "ablation.train.trainer"]
+FAILED_RANK_GRACE_S = 30  # how long the other ranks may take to end on their own once one rank has failed
 _context: Any = None
 
 
@@ -125,16 +126,19 @@ def run_ranks(cmd: list[str], args: list[str], envs: list[dict[str, str]], *, cw
         for proc in procs:
             proc.start()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for proc in procs:
-            proc.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        failed = 0  # the exit code of the first rank that failed (before any was killed here)
+        while (alive := [p for p in procs if p.is_alive()]) and (deadline is None or time.monotonic() < deadline):
+            alive[0].join(0.1)
+            if not failed and any(p.exitcode for p in procs):  # as torchrun's agent does: a failed rank ends the others
+                failed, end = next(p.exitcode for p in procs if p.exitcode), time.monotonic() + FAILED_RANK_GRACE_S
+                deadline = end if deadline is None else min(deadline, end)
 
         def joined(i: int) -> str:
             return "".join(Path(files[r][i]).read_text(errors="replace") for r in reversed(range(len(envs))))
 
-        if any(proc.is_alive() for proc in procs):
-            for proc in procs:
-                proc.kill()
-                proc.join()
+        for proc in alive:
+            proc.kill()
+            proc.join()
+        if alive and not failed:
             raise subprocess.TimeoutExpired(cmd, timeout, joined(0), joined(1))
-        code = next((p.exitcode for p in procs if p.exitcode), 0)
-        return subprocess.CompletedProcess(cmd, code, joined(0), joined(1))
+        return subprocess.CompletedProcess(cmd, failed or next((p.exitcode for p in procs if p.exitcode), 0), joined(0), joined(1))
