@@ -487,8 +487,8 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     if warning:
         log.warning(warning)
     with_modes = [e for e in entries if "modes" in e]  # type: ignore[operator]
-    extra = [k for k in MODE_RUN_COLUMNS if any(k in r for r in runs)] if with_modes else []
-    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS + extra)
+    mode_columns = [k for k in MODE_RUN_COLUMNS if any(k in r for r in runs)] if with_modes else []
+    runs_df = pd.DataFrame(runs, columns=RUN_COLUMNS + mode_columns)
     setting = dict(zip(runs_df["run_id"], runs_df["setting"]))
     curves = _curves_from_columns(every, entries, setting)  # type: ignore[arg-type]
     if curves is None:

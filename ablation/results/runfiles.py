@@ -86,13 +86,11 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]] | None:
     return out
 
 
-def _mode_columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]]:
-    """Each extra evaluation mode's values (float64 bytes, NaN on an epoch without a number) where some row has that
-    mode; {} where none has (every row holds METRIC_KEYS alone: no row is searched)."""
-    if set(map(len, rows)) == {len(_KEYS)}:
-        return {}
+def _mode_columns(rows: list[dict[str, Any]], extra: list[str]) -> dict[str, tuple[str, bytes]]:
+    """Each extra evaluation mode's values (float64 bytes, NaN on an epoch without a number) among the rows' extra keys
+    (extra_keys): {} where they hold none."""
     out = {}
-    for key in MODE_KEYS:
+    for key in (k for k in MODE_KEYS if k in extra):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
             out[key] = ("d", array.array("d", [float(v) if isinstance(v, (int, float)) else math.nan for v in values]).tobytes())
@@ -122,7 +120,7 @@ def read_folder(folder: str) -> dict[str, Any]:
     entry = {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
              "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
              "decoded_on": decoded_on(folder, config), "extra": extra_keys(rows, columns)}
-    modes = _mode_columns(rows) if entry["extra"] else {}
+    modes = _mode_columns(rows, entry["extra"])
     if modes:  # only a run that evaluated in extra modes carries the key
         entry["modes"] = modes
     return entry
