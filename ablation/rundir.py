@@ -7,6 +7,8 @@ Torch-free: the launcher, `ablation status` and the aggregator read run folders 
       config.json     the same document as JSON, for machines (the aggregator reads it; older folders lack it)
       env.json        versions, git commit, host, devices, SLURM ids; `starts` lists every (re)start
       metrics.jsonl   one JSON line per finished epoch (rewritten whole, so never duplicated on resume)
+      metrics.npy     metrics.jsonl's columns for machines (numpy structured array, a field per METRIC_KEYS), rewritten
+                      after it; absent where a row holds other keys (eval.modes) or a column mixes ints and floats
       steps.jsonl     optional: one line per step (log_steps=true), appended
       checkpoint.pt   latest training state (model, optimizer, step, epoch, partial-epoch sums)
       final.json      written last: status ok | diverged | failed, the paper's metric, GPU-hours
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -54,6 +57,7 @@ CONFIG = "config.yaml"
 CONFIG_JSON = "config.json"
 ENV = "env.json"
 METRICS = "metrics.jsonl"
+METRICS_COLUMNS = "metrics.npy"  # metrics.jsonl's twin: what the aggregator reads (10,000 runs: arrays, not a million dicts)
 STEPS = "steps.jsonl"
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.json"
@@ -156,9 +160,112 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
+def write_jsonl(path: str | Path, rows: list[dict[str, Any]], *, durable: bool = True) -> None:
     """Atomically write JSON lines (the whole file: a resumed run never duplicates a line)."""
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows), durable=durable)
+
+
+def write_metrics(folder: str | Path, rows: list[dict[str, Any]], *, durable: bool = True) -> None:
+    """metrics.jsonl (the record), then its twin metrics.npy (metric_array), each atomically; where the rows have no
+    array, a twin left by earlier rows is removed. The twin is written second, so it is never older than the lines it
+    mirrors (metric_twin checks that)."""
+    folder = Path(folder)
+    write_jsonl(folder / METRICS, rows, durable=durable)
+    array = metric_array(rows)
+    if array is None:
+        (folder / METRICS_COLUMNS).unlink(missing_ok=True)
+        return
+    with atomic_path(folder / METRICS_COLUMNS, durable=durable) as tmp:
+        tmp.write_bytes(npy_bytes(array))
+
+
+_INT64 = range(-(2**63), 2**63)
+
+
+def metric_array(rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """The metrics rows as a numpy structured array, a field per METRIC_KEYS in order: int64 where every row's value is
+    an int, float64 where every one is a float; None where there are no rows, a row holds another key or lacks one,
+    or a column mixes types (metrics.jsonl alone then holds them)."""
+    import numpy as np
+
+    if not rows or any(len(r) != len(METRIC_KEYS) for r in rows):
+        return None
+    try:
+        columns = [[r[key] for r in rows] for key in METRIC_KEYS]
+    except KeyError:
+        return None
+    fields = []
+    for key, col in zip(METRIC_KEYS, columns):
+        types = set(map(type, col))
+        if types == {float}:
+            fields.append((key, "<f8"))
+        elif types == {int} and all(v in _INT64 for v in col):
+            fields.append((key, "<i8"))
+        else:
+            return None
+    array = np.empty(len(rows), dtype=fields)
+    for key, col in zip(METRIC_KEYS, columns):
+        array[key] = col
+    return array
+
+
+@functools.cache
+def _twin_dtype() -> Any:
+    """The dtype of the trainer's metric_array: epoch an int64, every other metric a float64."""
+    import numpy as np
+
+    return np.dtype([(k, "<i8" if k == "epoch" else "<f8") for k in METRIC_KEYS])
+
+
+@functools.lru_cache(maxsize=256)
+def _twin_head(rows: int) -> bytes:
+    """The header np.save writes for `rows` rows of the trainer's metric_array: a file that starts with it (and holds their
+    bytes) is read without numpy parsing its header again: a literal_eval per file, most of reading a twin.
+    A twin another numpy wrote with another header is read by np.load."""
+    import numpy as np
+
+    data = npy_bytes(np.zeros(rows, _twin_dtype()))
+    return data[: len(data) - rows * _twin_dtype().itemsize]
+
+
+def metric_twin(folder: str | Path, data: bytes, jsonl_mtime_ns: int) -> np.ndarray | None:
+    """metrics.npy's array where it mirrors `data` (metrics.jsonl's bytes, modified at jsonl_mtime_ns): written after
+    it, of METRIC_KEYS' int64 and float64 fields, one row per line of whole lines, and its last row the last line's
+    values and types; else None (a twin from an older write, or none: read the lines). A middle line it does not check
+    is the same record: the trainer writes both files from one history."""
+    import io
+
+    import numpy as np
+
+    path = Path(folder) / METRICS_COLUMNS
+    lines = data.count(b"\n")
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_mtime_ns < jsonl_mtime_ns:
+                return None
+            blob = f.read()
+        head = _twin_head(lines)
+        dtype = _twin_dtype()
+        if blob.startswith(head) and len(blob) == len(head) + lines * dtype.itemsize:
+            array = np.frombuffer(blob, dtype, lines, len(head))  # what np.load reads, less the parse of the header
+        else:
+            array = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    names = array.dtype.names
+    if array.ndim != 1 or names != METRIC_KEYS or any(array.dtype[k].str not in ("<f8", "<i8") for k in names):
+        return None
+    if not data.endswith(b"\n") or len(array) != lines:
+        return None
+    try:
+        last = json.loads(data[data.rfind(b"\n", 0, len(data) - 1) + 1 :])
+    except ValueError:
+        return None
+    values = array[-1].tolist()
+    if not isinstance(last, dict) or tuple(last) != METRIC_KEYS:
+        return None
+    same = all(type(a) is type(b) and (a == b or a != a and b != b) for a, b in zip(last.values(), values))
+    return array if same else None
 
 
 def _read_bytes(p: Path) -> bytes | None:

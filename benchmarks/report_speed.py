@@ -1,7 +1,7 @@
 """`ablation report` over many run folders: wall time, with where it goes.
 
-Generates N synthetic run folders (default 10,000) as the trainer writes them (config.yaml, env.json,
-metrics.jsonl of 100 epochs, final.json) under <workdir>/results/runs/, and sweep folders under
+Generates N synthetic run folders (default 10,000) as the trainer writes them (config.yaml, config.json,
+env.json, metrics.jsonl of 100 epochs and its metrics.npy, final.json) under <workdir>/results/runs/, and sweep folders under
 <workdir>/results/<sweep>/ linking to them (each run in one sweep, a tenth in two); then times
 `report.build` over <workdir>/results, split into phases (find, read, frames, csv, tables, figures):
 cold (a fresh output folder: no collect index, every output made), then warm (the same folder again,
@@ -39,11 +39,11 @@ from pathlib import Path
 import yaml
 from common import append, machine, results_file, stamp
 
-from ablation import config
+from ablation import config, rundir
 from ablation.results import report
 
 OUT = results_file("report_speed")
-SPEC_VERSION = 2  # bump when the generated folders change, so an old workdir is regenerated
+SPEC_VERSION = 3  # bump when the generated folders change, so an old workdir is regenerated
 
 # (overrides, the error the run converges to): the paper's Table 1-3 settings at five batch sizes.
 NORMS = [
@@ -100,7 +100,7 @@ def generate(results: Path, runs: int, epochs: int, seed: int = 0) -> None:
              "images_per_s": 3200.0 + rng.random(), "epoch_seconds": 400.0 + rng.random(), "wall_seconds": 400.0 * (e + 1)}
             for e, v in enumerate(val)
         ]
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        rundir.write_metrics(folder, rows, durable=False)  # metrics.jsonl and its twin metrics.npy, as the trainer writes them
         if status:
             med = sorted(val[-5:])[len(val[-5:]) // 2]
             reason = None if status == "ok" else ("loss is nan" if status == "diverged" else "RuntimeError: out of memory")
@@ -174,18 +174,17 @@ def timed_old_build(results: Path, out: Path, timings: dict[str, float]) -> repo
 
 @contextlib.contextmanager
 def runs_gain_an_epoch(results: Path, n: int) -> Iterator[None]:
-    """n run folders (spread over the sorted list) whose metrics.jsonl has one more row meanwhile; put back after."""
+    """n run folders (spread over the sorted list) whose metrics (metrics.jsonl and .npy) have one more row meanwhile; put back after."""
     folders = sorted((results / "runs").iterdir())
     picked = folders[:: max(1, len(folders) // n)][:n]
-    old = {f: (f / "metrics.jsonl").read_bytes() for f in picked}
+    old = {f: rundir.read_jsonl(f / rundir.METRICS) for f in picked}
     try:
-        for f, data in old.items():
-            last = json.loads(data.splitlines()[-1])
-            (f / "metrics.jsonl").write_bytes(data + (json.dumps({**last, "epoch": last["epoch"] + 1}) + "\n").encode())
+        for f, rows in old.items():
+            rundir.write_metrics(f, [*rows, {**rows[-1], "epoch": rows[-1]["epoch"] + 1}], durable=False)
         yield
     finally:
-        for f, data in old.items():
-            (f / "metrics.jsonl").write_bytes(data)
+        for f, rows in old.items():
+            rundir.write_metrics(f, rows, durable=False)
 
 
 def drop_page_cache_hint() -> str:

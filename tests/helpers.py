@@ -102,9 +102,25 @@ def assert_same_predictions(a: Path, b: Path) -> list[str]:
     return sorted(pa)
 
 
+def assert_twin_mirrors(folder: Path) -> None:
+    """metrics.npy holds metrics.jsonl's rows (values and types) where they have an array (rundir.metric_array); else it is absent."""
+    rows = rundir.read_jsonl(folder / rundir.METRICS)
+    path = folder / rundir.METRICS
+    twin = rundir.metric_twin(folder, path.read_bytes(), path.stat().st_mtime_ns)
+    if rundir.metric_array(rows) is None:
+        assert not (folder / rundir.METRICS_COLUMNS).exists()
+        return
+    assert twin is not None
+    got = [dict(zip(rundir.METRIC_KEYS, r)) for r in twin.tolist()]
+    assert got == rows and [list(map(type, r.values())) for r in got] == [list(map(type, r.values())) for r in rows]
+
+
 def assert_same_run(a: Path, b: Path) -> None:
-    """Metrics (less timings), per-step losses, every tensor of the final checkpoint and the per-image results are equal."""
+    """Metrics (less timings), per-step losses, every tensor of the final checkpoint and the per-image results are equal;
+    each folder's metrics.npy mirrors its metrics.jsonl."""
     assert metrics_without_time(a) == metrics_without_time(b)
+    assert_twin_mirrors(a)
+    assert_twin_mirrors(b)
     assert rundir.read_jsonl(a / "steps.jsonl") == rundir.read_jsonl(b / "steps.jsonl")
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -138,7 +154,7 @@ def imagenet_counts(train_images: int | None = config.IMAGENET_TRAIN_IMAGES, val
 def write_run(root: Path, overrides: list[str], val: list[float], status: str | None = "ok", reason: str | None = None,
               train_images: int | None = config.IMAGENET_TRAIN_IMAGES, *, paper: bool = False, val_images: int | None = IMAGENET_VAL_IMAGES,
               num_classes: int | None = IMAGENET_CLASSES) -> dict:
-    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl, final.json (trained on
+    """A run folder as the trainer writes it: config.yaml, config.json, env.json, metrics.jsonl and .npy, final.json (trained on
     ImageNet-1k's counts unless told). 10 epochs, not the paper's 100, so not in the paper's setting, unless `paper`: the
     paper's recipe (100 epochs; the overrides still apply)."""
     cfg = config.load(None, [*([] if paper else ["epochs=10"]), *overrides])
@@ -155,7 +171,7 @@ def write_run(root: Path, overrides: list[str], val: list[float], status: str | 
          "epoch_seconds": 1.0, "wall_seconds": i + 1.0}
         for i, v in enumerate(val)
     ]
-    rundir.write_jsonl(folder / "metrics.jsonl", rows)
+    rundir.write_metrics(folder, rows)
     if status:
         final = {"status": status, "reason": reason, "val_err1": statistics.median(val[-5:]) if status == "ok" else None, "val_err5": 1.0,
                  "gpu_hours": 0.5, "wall_seconds": 3.0}

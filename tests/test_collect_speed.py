@@ -9,6 +9,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -610,3 +611,142 @@ def test_only_folders_with_extra_metrics_are_read_for_the_mechanism_table(tmp_pa
     report.write_mechanism(folders, tmp_path / "every")
     for name in ("table_mechanism.md", "table_mechanism.csv"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "every" / name).read_bytes()
+
+
+# ---------------------------------------------------------------- metrics.npy, metrics.jsonl's twin
+
+
+def _lines_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The metrics.jsonl files rundir.read_jsonl parses from now on (in this process)."""
+    seen: list[str] = []
+    real = rundir.read_jsonl
+
+    def counted(path: str | Path) -> list[dict]:
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(rundir, "read_jsonl", counted)
+    return seen
+
+
+def _plain(entry: dict) -> str:
+    """An entry less its files' identities, comparable where NaN is (repr: NaN reads as nan on both sides)."""
+    return repr(sorted((k, v) for k, v in entry.items() if k != "identity"))
+
+
+@pytest.mark.parametrize("val", [curve(24.0), [80.0, float("nan")], [30, 20, 10]], ids=["floats", "nan", "int errors"])
+def test_a_twin_that_mirrors_metrics_jsonl_is_read_instead_of_its_lines(val: list, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_run(tmp_path, ["norm.name=gn"], val, status="ok" if val[-1] == val[-1] else "diverged")["folder"]
+    twin = np.load(folder / rundir.METRICS_COLUMNS)
+    assert twin.dtype.names == rundir.METRIC_KEYS and twin.dtype["val_err1"].kind == ("i" if type(val[0]) is int else "f")
+    seen = _lines_read(monkeypatch)
+    loads: list[object] = []
+    real = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    entry = runfiles.read_folder(str(folder))
+    assert seen == [] and entry["n"] == len(val)  # no line parsed
+    assert len(loads) == (1 if type(val[0]) is int else 0)  # the trainer's dtype (an int epoch, float metrics): no header parsed
+    (folder / rundir.METRICS_COLUMNS).unlink()
+    plain = runfiles.read_folder(str(folder))
+    assert seen == [str(folder / rundir.METRICS)] and _plain(entry) == _plain(plain)
+
+
+def test_a_twin_with_another_header_is_read_by_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .npy of the same array with a 2.0 header (another numpy's np.save may write one): read through np.load, the same entry."""
+    folder = write_run(tmp_path, ["norm.name=gn"], curve(24.0))["folder"]
+    fast = runfiles.read_folder(str(folder))
+    array = np.load(folder / rundir.METRICS_COLUMNS)
+    with open(folder / rundir.METRICS_COLUMNS, "wb") as f:
+        np.lib.format.write_array(f, array, version=(2, 0))
+    assert not (folder / rundir.METRICS_COLUMNS).read_bytes().startswith(rundir._twin_head(len(array)))
+    loads: list[object] = []
+    real = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    seen = _lines_read(monkeypatch)
+    again = runfiles.read_folder(str(folder))
+    assert seen == [] and len(loads) == 1 and _plain(again) == _plain(fast)
+
+
+def _stale(folder: Path, how: str) -> None:
+    """Make the folder's metrics.npy not mirror its metrics.jsonl (or be no twin at all) in one way."""
+    rows = rundir.read_jsonl(folder / rundir.METRICS)
+    twin = folder / rundir.METRICS_COLUMNS
+
+    def save(array: np.ndarray) -> None:
+        twin.write_bytes(rundir.npy_bytes(array))
+
+    if how == "older than the lines":
+        st = (folder / rundir.METRICS).stat()
+        os.utime(twin, ns=(st.st_atime_ns, st.st_mtime_ns - 1_000_000_000))
+    elif how == "a row fewer":
+        save(rundir.metric_array(rows[:-1]))
+    elif how == "another last value":
+        save(rundir.metric_array([*rows[:-1], {**rows[-1], "val_err1": rows[-1]["val_err1"] + 1}]))
+    elif how == "an int for a float":
+        save(rundir.metric_array([{**r, "lr": 1} for r in rows]))
+    elif how == "a torn last line":
+        with open(folder / rundir.METRICS, "ab") as f:
+            f.write(b'{"epoch": 11, "lr"')
+        os.utime(twin)  # the twin still the newer file: the line count tells
+    elif how == "lines rewritten after":
+        rundir.write_jsonl(folder / rundir.METRICS, [{**rows[0], "train_loss": 9.0}, *rows[1:]])  # same count, same last line
+        st = twin.stat()
+        os.utime(folder / rundir.METRICS, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif how == "garbage":
+        twin.write_bytes(b"not an array")
+    elif how == "other fields":
+        save(np.zeros(len(rows), dtype=[(k, "<f8") for k in ("epoch", "val_err1")]))
+    elif how == "float32 fields":
+        save(rundir.metric_array(rows).astype([(k, "<f4") for k in rundir.METRIC_KEYS]))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["older than the lines", "a row fewer", "another last value", "an int for a float", "a torn last line",
+                                 "lines rewritten after", "garbage", "other fields", "float32 fields"])
+def test_a_twin_that_does_not_mirror_metrics_jsonl_is_passed_over_for_the_lines(how: str, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = write_run(tmp_path, ["norm.name=gn"], curve(24.0))["folder"]
+    _stale(folder, how)
+    seen = _lines_read(monkeypatch)
+    entry = runfiles.read_folder(str(folder))
+    assert seen == [str(folder / rundir.METRICS)]  # the lines are the record
+    (folder / rundir.METRICS_COLUMNS).unlink()
+    assert _plain(entry) == _plain(runfiles.read_folder(str(folder)))
+
+
+def test_write_metrics_writes_a_twin_only_for_regular_rows(tmp_path: Path) -> None:
+    row = {"epoch": 1, "lr": 0.1, "train_loss": 2.0, "train_err1": 50.0, "val_err1": 40.0, "val_err5": 20.0, "images_per_s": 9.5,
+           "epoch_seconds": 1.5, "wall_seconds": 1.5}
+    rundir.write_metrics(tmp_path, [row])
+    assert (tmp_path / rundir.METRICS_COLUMNS).exists()
+    assert (tmp_path / rundir.METRICS_COLUMNS).stat().st_mtime_ns >= (tmp_path / rundir.METRICS).stat().st_mtime_ns
+    irregular = {
+        "an extra mode's key": [row, {**row, "epoch": 2, "val_err1_precise": 39.0}],
+        "a key missing": [{k: v for k, v in row.items() if k != "lr"}],
+        "ints and floats": [row, {**row, "epoch": 2, "lr": 1}],
+        "a boolean": [{**row, "epoch": True}],
+        "a null": [{**row, "val_err1": None}],
+        "an int past int64": [{**row, "epoch": 2**63}],
+        "no rows": [],
+    }
+    for name, rows in irregular.items():
+        rundir.write_metrics(tmp_path, [row])
+        rundir.write_metrics(tmp_path, rows)  # the twin of the row before is gone with it
+        assert rundir.metric_array(rows) is None, name
+        assert not (tmp_path / rundir.METRICS_COLUMNS).exists(), name
+        assert rundir.read_jsonl(tmp_path / rundir.METRICS) == rows
+
+
+def test_folders_with_and_without_twins_collect_to_the_same_tables(many: Path, tmp_path: Path) -> None:
+    base = tmp_path / "lines" / "results"  # the same folder name: a root with a manifest names a sweep
+    shutil.copytree(many / "results", base, symlinks=True)
+    twins = list(base.glob(f"runs/*/{rundir.METRICS_COLUMNS}"))
+    assert len(twins) == 30  # write_run writes them, as the trainer does
+    for p in twins[::2]:
+        p.unlink()
+    with_twins = _tables([many / "results", many / "other"])
+    _assert_same(_tables([base, many / "other"]), with_twins)
+    for p in base.glob(f"runs/*/{rundir.METRICS_COLUMNS}"):
+        p.unlink()
+    _assert_same(_tables([base, many / "other"]), with_twins)

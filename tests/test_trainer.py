@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, metrics_without_time, predictions, run_folder, weights
+from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, assert_twin_mirrors, metrics_without_time, predictions, run_folder, weights
 
 from ablation import config, rundir
 from ablation.faults import FAULT_ENV
@@ -74,6 +74,8 @@ def test_run_folder_contract(tiny_data: Path, tmp_path: Path, cli_env: dict[str,
     assert [r["epoch"] for r in rows] == [1, 2] and all(tuple(r) == rundir.METRIC_KEYS for r in rows)
     assert all(0 <= r["val_err1"] <= 100 and r["val_err5"] <= r["val_err1"] and r["images_per_s"] > 0 for r in rows)
     assert rows[1]["lr"] == pytest.approx(0.1 * 16 / 256 * 0.001)  # all three drops passed by the last step
+    assert_twin_mirrors(folder)  # metrics.npy: the same rows, values and types, for the aggregator
+    assert (folder / rundir.METRICS_COLUMNS).exists()
 
     final = json.loads((folder / "final.json").read_text())
     assert final["status"] == "ok" and final["reason"] is None
@@ -195,6 +197,7 @@ def test_killed_run_resumes_mid_epoch_and_matches_an_uninterrupted_run(pipeline:
     assert proc.returncode == -9
     folder = tmp_path / "resumed" / whole.name
     assert not (folder / "final.json").exists() and len(rundir.read_jsonl(folder / "metrics.jsonl")) == 1
+    assert_twin_mirrors(folder)  # the kill left the twin mirroring the record
     resumed = run_folder(ablation_ok([*args, "--results", str(tmp_path / "resumed")], cli_env))
 
     starts = json.loads((resumed / "env.json").read_text())["starts"]

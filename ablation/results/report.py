@@ -48,6 +48,7 @@ from ablation import provenance, rundir
 from ablation.norms import registry
 from ablation.results import mechanism, recipe, runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
+from ablation.gcpause import gc_paused
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -1166,6 +1167,15 @@ def _warnings_kept(kept: list[str]) -> Iterator[None]:
 
 
 def build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None,
+          timings: dict[str, float] | None = None, eval_mode: str = "ema") -> Report:
+    """Collect the runs under roots and write tables, figures and CSVs to out (_build), the cyclic garbage collector paused:
+    the collected runs are millions of objects that each of its passes would walk again, in this process and in every
+    forked child that makes a figure or a piece of curves.csv (its walks would also copy their pages)."""
+    with gc_paused():
+        return _build(roots, out, baselines, reference, timings, eval_mode)
+
+
+def _build(roots: list[str | Path], out: str | Path, baselines: list[str] | None = None, reference: str | Path | None = None,
           timings: dict[str, float] | None = None, eval_mode: str = "ema") -> Report:
     """Collect the runs under roots and write tables, figures and CSVs to out; `timings` gets the seconds of each phase
     (find, read, frames: ablation.collect; csv, tables, figures). Where nothing that makes them changed since the last

@@ -1,7 +1,8 @@
 """What the collector reads of each run folder, as plain data, kept in an index so that an unchanged folder is read once.
 
 A folder's entry holds its config document (config.json, else config.yaml), final.json, and its metrics.jsonl
-rows as one column per metric (or the rows themselves where they are not one float or int per metric). It is
+rows as one column per metric (or the rows themselves where they are not one float or int per metric): from
+metrics.npy where that twin mirrors metrics.jsonl (rundir.metric_twin), else from the lines. It is
 keyed by the identity (size, mtime_ns, inode) of each file it was read from, taken before reading: a file
 changed since no longer matches, and its folder is read again. Torch-free and pandas-free.
 
@@ -28,7 +29,7 @@ from ablation.gcpause import gc_paused
 log = logging.getLogger("ablation")
 
 INDEX_NAME = ".collect-index.pkl"  # in the report's output folder: run folders stay as the trainer wrote them
-INDEX_VERSION = 2  # bump when an entry's content changes (2: "extra", the metrics rows' keys beyond METRIC_KEYS, and "modes")
+INDEX_VERSION = 3  # bump when an entry's content changes (2: "extra", the rows' keys beyond METRIC_KEYS, and "modes"; 3: metrics.npy)
 _KEYS = rundir.METRIC_KEYS
 # The extra evaluation modes' fields (eval.modes: val_err1_precise, val_err5_precise, val_err1_batch, val_err5_batch).
 MODE_KEYS = tuple(k for keys in rundir.MODE_METRIC_KEYS.values() for k in keys)
@@ -47,12 +48,14 @@ def stat_of(path: str) -> tuple[int, int, int] | None:
 
 
 def identity(folder: str) -> Identity:
-    """The identities of the files a folder's entry is read from: its config (config.json, else config.yaml), metrics, final status."""
+    """The identities of the files a folder's entry is read from: its config (config.json, else config.yaml), metrics, final
+    status, metrics' twin (metrics.npy)."""
     config = stat_of(os.path.join(folder, rundir.CONFIG_JSON))
     name = rundir.CONFIG_JSON if config is not None else rundir.CONFIG
     if config is None:
         config = stat_of(os.path.join(folder, rundir.CONFIG))
-    return (name, config, stat_of(os.path.join(folder, rundir.METRICS)), stat_of(os.path.join(folder, rundir.FINAL)))
+    return (name, config, stat_of(os.path.join(folder, rundir.METRICS)), stat_of(os.path.join(folder, rundir.FINAL)),
+            stat_of(os.path.join(folder, rundir.METRICS_COLUMNS)))
 
 
 def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
@@ -108,22 +111,37 @@ def read_folder(folder: str) -> dict[str, Any]:
     key = identity(folder)  # before reading: a file replaced meanwhile is read again next time
     warnings: list[str] = []
     config = rundir.read_run_config(folder, warnings)
+    final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
+    entry = {"identity": key, "config": config, "final": final, "warnings": warnings, "decoded_on": decoded_on(folder, config)}
+    twin = _twin(folder) if key[4] is not None else None
+    if twin is not None:  # metrics.npy mirrors metrics.jsonl: its columns, no line parsed
+        columns = {k: ("d" if twin.dtype[k].kind == "f" else "q", twin[k].tobytes()) for k in _KEYS}
+        n = len(twin)
+        entry.update(n=n, val=twin["val_err1"].tolist(), last_wall=twin["wall_seconds"][-1].item(), columns=columns, rows=None, extra=[])
+        return entry
     try:
         rows = rundir.read_jsonl(os.path.join(folder, rundir.METRICS))  # a torn last line (a crash, or an append in flight) is left out
     except rundir.CorruptFile as e:
         warnings.append(f"{e}; the run's epochs are left out")
         rows = []
-    val = [r["val_err1"] for r in rows]
-    last_wall = rows[-1]["wall_seconds"] if rows else None
     columns = _columns(rows) if rows else {}
-    final = final_status(os.path.join(folder, rundir.FINAL), warnings)  # a damaged final.json reads as failed
-    entry = {"identity": key, "config": config, "final": final, "n": len(rows), "val": val, "last_wall": last_wall,
-             "columns": columns, "rows": None if columns is not None else rows, "warnings": warnings,
-             "decoded_on": decoded_on(folder, config), "extra": extra_keys(rows, columns)}
+    entry.update(n=len(rows), val=[r["val_err1"] for r in rows], last_wall=rows[-1]["wall_seconds"] if rows else None, columns=columns,
+                 rows=None if columns is not None else rows, extra=extra_keys(rows, columns))
     modes = _mode_columns(rows, entry["extra"])
     if modes:  # only a run that evaluated in extra modes carries the key
         entry["modes"] = modes
     return entry
+
+
+def _twin(folder: str) -> Any:
+    """The folder's metrics.npy array where it mirrors its metrics.jsonl (rundir.metric_twin), else None."""
+    try:
+        with open(os.path.join(folder, rundir.METRICS), "rb") as f:
+            mtime = os.fstat(f.fileno()).st_mtime_ns
+            data = f.read()
+    except OSError:
+        return None
+    return rundir.metric_twin(folder, data, mtime)
 
 
 def extra_keys(rows: list[dict[str, Any]], columns: dict[str, Any] | None) -> list[str]:

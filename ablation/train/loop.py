@@ -309,7 +309,7 @@ class EpochLoop:
         st.epoch, st.step_in_epoch, st.partial, st.epoch_seconds = epoch + 1, 0, [], 0.0
         self._checkpoint(None)
         if env.is_main:
-            rundir.write_jsonl(self.rd.metrics, st.history)
+            rundir.write_metrics(self.rd.root, st.history)
         self.tracker.epoch(st.history[-1])  # after the checkpoint: an epoch a start shows is one a resume will not redo
         modes = "".join(f"  val err {mode} {extra[keys[0]]:.2f}%" for mode, keys in rundir.MODE_METRIC_KEYS.items() if keys[0] in extra)
         log.info(

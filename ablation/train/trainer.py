@@ -176,7 +176,7 @@ def _train_locked(cfg: RunConfig, rd: rundir.RunDir, env: DistEnv, scan: Dataset
         resumed = state.step > 0 or state.epoch > 0
         if env.is_main:
             write_env(rd, environment(env, cfg), info, state)
-            rundir.write_jsonl(rd.metrics, state.history)
+            rundir.write_metrics(rd.root, state.history)
             rundir.prune_predictions(rd.root, state.epoch)  # the epochs after the checkpoint are evaluated again
             if cfg.log_steps:
                 rundir.write_jsonl(rd.steps, [r for r in rundir.read_jsonl(rd.steps) if r["step"] < state.step])
