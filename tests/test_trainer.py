@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import RUN, TINY, ablation, ablation_ok, assert_same_run, assert_twin_mirrors, metrics_without_time, predictions, run_folder, weights
+from helpers import (
+    RUN,
+    TINY,
+    ablation,
+    ablation_ok,
+    assert_same_run,
+    assert_twin_mirrors,
+    metrics_without_time,
+    predictions,
+    run_folder,
+    weights,
+)
 
 from ablation import config, rundir
 from ablation.faults import FAULT_ENV

@@ -45,10 +45,10 @@ import numpy as np
 import pandas as pd
 
 from ablation import provenance, rundir
+from ablation.gcpause import gc_paused
 from ablation.norms import registry
 from ablation.results import mechanism, recipe, runfiles
 from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
-from ablation.gcpause import gc_paused
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
