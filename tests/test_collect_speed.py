@@ -750,3 +750,15 @@ def test_folders_with_and_without_twins_collect_to_the_same_tables(many: Path, t
     for p in base.glob(f"runs/*/{rundir.METRICS_COLUMNS}"):
         p.unlink()
     _assert_same(_tables([base, many / "other"]), with_twins)
+
+
+def test_a_survey_without_stats_takes_the_readers_identities_and_the_same_digest(many: Path) -> None:
+    roots = [many / "results", many / "other"]
+    full = collect.survey(roots)
+    bare = collect.survey(roots, stats=False)
+    assert bare.identities is None and bare.folders == full.folders
+    with pytest.raises(ValueError, match="identities"):
+        bare.digest()
+    identities: list = []
+    _assert_same(collect.collect(roots, workers=2, surveyed=bare, identities=identities), collect.collect(roots, surveyed=full))
+    assert identities == full.identities and bare.with_identities(identities).digest() == full.digest()

@@ -6,6 +6,7 @@ unfinished run keeps its row and its status, and its metric stays empty (NaN), n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -304,22 +305,31 @@ class Survey:
     inode) and the sweeps' links. Two equal surveys read the same: a report whose inputs' survey is unchanged is too."""
 
     folders: list[Path]
-    identities: list[runfiles.Identity]
+    identities: list[runfiles.Identity] | None  # None: not taken (survey(stats=False)); collect's readers take them
     links: list[tuple[str, frozenset[str]]]
     predictions: list[Any]  # each folder's per-image results folder (its mtime moves when a file is renamed into it), or None
 
     def digest(self) -> str:
-        """A hash of the whole survey."""
+        """A hash of the whole survey (its identities taken)."""
+        if self.identities is None:
+            raise ValueError("a survey without its files' identities has no digest (collect(identities=) takes them)")
         links = [(name, sorted(names)) for name, names in self.links]
         return hashlib.sha256(repr(([str(f) for f in self.folders], self.identities, links, self.predictions)).encode()).hexdigest()
 
+    def with_identities(self, identities: list[runfiles.Identity]) -> Survey:
+        """This survey with its folders' identities (as collect's readers took them)."""
+        return dataclasses.replace(self, identities=identities)
 
-def survey(roots: Iterable[str | Path]) -> Survey:
-    """The survey of the run folders and sweeps under the roots (a stat of each run folder's files; nothing read)."""
+
+def survey(roots: Iterable[str | Path], stats: bool = True) -> Survey:
+    """The survey of the run folders and sweeps under the roots (a stat of each run folder's files; nothing read).
+
+    stats=False leaves the files' identities out (None): where nothing read before is to be compared with them, the
+    readers take each folder's as they read it (collect(identities=)), not a second stat of every file beforehand."""
     roots = [Path(r) for r in roots]
     folders = find_run_folders(roots)
     predictions = [runfiles.stat_of(os.path.join(f, rundir.PREDICTIONS)) for f in folders]
-    return Survey(folders, [runfiles.identity(str(f)) for f in folders], sweep_links(roots), predictions)
+    return Survey(folders, [runfiles.identity(str(f)) for f in folders] if stats else None, sweep_links(roots), predictions)
 
 
 
@@ -433,7 +443,7 @@ _CHUNK = 500  # run folders per piece of work
 
 def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None, workers: int | None = None,
             index: str | Path | None = None, surveyed: Survey | None = None,
-            extra: list[Path] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+            extra: list[Path] | None = None, identities: list[runfiles.Identity] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs, curves) tables of every run folder under the roots.
 
     timings: gets the seconds of each phase (find, read, frames). workers: processes reading the run folders
@@ -441,14 +451,16 @@ def collect(roots: Iterable[str | Path], timings: dict[str, float] | None = None
     single-threaded process on Linux; 1: this process alone). index: a file keeping what was read of each folder
     (runfiles): a folder whose files are unchanged since is not read again, and the file is rewritten.
     surveyed: the roots' survey, where the caller has made it. extra: gets the run folders whose metrics rows hold keys
-    beside rundir.METRIC_KEYS (extra evaluation modes: the only ones the mechanism table reads).
+    beside rundir.METRIC_KEYS (extra evaluation modes: the only ones the mechanism table reads). identities: gets each
+    folder's files' identities as read (a survey made without them reads every folder: there is nothing to compare).
     """
     with gc_paused():  # the configs, rows and tables made here are many and hold no cycles
-        return _collect(roots, timings, workers, index, surveyed, extra)
+        return _collect(roots, timings, workers, index, surveyed, extra, identities)
 
 
-def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None,
-             index: str | Path | None, surveyed: Survey | None, extra: list[Path] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, workers: int | None, index: str | Path | None,
+             surveyed: Survey | None, extra: list[Path] | None,
+             identities: list[runfiles.Identity] | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """collect(), the collector as it is."""
     clock = _Clock(timings)
     if surveyed is None:
@@ -456,9 +468,9 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
         clock.lap("find")
     folders = surveyed.folders
     paths = [str(f) for f in folders]
-    known = runfiles.load_index(index)
+    known = runfiles.load_index(index) if surveyed.identities is not None else {}
     entries: list[dict[str, Any] | None] = []
-    for p, ident in zip(paths, surveyed.identities):
+    for p, ident in zip(paths, surveyed.identities or [None] * len(paths)):
         e = known.get(p)
         entries.append(e if e is not None and e.get("identity") == ident else None)
     missing = [i for i, e in enumerate(entries) if e is None]
@@ -480,6 +492,8 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     clock.lap("read")
     if extra is not None:
         extra.extend(f for f, e in zip(folders, entries) if e["extra"])  # type: ignore[index]
+    if identities is not None:
+        identities.extend(e["identity"] for e in entries)  # type: ignore[index]
     every = list(runs)  # every folder's curves count, copies of a run included
     runs = one_per_run_id(runs)
     label_settings(runs)

@@ -48,7 +48,7 @@ from ablation import provenance, rundir
 from ablation.gcpause import gc_paused
 from ablation.norms import registry
 from ablation.results import mechanism, recipe, runfiles
-from ablation.results.collect import PARALLEL_MIN_FOLDERS, background, collect, reader_count, survey, variant
+from ablation.results.collect import PARALLEL_MIN_FOLDERS, Survey, background, collect, reader_count, survey, variant
 from ablation.rundir import atomic_path, write_text
 
 log = logging.getLogger("ablation")
@@ -1193,7 +1193,10 @@ def _build(roots: list[str | Path], out: str | Path, baselines: list[str] | None
             timings[name] = timings.get(name, 0.0) + now - t
         t = now
 
-    surveyed = survey(roots)
+    # A folder that holds no record of outputs and no collect index has nothing to compare the files' identities with:
+    # the readers take each folder's as they read it, not a stat of every file beforehand (the survey's larger half).
+    first = not (out / OUTPUTS_NAME).exists() and not (out / runfiles.INDEX_NAME).exists()
+    surveyed = survey(roots, stats=not first)
     if not surveyed.folders:  # before anything is made: a report that found nothing to report leaves no folder behind
         from ablation.errors import AblationError
 
@@ -1202,8 +1205,12 @@ def _build(roots: list[str | Path], out: str | Path, baselines: list[str] | None
     ref_dir = reference_dir(reference)
     versions = (pd.__version__, np.__version__)
     asked = baselines or ["bn", "gn"]
-    inputs = _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version(),
-                     recipe.recipe_text(), *([eval_mode] if eval_mode != "ema" else []))  # the EMA's: the digest as before the option
+
+    def inputs_digest(surveyed: Survey) -> str:
+        return _digest(surveyed.digest(), _reference_text(ref_dir), asked, versions, _matplotlib_version(), provenance.code_version(),
+                       recipe.recipe_text(), *([eval_mode] if eval_mode != "ema" else []))  # the EMA's: the digest as before the option
+
+    inputs = None if first else inputs_digest(surveyed)
     outputs = _Outputs(out)
 
     def frames() -> tuple[pd.DataFrame, pd.DataFrame, list[Table]]:
@@ -1214,7 +1221,7 @@ def _build(roots: list[str | Path], out: str | Path, baselines: list[str] | None
         shown, lacking, same = in_eval_mode(runs, eval_mode)
         return runs, curves, _mode_caption(all_tables(shown, ref, bases), eval_mode, lacking, same)
 
-    if outputs.unchanged(inputs):
+    if inputs is not None and outputs.unchanged(inputs):
         for warning in outputs.warnings:
             log.warning(warning)
         lap("read")
@@ -1223,13 +1230,17 @@ def _build(roots: list[str | Path], out: str | Path, baselines: list[str] | None
     out.mkdir(parents=True, exist_ok=True)
     warnings: list[str] = []
     extra: list[Path] = []  # the run folders whose metrics hold more than the usual keys: the mechanism table's only candidates
+    identities: list[Any] = []
     try:
         with _warnings_kept(warnings):
-            runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME, surveyed=surveyed, extra=extra)
+            runs, curves = collect(roots, timings, index=out / runfiles.INDEX_NAME, surveyed=surveyed, extra=extra, identities=identities)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if inputs is None:
+        surveyed = surveyed.with_identities(identities)
+        inputs = inputs_digest(surveyed)
     t = time.perf_counter()
     ref = load_reference(ref_dir)
     with _warnings_kept(warnings):
