@@ -958,14 +958,20 @@ def _start_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs,
 
         return whole
     bounds = piece_bounds(df)
-    digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
     header = df.iloc[:0].to_csv(index=False).encode("utf-8")
-    digest = _digest(header, digests)
-    if outputs.fresh([name], digest):
-        return lambda: None
-    old = outputs.old_pieces(name)
-    todo = [i for i, d in enumerate(digests) if d not in old]
-    pieces = csv_pieces(df, [bounds[i] for i in todo])
+    if not outputs.recorded([name]):  # no file there to keep or copy from: every piece is made, and digested meanwhile
+        todo, old = list(range(len(bounds))), {}
+        pieces = csv_pieces(df, bounds)
+        digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
+        digest = _digest(header, digests)
+    else:
+        digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
+        digest = _digest(header, digests)
+        if outputs.fresh([name], digest):
+            return lambda: None
+        old = outputs.old_pieces(name)
+        todo = [i for i, d in enumerate(digests) if d not in old]
+        pieces = csv_pieces(df, [bounds[i] for i in todo])
 
     def finish() -> None:
         made = dict(zip(todo, list(pieces)))  # every piece taken: the processes are ended (and waited for) after the last
