@@ -974,19 +974,21 @@ def _start_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs,
         pieces = csv_pieces(df, [bounds[i] for i in todo])
 
     def finish() -> None:
-        made = dict(zip(todo, list(pieces)))  # every piece taken: the processes are ended (and waited for) after the last
+        made, wanted = iter(pieces), set(todo)  # written as they come (in todo's order), not all held first
         record, pos = [], len(header)
         with atomic_path(out / name, durable=False) as tmp, open(tmp, "wb") as f, outputs.open_old(name, bool(old)) as src:
             f.write(header)
             for i, d in enumerate(digests):
-                if i in made:
-                    data = made[i]
+                if i in wanted:
+                    data = next(made)
                 else:
                     start, stop = old[d]
                     data = os.pread(src.fileno(), stop - start, start)  # type: ignore[union-attr]
                 f.write(data)
                 record.append([d, pos, pos + len(data)])
                 pos += len(data)
+            if next(made, None) is not None:  # none is left: taking the end ends the processes (and waits for them)
+                raise AssertionError("more pieces of curves.csv made than asked for")
             f.flush()
             outputs.made([name], digest, tmp, pieces=record)
 
