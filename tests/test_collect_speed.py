@@ -326,7 +326,7 @@ def test_index_rereads_only_the_folders_whose_files_changed(many: Path, tmp_path
         _assert_same(warm, cold)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "cut", "a class", "another version"])
+@pytest.mark.parametrize("damage", ["garbage", "cut", "a class", "a class outside the pieces", "no pieces", "another version"])
 def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_path: Path, damage: str,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     index = tmp_path / runfiles.INDEX_NAME
@@ -336,8 +336,10 @@ def test_a_damaged_or_foreign_index_is_rebuilt_with_one_warning(many: Path, tmp_
     index.write_bytes({
         "garbage": b"not a pickle at all",
         "cut": data[: len(data) // 2],
-        "a class": pickle.dumps({"version": runfiles.INDEX_VERSION, "entries": {"x": Path("/")}}),
-        "another version": pickle.dumps({"version": runfiles.INDEX_VERSION + 1, "entries": {}}),
+        "a class": pickle.dumps({"version": runfiles.INDEX_VERSION, "pieces": [pickle.dumps({"x": Path("/")})]}),
+        "a class outside the pieces": pickle.dumps({"version": runfiles.INDEX_VERSION, "pieces": [], "x": Path("/")}),
+        "no pieces": pickle.dumps({"version": runfiles.INDEX_VERSION, "pieces": {"x": b""}}),
+        "another version": pickle.dumps({"version": runfiles.INDEX_VERSION + 1, "pieces": []}),
     }[damage])
     with caplog.at_level("WARNING", logger="ablation"):
         _assert_same(_tables(roots, index=index), want)
@@ -762,3 +764,20 @@ def test_a_survey_without_stats_takes_the_readers_identities_and_the_same_digest
     identities: list = []
     _assert_same(collect.collect(roots, workers=2, surveyed=bare, identities=identities), collect.collect(roots, surveyed=full))
     assert identities == full.identities and bare.with_identities(identities).digest() == full.digest()
+
+
+def test_a_first_collect_by_processes_keeps_their_pieces_as_the_index(many: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every folder read by the reader processes: their pickled pieces are the index as they are; it loads to each folder's
+    entry, and a collect after it reads nothing."""
+    roots = [many / "results", many / "other"]
+    index = tmp_path / runfiles.INDEX_NAME
+    cold = collect.collect(roots, workers=2, index=index)
+    doc = pickle.loads(index.read_bytes())
+    assert doc["version"] == runfiles.INDEX_VERSION and len(doc["pieces"]) >= 1 and all(isinstance(p, bytes) for p in doc["pieces"])
+    entries = runfiles.load_index(index)
+    folders = [str(f) for f in collect.find_run_folders(roots)]
+    assert list(entries) == folders
+    assert all(_plain(entries[f]) == _plain(runfiles.read_folder(f)) and entries[f]["identity"] == runfiles.identity(f) for f in folders)
+    seen = _count_reads(monkeypatch)
+    _assert_same(_tables(roots, index=index), cold)
+    assert seen == []

@@ -480,7 +480,8 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
     missing = [i for i, e in enumerate(entries) if e is None]
     sweeps = _sweep_index(surveyed.links)
     runs = []
-    with _reader(reader_count(workers, len(missing))) as read:
+    pieces: list[bytes] = []  # the readers' pickled pieces, in order (where they are processes)
+    with _reader(reader_count(workers, len(missing)), pieces) as read:
         arriving = iter(read([paths[i] for i in missing]))
         for i, folder in enumerate(folders):
             # Each run's row is made as its entry comes: this process works while the readers read, not after them.
@@ -491,8 +492,10 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
             run["sweeps"] = sweeps(folder.name)
             runs.append(run)
     saved = None
-    if index is not None and (missing or len(known) != len(paths)):
-        saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))  # while the tables are made
+    if index is not None and len(missing) == len(paths) and pieces:  # every entry in the readers' pieces: kept as they are
+        saved = background(lambda: runfiles.save_index(index, pieces=pieces))  # while the tables are made
+    elif index is not None and (missing or len(known) != len(paths)):
+        saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))
     clock.lap("read")
     if extra is not None:
         extra.extend(f for f, e in zip(folders, entries) if e["extra"])  # type: ignore[index]
@@ -556,16 +559,21 @@ def reader_count(asked: int | None, folders: int) -> int:
 
 
 @contextmanager
-def _reader(workers: int) -> Iterator[Callable[[list[str]], Iterator[dict[str, Any]]]]:
-    """A function reading run folders (runfiles.read_folder) in order, in pieces: here, or in `workers` forked processes."""
+def _reader(workers: int, pieces: list[bytes]) -> Iterator[Callable[[list[str]], Iterator[dict[str, Any]]]]:
+    """A function reading run folders (runfiles.read_folder) in order, in pieces: here, or in `workers` forked processes
+    (their pickled pieces, runfiles.read_piece, appended to `pieces` as they come)."""
     if workers <= 1:
         yield lambda paths: itertools.chain.from_iterable(map(runfiles.read_folders, _pieces(paths, _CHUNK)))
         return
     ex = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
 
+    def entries(piece: bytes) -> Iterator[dict[str, Any]]:
+        pieces.append(piece)
+        return iter(runfiles.entries_of(piece).values())
+
     def read(paths: list[str]) -> Iterator[dict[str, Any]]:
         size = max(50, min(_CHUNK, len(paths) // (workers * 4) or 1))  # several pieces a worker: none waits long for the last
-        return itertools.chain.from_iterable(ex.map(runfiles.read_folders, _pieces(paths, size)))
+        return itertools.chain.from_iterable(map(entries, ex.map(runfiles.read_piece, _pieces(paths, size))))
 
     try:
         yield read

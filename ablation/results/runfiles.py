@@ -7,14 +7,16 @@ keyed by the identity (size, mtime_ns, inode) of each file it was read from, tak
 changed since no longer matches, and its folder is read again. Torch-free and pandas-free.
 
 The index is one pickle of plain data (dicts, lists, tuples, strings, bytes, numbers; loaded with an unpickler
-that refuses anything else), written atomically (a temporary file renamed over the old one), so concurrent
-reports each leave a whole index (the last one's). An index that cannot be read or is of another version is
-ignored, with a one-line warning, and rebuilt.
+that refuses anything else): pieces of entries by folder, each pickled on its own (the readers' own pieces where
+they read every folder, so a first report does not pickle its 10,000 entries twice). It is written atomically (a
+temporary file renamed over the old one), so concurrent reports each leave a whole index (the last one's). An index
+that cannot be read or is of another version is ignored, with a one-line warning, and rebuilt.
 """
 
 from __future__ import annotations
 
 import array
+import io
 import logging
 import math
 import operator
@@ -29,7 +31,9 @@ from ablation.gcpause import gc_paused
 log = logging.getLogger("ablation")
 
 INDEX_NAME = ".collect-index.pkl"  # in the report's output folder: run folders stay as the trainer wrote them
-INDEX_VERSION = 3  # bump when an entry's content changes (2: "extra", the rows' keys beyond METRIC_KEYS, and "modes"; 3: metrics.npy)
+# Bump when an entry's content changes (2: "extra", the rows' keys beyond METRIC_KEYS, and "modes"; 3: metrics.npy's identity;
+# 4: the entries in pickled pieces, as the readers made them).
+INDEX_VERSION = 4
 _KEYS = rundir.METRIC_KEYS
 # The extra evaluation modes' fields (eval.modes: val_err1_precise, val_err5_precise, val_err1_batch, val_err5_batch).
 MODE_KEYS = tuple(k for keys in rundir.MODE_METRIC_KEYS.values() for k in keys)
@@ -175,6 +179,21 @@ def read_folders(folders: list[str]) -> list[dict[str, Any]]:
         return [read_folder(f) for f in folders]
 
 
+def read_piece(folders: list[str]) -> bytes:
+    """read_folders' entries by folder, pickled: a worker's piece, which the collector unpickles (entries_of) and keeps,
+    as it is, in the index (not pickled a second time there)."""
+    return pickle.dumps(dict(zip(folders, read_folders(folders))), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def entries_of(piece: bytes) -> dict[str, dict[str, Any]]:
+    """A piece's entries by folder (plain data only: _PlainUnpickler)."""
+    with gc_paused():
+        doc = _PlainUnpickler(io.BytesIO(piece)).load()
+    if not isinstance(doc, dict):
+        raise pickle.UnpicklingError(f"a piece of entries is a {type(doc).__name__}, not a dict")
+    return doc
+
+
 def metric_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """An entry's metrics rows (as read from metrics.jsonl, or rebuilt from its columns with the same keys and values)."""
     if entry["rows"] is not None:
@@ -228,14 +247,27 @@ def load_index(path: str | Path | None) -> dict[str, dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - whatever is wrong with a cache, it is rebuilt
         log.warning(f"collect index {path} is unreadable ({type(e).__name__}: {e}); every run folder is read again")
         return {}
-    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION or not isinstance(doc.get("entries"), dict):
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
         got = doc.get("version") if isinstance(doc, dict) else type(doc).__name__
         log.warning(f"collect index {path} is of version {got}, not {INDEX_VERSION}; every run folder is read again")
         return {}
-    return doc["entries"]
+    if not isinstance(doc.get("pieces"), list) or not all(isinstance(p, bytes) for p in doc["pieces"]):
+        log.warning(f"collect index {path} holds no list of pieces; every run folder is read again")
+        return {}
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        for piece in doc["pieces"]:
+            entries.update(entries_of(piece))
+    except Exception as e:  # noqa: BLE001 - as above
+        log.warning(f"collect index {path} is unreadable ({type(e).__name__}: {e}); every run folder is read again")
+        return {}
+    return entries
 
 
-def save_index(path: str | Path, entries: dict[str, dict[str, Any]]) -> None:
-    """Write the index atomically (not forced to disk: it can be rebuilt)."""
+def save_index(path: str | Path, entries: dict[str, dict[str, Any]] | None = None, pieces: list[bytes] | None = None) -> None:
+    """Write the index atomically (not forced to disk: it can be rebuilt): the entries by folder, or the readers' pieces
+    (read_piece) as they are, where they hold every entry."""
+    if pieces is None:
+        pieces = [pickle.dumps(entries or {}, protocol=pickle.HIGHEST_PROTOCOL)]
     with rundir.atomic_path(path, durable=False) as tmp, open(tmp, "wb") as f:
-        pickle.dump({"version": INDEX_VERSION, "entries": entries}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump({"version": INDEX_VERSION, "pieces": pieces}, f, protocol=pickle.HIGHEST_PROTOCOL)
