@@ -7,6 +7,7 @@ unfinished run keeps its row and its status, and its metric stays empty (NaN), n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -493,9 +494,10 @@ def _collect(roots: Iterable[str | Path], timings: dict[str, float] | None, work
             runs.append(run)
     saved = None
     if index is not None and len(missing) == len(paths) and pieces:  # every entry in the readers' pieces: kept as they are
-        saved = background(lambda: runfiles.save_index(index, pieces=pieces))  # while the tables are made
+        saved = background(functools.partial(runfiles.save_index, index, pieces=pieces))  # while the tables are made
     elif index is not None and (missing or len(known) != len(paths)):
         saved = background(lambda: runfiles.save_index(index, dict(zip(paths, entries))))
+    del read, arriving, pieces  # the pieces' bytes are held by the index's writer alone (a forked child: this process holds none)
     clock.lap("read")
     if extra is not None:
         extra.extend(f for f, e in zip(folders, entries) if e["extra"])  # type: ignore[index]
