@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import itertools
 import json
@@ -541,6 +542,9 @@ def background(work: Callable[[], Any]) -> Callable[[], bool]:
         return run_here
     pid = os.fork()
     if pid == 0:  # the child: never returns to the caller's code
+        # What the parent made is the child's to read, never to collect: an explicit collection in the work (matplotlib's
+        # figure close runs one) would walk it all again, with the collector paused the youngest generation holding it.
+        gc.freeze()
         code = 1
         try:
             work()
