@@ -781,3 +781,18 @@ def test_a_first_collect_by_processes_keeps_their_pieces_as_the_index(many: Path
     seen = _count_reads(monkeypatch)
     _assert_same(_tables(roots, index=index), cold)
     assert seen == []
+
+
+def test_piece_digests_are_the_digests_of_the_slices() -> None:
+    """The columns hashed once and sliced give each piece the digest of its own rows (numbers, strings, NaN, None, -0.0,
+    nullable ints, mixed objects)."""
+    n = 3000
+    df = pd.DataFrame({"run_id": [f"r{i // 7}" for i in range(n)], "x": np.linspace(-1, 1, n), "z": np.where(np.arange(n) % 2, -0.0, 0.0),
+                       "k": pd.array([1, None, 3] * (n // 3), dtype="Int64"), "o": [None, "a,b", 1.5, float("nan")] * (n // 4),
+                       "s": pd.array(["x", None] * (n // 2), dtype="string")})
+    bounds = report.piece_bounds(df)
+    assert len(bounds) > 3
+    assert report._piece_digests(df, bounds, ("2.0", "1.0")) == [report._digest(df.iloc[a:b], ("2.0", "1.0")) for a, b in bounds]
+    other = df.assign(x=df["x"].where(df.index != 5, 9.0))
+    changed = [i for i, (a, b) in enumerate(zip(report._piece_digests(df, bounds), report._piece_digests(other, bounds))) if a != b]
+    assert changed == [next(i for i, (a, b) in enumerate(bounds) if a <= 5 < b)]

@@ -962,10 +962,10 @@ def _start_csv_output(df: pd.DataFrame, out: Path, name: str, outputs: _Outputs,
     if not outputs.recorded([name]):  # no file there to keep or copy from: every piece is made, and digested meanwhile
         todo, old = list(range(len(bounds))), {}
         pieces = csv_pieces(df, bounds)
-        digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
+        digests = _piece_digests(df, bounds, versions)
         digest = _digest(header, digests)
     else:
-        digests = [_digest(df.iloc[start:stop], versions) for start, stop in bounds]
+        digests = _piece_digests(df, bounds, versions)
         digest = _digest(header, digests)
         if outputs.fresh([name], digest):
             return lambda: None
@@ -1007,15 +1007,41 @@ def _digest(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
         if isinstance(part, pd.DataFrame):
-            h.update(repr((list(part.columns), [str(t) for t in part.dtypes], len(part))).encode())
-            for _, col in part.items():
-                if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iufb":
-                    h.update(np.ascontiguousarray(col.to_numpy()).tobytes())  # -0.0 and each NaN as written, not as equal
-                else:
-                    h.update(pd.util.hash_pandas_object(col, index=False).to_numpy().tobytes())
+            _hash_rows(h, part, _hashed_columns(part), 0, len(part))
         else:
             h.update(repr(part).encode() + b"\0")
     return h.hexdigest()
+
+
+def _hashed_columns(df: pd.DataFrame) -> list[np.ndarray]:
+    """Each column as _digest hashes it: numbers as their bytes (-0.0 and each NaN as written, not as equal), any other
+    column as pandas' hash of each value (a value's hash is its own, whatever the others: a slice's is the slice of these)."""
+    out = []
+    for _, col in df.items():
+        if isinstance(col.dtype, np.dtype) and col.dtype.kind in "iufb":
+            out.append(np.ascontiguousarray(col.to_numpy()))
+        else:
+            out.append(pd.util.hash_pandas_object(col, index=False).to_numpy())
+    return out
+
+
+def _hash_rows(h: Any, df: pd.DataFrame, columns: list[np.ndarray], start: int, stop: int) -> None:
+    """Feed rows start:stop of df (its _hashed_columns) to the hash, as _digest feeds df.iloc[start:stop]."""
+    h.update(repr((list(df.columns), [str(t) for t in df.dtypes], stop - start)).encode())
+    for a in columns:
+        h.update(a[start:stop].tobytes())
+
+
+def _piece_digests(df: pd.DataFrame, bounds: list[tuple[int, int]], *rest: Any) -> list[str]:
+    """_digest(df.iloc[start:stop], *rest) of each range of rows, the table's columns hashed once (not once a piece)."""
+    columns, tail = _hashed_columns(df), b"".join(repr(part).encode() + b"\0" for part in rest)
+    out = []
+    for start, stop in bounds:
+        h = hashlib.sha256()
+        _hash_rows(h, df, columns, start, stop)
+        h.update(tail)
+        out.append(h.hexdigest())
+    return out
 
 
 def _identity(path: Path) -> list[int] | None:
