@@ -27,7 +27,7 @@ from helpers import FAULT_ARGS as ARGS
 from helpers import assert_same_run
 
 from ablation import config, faults, rundir
-from ablation.results import collect
+from ablation.results import collect, runfiles
 from ablation.results.report import build
 from ablation.sweep import status
 from ablation.train.distributed import DistEnv
@@ -78,7 +78,9 @@ def pick_fault(rng: random.Random, folder: Path) -> tuple[str, str]:
         epoch = rng.randint(min(checkpoint_step(folder) // (TOTAL_STEPS // EPOCHS) + 1, EPOCHS), EPOCHS)
         return kind, f"write:{rundir.LABELS if first and rng.random() < 0.5 else rundir.predictions_file(epoch)}:1"
     n = {"checkpoint": rng.randint(1, 3), "eval": rng.randint(1, 2), "metrics": rng.randint(1, 3)}.get(kind, 1)
-    point = {"checkpoint": "write:checkpoint.pt", "eval": "eval", "metrics": "write:metrics.jsonl", "env": "write:env.json",
+    # metrics: inside the write of metrics.jsonl, or of its twin metrics.npy (the lines written, the twin not yet)
+    metrics = f"write:{rng.choice([rundir.METRICS, rundir.METRICS_COLUMNS])}"
+    point = {"checkpoint": "write:checkpoint.pt", "eval": "eval", "metrics": metrics, "env": "write:env.json",
              "final": "write:final.json", "setup": "setup", "config": "write:config.yaml"}[kind]
     return kind, f"{point}:{n}"
 
@@ -87,8 +89,11 @@ def check_readable(folder: Path, root: Path) -> None:
     """What status and report read of a killed run: no crash, no epoch twice, no unknown status."""
     state, done, *_ = status.run_state(folder, EPOCHS, None, None)
     assert state in ("new", "stopped", "ok"), state
-    epochs = [r["epoch"] for r in rundir.read_jsonl(folder / rundir.METRICS)]
+    rows = rundir.read_jsonl(folder / rundir.METRICS)
+    epochs = [r["epoch"] for r in rows]
     assert epochs == list(range(1, len(epochs) + 1)) and done == len(epochs)
+    if (folder / rundir.CONFIG).exists():  # a run folder to the collector: its rows are the lines, twin or none
+        assert runfiles.metric_rows(runfiles.read_folder(str(folder))) == rows
     # per-image results: the epochs listed, and at most the next one (killed between its results and its checkpoint)
     assert rundir.predictions_epochs(folder)[: len(epochs)] == epochs and len(rundir.predictions_epochs(folder)) <= len(epochs) + 1
     runs, _ = collect.collect([root])
