@@ -38,6 +38,7 @@ import fcntl
 import functools
 import json
 import logging
+import operator
 import os
 import re
 import statistics
@@ -182,29 +183,38 @@ def write_metrics(folder: str | Path, rows: list[dict[str, Any]], *, durable: bo
 _INT64 = range(-(2**63), 2**63)
 
 
-def metric_array(rows: list[dict[str, Any]]) -> np.ndarray | None:
-    """The metrics rows as a numpy structured array, a field per METRIC_KEYS in order: int64 where every row's value is
-    an int, float64 where every one is a float; None where there are no rows, a row holds another key or lacks one,
-    or a column mixes types (metrics.jsonl alone then holds them)."""
-    import numpy as np
-
-    if not rows or any(len(r) != len(METRIC_KEYS) for r in rows):
+def metric_columns(rows: list[dict[str, Any]], *, other_keys: bool = False) -> list[tuple[str, tuple[Any, ...]]] | None:
+    """Each of METRIC_KEYS' values over the rows, in order, with its kind: 'd' where every value is a float, 'q' where
+    every one is an int64 int; None where there are no rows, a row lacks a key or holds another one (other_keys: left
+    out instead), or a column mixes types (then only the rows themselves hold the metrics)."""
+    if not rows or not other_keys and any(len(r) != len(METRIC_KEYS) for r in rows):
         return None
     try:
-        columns = [[r[key] for r in rows] for key in METRIC_KEYS]
+        columns = list(zip(*map(operator.itemgetter(*METRIC_KEYS), rows)))
     except KeyError:
         return None
-    fields = []
-    for key, col in zip(METRIC_KEYS, columns):
+    out = []
+    for col in columns:
         types = set(map(type, col))
         if types == {float}:
-            fields.append((key, "<f8"))
-        elif types == {int} and all(v in _INT64 for v in col):
-            fields.append((key, "<i8"))
+            out.append(("d", col))
+        elif types == {int} and min(col) in _INT64 and max(col) in _INT64:
+            out.append(("q", col))
         else:
             return None
-    array = np.empty(len(rows), dtype=fields)
-    for key, col in zip(METRIC_KEYS, columns):
+    return out
+
+
+def metric_array(rows: list[dict[str, Any]]) -> np.ndarray | None:
+    """The metrics rows as metrics.npy holds them: a numpy structured array, a field per METRIC_KEYS in order, float64 or
+    int64 as metric_columns finds them; None where it finds none (a row with another key among them)."""
+    import numpy as np
+
+    columns = metric_columns(rows)
+    if columns is None:
+        return None
+    array = np.empty(len(rows), dtype=[(key, "<f8" if code == "d" else "<i8") for key, (code, _) in zip(METRIC_KEYS, columns)])
+    for key, (_, col) in zip(METRIC_KEYS, columns):
         array[key] = col
     return array
 

@@ -19,7 +19,6 @@ import array
 import io
 import logging
 import math
-import operator
 import os
 import pickle
 from pathlib import Path
@@ -73,24 +72,18 @@ def final_status(path: str, warnings: list[str]) -> dict[str, Any] | None:
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, tuple[str, bytes]] | None:
     """Each metric's values as (array typecode, bytes), where every row has every metric and no run column, and each
-    metric's values are all floats ('d') or all int64 ints ('q'); else None (the rows are kept as they are)."""
+    metric's values are all floats ('d') or all int64 ints ('q') (rundir.metric_columns, other keys let be); else None
+    (the rows are kept as they are)."""
     if set(map(len, rows)) - {len(_KEYS)} and any(r.keys() & _RUN_KEYS for r in rows):
         return None
-    try:
-        columns = list(zip(*map(operator.itemgetter(*_KEYS), rows)))
-    except KeyError:
-        return None
-    out = {}
-    for key, col in zip(_KEYS, columns):
-        types = set(map(type, col))
-        code = "d" if types == {float} else "q" if types == {int} else None
-        if code is None:
-            return None
-        try:
-            out[key] = (code, array.array(code, col).tobytes())
-        except OverflowError:
-            return None
-    return out
+    columns = rundir.metric_columns(rows, other_keys=True)
+    return None if columns is None else {key: (code, array.array(code, col).tobytes()) for key, (code, col) in zip(_KEYS, columns)}
+
+
+def _array_columns(metrics: Any) -> dict[str, tuple[str, bytes]]:
+    """A metric array's columns as (array typecode, bytes in this machine's order: what the collector's frames read)."""
+    return {k: ("d", metrics[k].astype("=f8").tobytes()) if metrics.dtype[k].kind == "f" else ("q", metrics[k].astype("=i8").tobytes())
+            for k in _KEYS}
 
 
 def _mode_columns(rows: list[dict[str, Any]], extra: list[str]) -> dict[str, tuple[str, bytes]]:
@@ -119,9 +112,8 @@ def read_folder(folder: str) -> dict[str, Any]:
     entry = {"identity": key, "config": config, "final": final, "warnings": warnings, "decoded_on": decoded_on(folder, config)}
     twin = _twin(folder) if key[4] is not None else None
     if twin is not None:  # metrics.npy mirrors metrics.jsonl: its columns, no line parsed
-        columns = {k: ("d" if twin.dtype[k].kind == "f" else "q", twin[k].tobytes()) for k in _KEYS}
-        n = len(twin)
-        entry.update(n=n, val=twin["val_err1"].tolist(), last_wall=twin["wall_seconds"][-1].item(), columns=columns, rows=None, extra=[])
+        entry.update(n=len(twin), val=twin["val_err1"].tolist(), last_wall=twin["wall_seconds"][-1].item(), columns=_array_columns(twin),
+                     rows=None, extra=[])
         return entry
     try:
         rows = rundir.read_jsonl(os.path.join(folder, rundir.METRICS))  # a torn last line (a crash, or an append in flight) is left out
